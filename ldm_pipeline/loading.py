@@ -1,0 +1,214 @@
+"""Reading and writing models: the diffusers folder layout (local or Hub), single-file checkpoints.
+
+A model folder is what diffusers writes: `model_index.json` naming each component's class,
+and one subfolder per component (`tokenizer/`, `text_encoder/`, `vae/`, `unet/`,
+`scheduler/`) with its config and safetensors weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import diffusers
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from transformers import CLIPTextModel, CLIPTokenizer, PreTrainedTokenizerBase
+
+# component -> (library, the classes we accept, what the class must be an instance of)
+COMPONENTS = {
+    "tokenizer": ("transformers", PreTrainedTokenizerBase),
+    "text_encoder": ("transformers", CLIPTextModel),
+    "vae": ("diffusers", AutoencoderKL),
+    "unet": ("diffusers", UNet2DConditionModel),
+    "scheduler": ("diffusers", SchedulerMixin),
+}
+DEFAULTS_FILE = "ldm_pipeline.json"  # our generation defaults beside model_index.json; diffusers ignores it
+HUB_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt", "*/model.safetensors",
+                "*/diffusion_pytorch_model.safetensors", DEFAULTS_FILE]
+
+
+class ModelNotFoundError(ValueError):
+    """A model folder or Hub id that cannot be read."""
+
+
+def _component_class(library: str, name: str):
+    module = diffusers if library == "diffusers" else __import__("transformers")
+    cls = getattr(module, name, None)
+    if cls is None:
+        raise ModelNotFoundError(f"model_index.json names unknown class {library}.{name}")
+    return cls
+
+
+def check_components(components: dict) -> None:
+    """Raise a TypeError naming any component that is missing or of the wrong kind."""
+    for name, (_, base) in COMPONENTS.items():
+        value = components.get(name)
+        if not isinstance(value, base):
+            raise TypeError(f"`{name}`: got {type(value).__name__}; expected a {base.__module__}.{base.__name__}")
+
+
+def check_model_dir(path: Path) -> dict:
+    """Check that `path` holds a complete model folder; return its model_index.json as a dict."""
+    if not path.is_dir():
+        raise ModelNotFoundError(f"model folder {str(path)!r} does not exist")
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise ModelNotFoundError(f"model folder {str(path)!r} has no model_index.json; is it a diffusers folder?")
+    index = json.loads(index_file.read_text())
+    for name, (library, base) in COMPONENTS.items():
+        entry = index.get(name)
+        if not entry or entry[1] is None:
+            raise ModelNotFoundError(f"model folder {str(path)!r}: model_index.json lists no {name!r} component")
+        if not issubclass(_component_class(entry[0], entry[1]), base):
+            raise ModelNotFoundError(
+                f"model folder {str(path)!r}: component {name!r} is a {entry[0]}.{entry[1]}; "
+                f"expected a {base.__name__}"
+            )
+        if not (path / name).is_dir():
+            raise ModelNotFoundError(f"model folder {str(path)!r} is incomplete: the {name!r} subfolder is missing")
+    return index
+
+
+def _is_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and not Path(parts[0]).exists()
+
+
+def resolve_model_dir(path_or_id: str | os.PathLike) -> Path:
+    """A local folder as it is; a Hub id `owner/name` downloaded (or found in the cache) with huggingface_hub."""
+    path = Path(path_or_id).expanduser()
+    if path.exists() or not _is_hub_id(str(path_or_id)):
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(str(path_or_id), allow_patterns=HUB_PATTERNS))
+    except RepositoryNotFoundError as error:
+        raise ModelNotFoundError(f"no model {str(path_or_id)!r} on the Hugging Face Hub (or it is gated)") from error
+    except (LocalEntryNotFoundError, OSError) as error:
+        raise ModelNotFoundError(
+            f"cannot download {str(path_or_id)!r}: the Hugging Face Hub is unreachable and the model is not in the "
+            "local cache. To work offline, download it once where there is a network "
+            f"(`huggingface-cli download {path_or_id}`) and set HF_HUB_OFFLINE=1, or pass the path of a local "
+            "model folder; `LatentDiffusionPipeline.from_pretrained()` with no argument loads the bundled model."
+        ) from error
+
+
+def load_components(path: Path, torch_dtype: torch.dtype | None = None) -> dict:
+    """Load the five components of a checked model folder."""
+    index = check_model_dir(path)
+    scheduler_cls = _component_class(*index["scheduler"])
+    tokenizer_cls = _component_class(*index["tokenizer"])
+    return {
+        "tokenizer": tokenizer_cls.from_pretrained(path / "tokenizer"),
+        "text_encoder": CLIPTextModel.from_pretrained(path / "text_encoder", dtype=torch_dtype),
+        "vae": AutoencoderKL.from_pretrained(path / "vae", torch_dtype=torch_dtype),
+        "unet": UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=torch_dtype),
+        "scheduler": scheduler_cls.from_pretrained(path / "scheduler"),
+    }
+
+
+def read_defaults(path: Path) -> dict:
+    """The generation defaults stored with a model (guidance scale, scheduler, steps), if any."""
+    file = path / DEFAULTS_FILE
+    return json.loads(file.read_text()) if file.is_file() else {}
+
+
+def save_components(components: dict, path: str | os.PathLike, defaults: dict | None = None) -> Path:
+    """Write the diffusers folder layout, which diffusers' StableDiffusionPipeline also loads.
+
+    The folder is written next to the target and moved into place at the end, so a failure
+    half-way never leaves a broken model where a good one was. A target that exists and is not
+    a model folder is refused rather than overwritten.
+    """
+    target = Path(path)
+    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and
+                                                    not (target / "model_index.json").is_file())):
+        raise ValueError(f"`save_directory`: {str(target)!r} exists and is not a model folder; choose another path")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
+                 "feature_extractor": [None, None], "safety_checker": [None, None],
+                 "requires_safety_checker": False}
+        for name in COMPONENTS:
+            component = components[name]
+            component.save_pretrained(staging / name)
+            library = "transformers" if name in ("tokenizer", "text_encoder") else "diffusers"
+            index[name] = [library, type(component).__name__]
+        (staging / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        if defaults:
+            (staging / DEFAULTS_FILE).write_text(json.dumps(defaults, indent=2) + "\n")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def config_dir(name: str) -> Path:
+    """The folder of a configuration kept in `configs/` (e.g. "sd15", "sd21")."""
+    from importlib.resources import files
+
+    folder = Path(str(files("ldm_pipeline.configs"))) / name
+    if not (folder / "model_index.json").is_file():
+        available = sorted(p.parent.name for p in Path(str(files("ldm_pipeline.configs"))).glob("*/model_index.json"))
+        raise ValueError(f"`config`: no configuration {name!r} in configs/; expected one of {available}")
+    return folder
+
+
+def guess_config(checkpoint_path: Path) -> str:
+    """"sd15" or "sd21", read off the width of the UNet's cross-attention in a single-file checkpoint."""
+    from safetensors import safe_open
+
+    key = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    with safe_open(checkpoint_path, framework="pt") as file:
+        if key not in file.keys():
+            raise ValueError(f"`path`: {str(checkpoint_path)!r} is not a Stable Diffusion 1.x/2.x checkpoint "
+                             f"(no {key!r}); pass config= to say what it is")
+        width = file.get_slice(key).get_shape()[1]
+    return {768: "sd15", 1024: "sd21"}.get(width) or "sd15"
+
+
+def load_single_file(path: str | os.PathLike, config: str | None = None, tokenizer=None,
+                     torch_dtype: torch.dtype | None = None) -> dict:
+    """Components from an original single-file Stable Diffusion checkpoint (.safetensors).
+
+    Conversion is diffusers' single-file loader; component configs come from `configs/<config>`
+    so that no network is needed. The CLIP vocabulary is not in the checkpoint: pass `tokenizer=`
+    or let it be fetched from the Hub (cached after the first time).
+    """
+    from diffusers import StableDiffusionPipeline
+
+    checkpoint = Path(path)
+    if not checkpoint.is_file() or checkpoint.suffix != ".safetensors":
+        raise ValueError(f"`path`: {str(checkpoint)!r} is not a .safetensors file")
+    name = config or guess_config(checkpoint)
+    folder = config_dir(name) if not Path(name).is_dir() else Path(name)
+    if tokenizer is None:
+        tokenizer = _config_tokenizer(folder)
+    pipe = StableDiffusionPipeline.from_single_file(
+        str(checkpoint), config=str(folder), local_files_only=True, torch_dtype=torch_dtype,
+        tokenizer=tokenizer, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    return {name: getattr(pipe, name) for name in COMPONENTS}
+
+
+def _config_tokenizer(folder: Path):
+    if (folder / "tokenizer" / "vocab.json").is_file():
+        return CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    settings = json.loads((folder / "tokenizer" / "source.json").read_text())
+    try:
+        return CLIPTokenizer.from_pretrained(settings["repo"], subfolder=settings.get("subfolder", ""))
+    except OSError as error:
+        raise ModelNotFoundError(
+            f"the CLIP vocabulary for {folder.name} is not in the checkpoint and the Hub is unreachable: pass "
+            f"tokenizer=CLIPTokenizer.from_pretrained(LOCAL_FOLDER) ({error})"
+        ) from error

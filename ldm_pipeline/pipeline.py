@@ -1,0 +1,230 @@
+"""`LatentDiffusionPipeline`: the object users hold. It composes the functions of text, latents,
+sampling and images; the maths lives in those modules.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+
+from . import checks, images, latents as latent_ops, loading, schedulers, text
+from .sampling import StepCallback, denoise
+
+DEFAULT_MODEL = Path(__file__).parent / "models" / "shapes"
+FALLBACK_DEFAULTS = {"guidance_scale": 7.5, "num_inference_steps": 50}
+
+
+@dataclass
+class PipelineOutput:
+    """What a call returns: the images and everything needed to draw them again."""
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor  # per output_type
+    seeds: list[int] | None  # one per image; None when the caller passed generators
+    height: int
+    width: int
+    num_inference_steps: int  # as asked for
+    steps_run: int  # denoising steps actually run (fewer with strength < 1 or a callback stop)
+    scheduler: str
+    guidance_scale: float
+    strength: float | None  # None for text-to-image
+    prompts: list[str] | None = field(default=None)
+
+
+def default_dtype(device: torch.device | str) -> torch.dtype:
+    """fp16 on CUDA, where it is twice as fast and halves memory; fp32 elsewhere (CPU fp16 is slow)."""
+    return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+
+
+class LatentDiffusionPipeline:
+    """Text-to-image and image-to-image with a CLIP text encoder, a VAE and a conditional UNet.
+
+    Args:
+        tokenizer: a transformers CLIP tokenizer.
+        text_encoder: a transformers `CLIPTextModel`.
+        vae: a diffusers `AutoencoderKL`.
+        unet: a diffusers `UNet2DConditionModel` with cross-attention.
+        scheduler: any diffusers scheduler; it is copied for each call, never changed.
+        defaults: generation defaults ("guidance_scale", "num_inference_steps") that a model
+            folder may carry; unspecified ones are diffusers' (7.5 and 50).
+    """
+
+    def __init__(self, *, tokenizer, text_encoder, vae, unet, scheduler, defaults: dict | None = None):
+        components = dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, scheduler=scheduler)
+        loading.check_components(components)
+        self.tokenizer, self.text_encoder, self.vae, self.unet, self.scheduler = components.values()
+        self.defaults = {**FALLBACK_DEFAULTS, **(defaults or {})}
+
+    # -- components -------------------------------------------------------------------------
+
+    @property
+    def components(self) -> dict:
+        return dict(tokenizer=self.tokenizer, text_encoder=self.text_encoder, vae=self.vae, unet=self.unet,
+                    scheduler=self.scheduler)
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return latent_ops.vae_scale_factor(self.vae)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        """Move the models; with no dtype, fp16 on CUDA and fp32 elsewhere. Returns self."""
+        device = torch.device(device) if device is not None else self.device
+        dtype = dtype or default_dtype(device)
+        for model in (self.text_encoder, self.vae, self.unet):
+            model.to(device=device, dtype=dtype)
+        return self
+
+    def set_scheduler(self, name: str):
+        """Switch to a named scheduler (see `schedulers.SCHEDULERS`), keeping the model's config. Returns self."""
+        self.scheduler = schedulers.make_scheduler(name, self.scheduler.config)
+        return self
+
+    # -- loading and saving -----------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | os.PathLike | None = None, torch_dtype: torch.dtype | None = None,
+                        device: torch.device | str | None = None) -> "LatentDiffusionPipeline":
+        """Load a diffusers model folder, local or from the Hub; with no argument, the bundled model.
+
+        Args:
+            path_or_id: a local folder or a Hub id such as "stable-diffusion-v1-5/stable-diffusion-v1-5".
+            torch_dtype: defaults to fp16 on CUDA and fp32 on CPU.
+            device: where to run; defaults to the CPU.
+        """
+        if path_or_id is None:
+            if not (DEFAULT_MODEL / "model_index.json").is_file():
+                raise loading.ModelNotFoundError(
+                    f"the bundled model is not installed at {str(DEFAULT_MODEL)!r}; pass a model folder or Hub id"
+                )
+            path_or_id = DEFAULT_MODEL
+        device = torch.device(device or "cpu")
+        folder = loading.resolve_model_dir(path_or_id)
+        components = loading.load_components(folder, torch_dtype=torch_dtype or default_dtype(device))
+        pipe = cls(**components, defaults=loading.read_defaults(folder))
+        return pipe.to(device, torch_dtype)
+
+    @classmethod
+    def from_single_file(cls, path: str | os.PathLike, config: str | None = None, tokenizer=None,
+                         torch_dtype: torch.dtype | None = None,
+                         device: torch.device | str | None = None) -> "LatentDiffusionPipeline":
+        """Load an original single-file Stable Diffusion checkpoint (.safetensors).
+
+        Args:
+            config: "sd15", "sd21" or a diffusers folder of configs; guessed from the weights when None.
+            tokenizer: a CLIP tokenizer; by default the one named in the config (from the Hub cache).
+        """
+        device = torch.device(device or "cpu")
+        components = loading.load_single_file(path, config=config, tokenizer=tokenizer,
+                                              torch_dtype=torch_dtype or default_dtype(device))
+        return cls(**components).to(device, torch_dtype)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
+        """Write the diffusers folder layout (safetensors), loadable by diffusers' StableDiffusionPipeline too."""
+        extra = {k: v for k, v in self.defaults.items() if FALLBACK_DEFAULTS.get(k) != v}
+        return loading.save_components(self.components, save_directory, defaults=extra)
+
+    # -- generation -------------------------------------------------------------------------
+
+    def encode_prompt(self, prompt: str | list[str]) -> torch.Tensor:
+        """CLIP embeddings (B, L, D) of prompts, for `prompt_embeds=` / `negative_prompt_embeds=`."""
+        prompts = checks.prompts_of(prompt, None)
+        return text.encode_text(self.tokenizer, self.text_encoder, prompts)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        seed: int | list[int] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        image: images.ImageInput | None = None,
+        strength: float = 0.8,
+        output_type: str = "pil",
+        callback: StepCallback | None = None,
+        progress: bool = True,
+        eta: float = 0.0,
+    ) -> PipelineOutput:
+        """Draw images for prompts; with `image=`, start from that picture (image-to-image).
+
+        Argument names and meanings follow diffusers' StableDiffusionPipeline. `seed=S` draws
+        image i from seed S + i (or from the i-th seed of a list), so an image depends only on
+        its seed; `generator=` behaves exactly as in diffusers. `strength` (image-to-image only)
+        runs `int(num_inference_steps * strength)` steps. `callback(step, timestep, latents)`
+        may return False to stop early.
+
+        Returns:
+            `PipelineOutput` with `.images` (PIL list, np (B, H, W, 3), pt (B, 3, H, W) or
+            the (B, C, h, w) latents for "latent") and the seeds, size and steps used.
+        """
+        num_inference_steps = num_inference_steps or self.defaults["num_inference_steps"]
+        guidance_scale = self.defaults["guidance_scale"] if guidance_scale is None else guidance_scale
+        prompts = checks.prompts_of(prompt, prompt_embeds)
+        num_prompts = len(prompts) if prompts is not None else prompt_embeds.shape[0]
+        negatives = checks.negatives_of(negative_prompt, num_prompts, negative_prompt_embeds, prompt_embeds)
+        batch = num_prompts * num_images_per_prompt
+        factor = self.vae_scale_factor
+        checks.check_call(height=height, width=width, multiple=factor, num_inference_steps=num_inference_steps,
+                          guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt,
+                          strength=strength, output_type=output_type, generator=generator, seed=seed,
+                          latents=latents, batch=batch, image_given=image is not None)
+        reference = images.load_image(image) if image is not None else None
+        if reference is not None:
+            height, width = images.image_size(reference, height, width, factor)
+        height = height or self.unet.config.sample_size * factor
+        width = width or self.unet.config.sample_size * factor
+
+        seeds = None
+        if generator is None:
+            seeds = latent_ops.seeds_for(seed, batch)
+            generator = latent_ops.generators_for(seeds)
+        guided = guidance_scale > 1
+        cond, uncond = text.encode_prompts(self.tokenizer, self.text_encoder, prompts, negatives,
+                                           num_images_per_prompt, guided, prompt_embeds, negative_prompt_embeds)
+        cond = cond.to(self.device, self.dtype)
+        uncond = uncond.to(self.device, self.dtype) if uncond is not None else None
+
+        scheduler = schedulers.fresh_copy(self.scheduler)
+        scheduler.set_timesteps(num_inference_steps, device=self.device)
+        if reference is None:
+            timesteps = scheduler.timesteps
+            shape = (batch, self.unet.config.in_channels, height // factor, width // factor)
+            if latents is None:
+                latents = latent_ops.initial_noise(shape, generator, self.device, self.dtype)
+            start = latents.to(self.device, self.dtype) * scheduler.init_noise_sigma
+        else:
+            timesteps = latent_ops.img2img_timesteps(scheduler, num_inference_steps, strength)
+            pixels = images.to_tensor(reference, height, width).to(self.device, self.vae.dtype)
+            encoded = latent_ops.encode_image(self.vae, pixels, batch, generator)
+            start = latent_ops.img2img_start(scheduler, encoded.to(self.dtype), timesteps[:1], generator)
+
+        final, steps_run = denoise(self.unet, scheduler, start, timesteps, cond, uncond, guidance_scale,
+                                   schedulers.step_kwargs(scheduler, generator, eta), callback, progress)
+        if output_type == "latent":
+            result = final
+        else:
+            result = images.postprocess(latent_ops.decode_latents(self.vae, final), output_type)
+        return PipelineOutput(
+            images=result, seeds=seeds, height=height, width=width, num_inference_steps=num_inference_steps,
+            steps_run=steps_run, scheduler=schedulers.scheduler_name(scheduler), guidance_scale=guidance_scale,
+            strength=strength if reference is not None else None, prompts=prompts,
+        )
