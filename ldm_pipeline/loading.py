@@ -36,7 +36,7 @@ class ModelNotFoundError(ValueError):
     """A model folder or Hub id that cannot be read."""
 
 
-def _component_class(library: str, name: str):
+def component_class(library: str, name: str):
     module = diffusers if library == "diffusers" else __import__("transformers")
     cls = getattr(module, name, None)
     if cls is None:
@@ -64,7 +64,7 @@ def check_model_dir(path: Path) -> dict:
         entry = index.get(name)
         if not entry or entry[1] is None:
             raise ModelNotFoundError(f"model folder {str(path)!r}: model_index.json lists no {name!r} component")
-        if not issubclass(_component_class(entry[0], entry[1]), base):
+        if not issubclass(component_class(entry[0], entry[1]), base):
             raise ModelNotFoundError(
                 f"model folder {str(path)!r}: component {name!r} is a {entry[0]}.{entry[1]}; "
                 f"expected a {base.__name__}"
@@ -103,8 +103,8 @@ def resolve_model_dir(path_or_id: str | os.PathLike) -> Path:
 def load_components(path: Path, torch_dtype: torch.dtype | None = None) -> dict:
     """Load the five components of a checked model folder."""
     index = check_model_dir(path)
-    scheduler_cls = _component_class(*index["scheduler"])
-    tokenizer_cls = _component_class(*index["tokenizer"])
+    scheduler_cls = component_class(*index["scheduler"])
+    tokenizer_cls = component_class(*index["tokenizer"])
     return {
         "tokenizer": tokenizer_cls.from_pretrained(path / "tokenizer"),
         "text_encoder": CLIPTextModel.from_pretrained(path / "text_encoder", dtype=torch_dtype),

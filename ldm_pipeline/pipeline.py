@@ -176,7 +176,8 @@ class LatentDiffusionPipeline:
             `PipelineOutput` with `.images` (PIL list, np (B, H, W, 3), pt (B, 3, H, W) or
             the (B, C, h, w) latents for "latent") and the seeds, size and steps used.
         """
-        num_inference_steps = num_inference_steps or self.defaults["num_inference_steps"]
+        if num_inference_steps is None:
+            num_inference_steps = self.defaults["num_inference_steps"]
         guidance_scale = self.defaults["guidance_scale"] if guidance_scale is None else guidance_scale
         prompts = checks.prompts_of(prompt, prompt_embeds)
         num_prompts = len(prompts) if prompts is not None else prompt_embeds.shape[0]

@@ -1,0 +1,50 @@
+"""The `ldm` command calls the public API and reports errors clearly."""
+
+import subprocess
+import sys
+
+import PIL.Image
+import pytest
+
+from ldm_pipeline.cli import main
+
+
+@pytest.fixture
+def model(pipe, tmp_path):
+    return pipe.save_pretrained(tmp_path / "model")
+
+
+def test_generate_writes_an_image(model, tmp_path, capsys):
+    out = tmp_path / "out" / "cat.png"
+    code = main(["generate", "a cat", "--model", str(model), "--steps", "3", "--seed", "5", "--size", "24x16",
+                 "--scheduler", "euler", "--out", str(out)])
+    assert code == 0
+    with PIL.Image.open(out) as image:
+        assert image.size == (24, 16)
+    report = capsys.readouterr().out
+    assert "seeds [5]" in report and "euler" in report and "3 steps" in report
+
+
+def test_image_to_image_and_grid(model, tmp_path):
+    reference = tmp_path / "ref.png"
+    PIL.Image.new("RGBA", (16, 16), (255, 0, 0, 128)).save(reference)
+    out = tmp_path / "grid.png"
+    assert main(["generate", "a cat", "--model", str(model), "--steps", "4", "--image", str(reference),
+                 "--strength", "0.5", "--num-images", "2", "--out", str(out)]) == 0
+    with PIL.Image.open(out) as grid:
+        assert grid.size == (16 * 2 + 2, 16)
+
+
+def test_bad_arguments_exit_with_a_message(model, tmp_path, capsys):
+    assert main(["generate", "a cat", "--model", str(model), "--steps", "0", "--out", str(tmp_path / "x.png")]) == 2
+    assert "`num_inference_steps`: got 0" in capsys.readouterr().err
+    assert main(["generate", "a cat", "--model", str(model), "--out", str(tmp_path / "x.txt")]) == 2
+    assert "--out: got" in capsys.readouterr().err
+    assert main(["generate", "a cat", "--model", str(tmp_path / "none"), "--out", str(tmp_path / "x.png")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_bad_size_is_refused_by_the_parser(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "ldm_pipeline.cli", "generate", "a cat", "--size", "big",
+                          "--out", str(tmp_path / "x.png")], capture_output=True, text=True)
+    assert run.returncode == 2 and "--size: got 'big'; expected WIDTHxHEIGHT" in run.stderr

@@ -1,0 +1,83 @@
+"""Bad input gets a clear error naming the argument, the value and what is accepted, before any model runs."""
+
+import numpy as np
+import pytest
+import torch
+
+
+@pytest.fixture
+def guarded(pipe, monkeypatch):
+    """A pipeline whose models fail loudly if they run: errors must come before any heavy work."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a model ran before the arguments were checked")
+
+    for model in (pipe.unet, pipe.vae, pipe.text_encoder):
+        monkeypatch.setattr(model, "forward", forbidden)
+    return pipe
+
+
+CASES = [
+    (dict(height=0), ValueError, r"`height`: got 0; expected a positive multiple of the VAE factor 2"),
+    (dict(width=15), ValueError, r"`width`: got 15; expected a positive multiple"),
+    (dict(height=-16), ValueError, r"`height`: got -16"),
+    (dict(height=16.0), ValueError, r"`height`: got 16.0"),
+    (dict(num_inference_steps=0), ValueError, r"`num_inference_steps`: got 0; expected an integer >= 1"),
+    (dict(num_inference_steps=2.5), ValueError, r"`num_inference_steps`: got 2.5"),
+    (dict(guidance_scale=-1), ValueError, r"`guidance_scale`: got -1; expected a number >= 0"),
+    (dict(num_images_per_prompt=0), ValueError, r"`num_images_per_prompt`: got 0"),
+    (dict(output_type="jpeg"), ValueError, r"`output_type`: got 'jpeg'; expected one of \['pil', 'np', 'pt', 'latent'\]"),
+    (dict(negative_prompt=["a", "b"]), ValueError, r"`negative_prompt`: 2 negative prompts for 1 prompts"),
+    (dict(negative_prompt=3), TypeError, r"`negative_prompt`: got 3"),
+    (dict(generator=[torch.Generator()] * 2), ValueError, r"`generator`: a list of 2 generators for 1 images"),
+    (dict(seed=[1, 2]), ValueError, r"`seed`: a list of 2 seeds for 1 images"),
+    (dict(seed="7"), TypeError, r"`seed`: got '7'; expected an integer or a list of integers"),
+    (dict(seed=1, generator=torch.Generator()), ValueError, r"`generator` and `seed`: give at most one"),
+    (dict(latents=torch.zeros(2, 4, 8, 8)), ValueError, r"`latents`: got torch.Size\(\[2, 4, 8, 8\]\)"),
+    (dict(image=np.zeros((16, 16, 3), np.uint8), strength=0), ValueError, r"`strength`: got 0; expected a number in \(0, 1\]"),
+    (dict(image=np.zeros((16, 16, 3), np.uint8), strength=1.5), ValueError, r"`strength`: got 1.5"),
+    (dict(image=np.zeros((16, 16, 3), np.uint8), strength=0.1, num_inference_steps=5), ValueError,
+     r"`strength`: 0.1 of 5 steps runs int\(5 \* 0.1\) = 0 steps"),
+    (dict(image="no/such/file.png"), ValueError, r"`image`: no file at 'no/such/file.png'"),
+    (dict(image=np.zeros((16, 16, 5), np.uint8)), ValueError, r"`image`: array of shape \(16, 16, 5\) is not an image"),
+    (dict(image=np.full((16, 16, 3), 2.0)), ValueError, r"`image`: a float array must hold values in \[0, 1\]"),
+    (dict(image=42), TypeError, r"`image`: got int; expected a PIL image"),
+]
+
+
+@pytest.mark.parametrize("kwargs, error, message", CASES, ids=[str(list(c[0])) + str(i) for i, c in enumerate(CASES)])
+def test_bad_arguments_are_rejected_before_any_model_runs(guarded, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        guarded(kwargs.pop("prompt", "a cat"), progress=False, **kwargs)
+
+
+def test_prompt_and_prompt_embeds_both_or_neither(guarded):
+    with pytest.raises(ValueError, match=r"`prompt` and `prompt_embeds`: give exactly one of them, got both"):
+        guarded("a cat", prompt_embeds=torch.zeros(1, 77, 32))
+    with pytest.raises(ValueError, match=r"got neither"):
+        guarded()
+    with pytest.raises(TypeError, match=r"`prompt`: got 5; expected a string or a non-empty list of strings"):
+        guarded(5)
+    with pytest.raises(TypeError, match=r"`prompt`: got \[\]"):
+        guarded([])
+
+
+def test_unreadable_image_file(guarded, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png at all")
+    with pytest.raises(ValueError, match=r"`image`: '.*broken.png' is not a readable image"):
+        guarded("a cat", image=bad)
+    assert bad.read_bytes() == b"not a png at all"
+
+
+def test_unknown_scheduler_name(pipe):
+    with pytest.raises(ValueError, match=r"`scheduler`: unknown name 'eulr'; expected one of \['ddim', 'ddpm'"):
+        pipe.set_scheduler("eulr")
+
+
+def test_components_of_the_wrong_kind(components):
+    from ldm_pipeline import LatentDiffusionPipeline
+
+    with pytest.raises(TypeError, match=r"`unet`: got AutoencoderKL; expected a .*UNet2DConditionModel"):
+        LatentDiffusionPipeline(**{**components, "unet": components["vae"]})
+    with pytest.raises(TypeError, match=r"`scheduler`: got NoneType"):
+        LatentDiffusionPipeline(**{**components, "scheduler": None})

@@ -1,0 +1,129 @@
+"""Saving, loading, configs and the errors of model folders."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from ldm_pipeline import LatentDiffusionPipeline, ModelNotFoundError
+from ldm_pipeline.components import build_random
+
+FAST = dict(num_inference_steps=3, progress=False, output_type="np")
+
+
+@pytest.fixture
+def saved(pipe, tmp_path):
+    return pipe.save_pretrained(tmp_path / "model")
+
+
+def test_save_and_load_round_trip_gives_the_same_pixels(pipe, saved):
+    assert {p.name for p in saved.iterdir()} >= {"model_index.json", "tokenizer", "text_encoder", "vae", "unet",
+                                                  "scheduler"}
+    assert (saved / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (saved / "text_encoder" / "model.safetensors").is_file()
+    loaded = LatentDiffusionPipeline.from_pretrained(saved)
+    assert loaded.dtype == torch.float32 and loaded.device.type == "cpu"
+    assert np.array_equal(pipe("a cat", seed=4, **FAST).images, loaded("a cat", seed=4, **FAST).images)
+
+
+def test_diffusers_loads_our_folder_and_draws_the_same(pipe, saved):
+    theirs = StableDiffusionPipeline.from_pretrained(saved)
+    theirs.set_progress_bar_config(disable=True)
+    reference = theirs("a cat", num_inference_steps=3, generator=[torch.Generator().manual_seed(4)],
+                       output_type="np").images
+    assert np.abs(pipe("a cat", seed=4, **FAST).images - reference).max() <= 1 / 255
+
+
+def test_we_load_a_folder_diffusers_saved(components, pipe, tmp_path):
+    StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(tmp_path / "theirs")
+    loaded = LatentDiffusionPipeline.from_pretrained(tmp_path / "theirs")
+    assert np.array_equal(pipe("a cat", seed=1, **FAST).images, loaded("a cat", seed=1, **FAST).images)
+
+
+def test_defaults_are_saved_with_the_model(pipe, tmp_path):
+    pipe.defaults["guidance_scale"] = 3.0
+    loaded = LatentDiffusionPipeline.from_pretrained(pipe.save_pretrained(tmp_path / "model"))
+    assert loaded.defaults["guidance_scale"] == 3.0
+    assert loaded("a cat", seed=0, **FAST).guidance_scale == 3.0
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(ModelNotFoundError, match=r"model folder '.*nowhere' does not exist"):
+        LatentDiffusionPipeline.from_pretrained(tmp_path / "nowhere")
+
+
+def test_folder_without_model_index(tmp_path):
+    with pytest.raises(ModelNotFoundError, match=r"has no model_index.json"):
+        LatentDiffusionPipeline.from_pretrained(tmp_path)
+
+
+def test_incomplete_folder_names_the_missing_part(saved):
+    shutil.rmtree(saved / "vae")
+    with pytest.raises(ModelNotFoundError, match=r"is incomplete: the 'vae' subfolder is missing"):
+        LatentDiffusionPipeline.from_pretrained(saved)
+
+
+def test_component_of_the_wrong_kind_is_named(saved):
+    index = json.loads((saved / "model_index.json").read_text())
+    index["unet"] = ["diffusers", "AutoencoderKL"]
+    (saved / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelNotFoundError, match=r"component 'unet' is a diffusers.AutoencoderKL; expected a "
+                                                 r"UNet2DConditionModel"):
+        LatentDiffusionPipeline.from_pretrained(saved)
+
+
+def test_save_never_overwrites_a_folder_that_is_not_a_model(pipe, tmp_path):
+    keep = tmp_path / "photos"
+    keep.mkdir()
+    (keep / "holiday.jpg").write_bytes(b"precious")
+    with pytest.raises(ValueError, match=r"`save_directory`: '.*photos' exists and is not a model folder"):
+        pipe.save_pretrained(keep)
+    assert (keep / "holiday.jpg").read_bytes() == b"precious"
+
+
+def test_save_over_an_existing_model_replaces_it(pipe, saved):
+    (saved / "unet" / "stale.txt").write_text("old")
+    pipe.save_pretrained(saved)
+    assert not (saved / "unet" / "stale.txt").exists()
+    assert not [p for p in saved.parent.iterdir() if p.name.startswith(".model.")]
+
+
+def test_unreachable_hub_gives_a_clear_error():
+    code = ("from ldm_pipeline import LatentDiffusionPipeline as P\n"
+            "P.from_pretrained('some-owner/some-model-that-is-not-cached')")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode != 0
+    assert "cannot download 'some-owner/some-model-that-is-not-cached'" in run.stderr
+    assert "HF_HUB_OFFLINE=1" in run.stderr and "local model folder" in run.stderr
+
+
+@pytest.mark.parametrize("config, unet, vae, text_encoder", [
+    ("sd15", 859_520_964, 83_653_863, 123_060_480),
+    ("sd21", 865_910_724, 83_653_863, 340_387_840),
+])
+def test_configs_build_full_size_architectures(config, unet, vae, text_encoder):
+    components = build_random(config, device="meta")
+    count = {name: sum(p.numel() for p in components[name].parameters()) for name in ("unet", "vae", "text_encoder")}
+    assert count == {"unet": unet, "vae": vae, "text_encoder": text_encoder}
+    assert components["unet"].config.cross_attention_dim == components["text_encoder"].config.hidden_size
+
+
+def test_unknown_config_name():
+    with pytest.raises(ValueError, match=r"`config`: no configuration 'sd99' in configs/; expected one of "
+                                         r"\['sd15', 'sd21'\]"):
+        build_random("sd99")
+
+
+@pytest.mark.slow
+def test_full_size_sd15_runs_a_step_with_random_weights():
+    pipe = LatentDiffusionPipeline(**build_random("sd15"))
+    result = pipe("a photo of a cat", num_inference_steps=1, height=64, width=64, seed=0, progress=False)
+    assert result.images[0].size == (64, 64)
