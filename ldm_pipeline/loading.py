@@ -95,7 +95,7 @@ def resolve_model_dir(path_or_id: str | os.PathLike) -> Path:
         raise ModelNotFoundError(
             f"cannot download {str(path_or_id)!r}: the Hugging Face Hub is unreachable and the model is not in the "
             "local cache. To work offline, download it once where there is a network "
-            f"(`huggingface-cli download {path_or_id}`) and set HF_HUB_OFFLINE=1, or pass the path of a local "
+            f"(`hf download {path_or_id}`) and set HF_HUB_OFFLINE=1, or pass the path of a local "
             "model folder; `LatentDiffusionPipeline.from_pretrained()` with no argument loads the bundled model."
         ) from error
 
