@@ -174,7 +174,11 @@ def guess_config(checkpoint_path: Path) -> str:
             raise ValueError(f"`path`: {str(checkpoint_path)!r} is not a Stable Diffusion 1.x/2.x checkpoint "
                              f"(no {key!r}); pass config= to say what it is")
         width = file.get_slice(key).get_shape()[1]
-    return {768: "sd15", 1024: "sd21"}.get(width) or "sd15"
+    known = {768: "sd15", 1024: "sd21"}
+    if width not in known:
+        raise ValueError(f"`path`: {str(checkpoint_path)!r} has cross-attention width {width}, neither SD 1.x (768) "
+                         "nor SD 2.x (1024); pass config= naming a folder of component configs")
+    return known[width]
 
 
 def load_single_file(path: str | os.PathLike, config: str | None = None, tokenizer=None,

@@ -127,3 +127,36 @@ def test_full_size_sd15_runs_a_step_with_random_weights():
     pipe = LatentDiffusionPipeline(**build_random("sd15"))
     result = pipe("a photo of a cat", num_inference_steps=1, height=64, width=64, seed=0, progress=False)
     assert result.images[0].size == (64, 64)
+
+
+def test_single_file_checkpoint_loads_and_draws_the_same(pipe, tmp_path):
+    from safetensors.torch import save_file
+    from ldm_format import to_ldm_state_dict
+
+    checkpoint = tmp_path / "tiny.safetensors"
+    save_file(to_ldm_state_dict(pipe.unet, pipe.vae, pipe.text_encoder), checkpoint)
+    configs = pipe.save_pretrained(tmp_path / "configs")  # a diffusers folder serves as config=
+    loaded = LatentDiffusionPipeline.from_single_file(checkpoint, config=str(configs), tokenizer=pipe.tokenizer)
+    for name in ("unet", "vae", "text_encoder"):
+        ours, theirs = getattr(pipe, name).state_dict(), getattr(loaded, name).state_dict()
+        assert ours.keys() == theirs.keys(), name
+        assert all(torch.allclose(ours[k], theirs[k].reshape(ours[k].shape)) for k in ours), name
+    assert np.abs(pipe("a cat", seed=2, **FAST).images - loaded("a cat", seed=2, **FAST).images).max() <= 1 / 255
+
+
+def test_single_file_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"`path`: '.*model.ckpt' is not a .safetensors file"):
+        LatentDiffusionPipeline.from_single_file(tmp_path / "model.ckpt")
+    from safetensors.torch import save_file
+    save_file({"something.else": torch.zeros(1)}, tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match=r"is not a Stable Diffusion 1.x/2.x checkpoint"):
+        LatentDiffusionPipeline.from_single_file(tmp_path / "other.safetensors")
+
+
+def test_single_file_of_unknown_width_asks_for_a_config(pipe, tmp_path):
+    from safetensors.torch import save_file
+    from ldm_format import to_ldm_state_dict
+
+    save_file(to_ldm_state_dict(pipe.unet, pipe.vae, pipe.text_encoder), tmp_path / "tiny.safetensors")
+    with pytest.raises(ValueError, match=r"cross-attention width 32, neither SD 1.x \(768\) nor SD 2.x"):
+        LatentDiffusionPipeline.from_single_file(tmp_path / "tiny.safetensors")

@@ -1,0 +1,79 @@
+"""Write diffusers components in the original single-file Stable Diffusion (LDM) key layout.
+
+Only for tests: it lets the single-file loader be checked on tiny offline models. The layout
+is CompVis' `model.diffusion_model.*`, `first_stage_model.*`, `cond_stage_model.transformer.*`.
+"""
+
+import torch
+
+RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
+          "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+            "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+
+
+def _resnet(rest: str) -> str:
+    name, _, tail = rest.partition(".")
+    return f"{RESNET[name]}.{tail}"
+
+
+def unet_key(key: str, layers: int, attention_blocks: set) -> str:
+    parts = key.split(".")
+    for width in (1, 2):
+        head = ".".join(parts[:width])
+        if head in UNET_TOP:
+            return f"{UNET_TOP[head]}.{'.'.join(parts[width:])}"
+    if parts[0] == "down_blocks":
+        block, kind, index, rest = int(parts[1]), parts[2], int(parts[3]), ".".join(parts[4:])
+        if kind == "downsamplers":
+            return f"input_blocks.{(block + 1) * (layers + 1)}.0.op.{rest.split('.', 1)[1]}"
+        slot = 1 + block * (layers + 1) + index
+        return f"input_blocks.{slot}.0.{_resnet(rest)}" if kind == "resnets" else f"input_blocks.{slot}.1.{rest}"
+    if parts[0] == "mid_block":
+        index, rest = int(parts[2]), ".".join(parts[3:])
+        return f"middle_block.{2 * index}.{_resnet(rest)}" if parts[1] == "resnets" else f"middle_block.1.{rest}"
+    block, kind, index, rest = int(parts[1]), parts[2], int(parts[3]), ".".join(parts[4:])
+    if kind == "upsamplers":
+        where = 2 if block in attention_blocks else 1
+        return f"output_blocks.{block * (layers + 1) + layers}.{where}.conv.{rest.split('.', 1)[1]}"
+    slot = block * (layers + 1) + index
+    return f"output_blocks.{slot}.0.{_resnet(rest)}" if kind == "resnets" else f"output_blocks.{slot}.1.{rest}"
+
+
+VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def vae_key(key: str, num_blocks: int) -> str:
+    key = key.replace("conv_shortcut", "nin_shortcut").replace("conv_norm_out", "norm_out")
+    for old, new in (("mid_block.resnets.0", "mid.block_1"), ("mid_block.resnets.1", "mid.block_2")):
+        key = key.replace(old, new)
+    if "mid_block.attentions.0." in key:
+        prefix, rest = key.split("mid_block.attentions.0.")
+        name, _, tail = rest.rpartition(".")
+        return f"{prefix}mid.attn_1.{VAE_ATTENTION[name]}.{tail}"
+    parts = key.split(".")
+    if parts[1] == "down_blocks":
+        block, kind = parts[2], parts[3]
+        rest = ".".join(parts[5:]) if kind == "downsamplers" else ".".join(parts[4:])
+        return f"encoder.down.{block}.downsample.{rest}" if kind == "downsamplers" else f"encoder.down.{block}.block.{rest}"
+    if parts[1] == "up_blocks":
+        block, kind = num_blocks - 1 - int(parts[2]), parts[3]
+        rest = ".".join(parts[5:]) if kind == "upsamplers" else ".".join(parts[4:])
+        return f"decoder.up.{block}.upsample.{rest}" if kind == "upsamplers" else f"decoder.up.{block}.block.{rest}"
+    return key
+
+
+def to_ldm_state_dict(unet, vae, text_encoder) -> dict[str, torch.Tensor]:
+    layers = unet.config.layers_per_block
+    attention_blocks = {i for i, kind in enumerate(unet.config.up_block_types) if "CrossAttn" in kind}
+    state = {f"model.diffusion_model.{unet_key(k, layers, attention_blocks)}": v for k, v in unet.state_dict().items()}
+    blocks = len(vae.config.block_out_channels)
+    for key, value in vae.state_dict().items():
+        new = vae_key(key, blocks)
+        if ".attn_1." in new and value.ndim == 2:
+            value = value[:, :, None, None]  # LDM's VAE attention uses 1x1 convolutions
+        state[f"first_stage_model.{new}"] = value
+    for key, value in text_encoder.state_dict().items():
+        key = key if key.startswith("text_model.") else f"text_model.{key}"  # newer transformers drop the wrapper
+        state[f"cond_stage_model.transformer.{key}"] = value
+    return {k: v.contiguous() for k, v in state.items()}
