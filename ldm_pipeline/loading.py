@@ -168,12 +168,12 @@ def guess_config(checkpoint_path: Path) -> str:
     """"sd15" or "sd21", read off the width of the UNet's cross-attention in a single-file checkpoint."""
     from safetensors import safe_open
 
-    key = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
     with safe_open(checkpoint_path, framework="pt") as file:
-        if key not in file.keys():
+        keys = [k for k in file.keys() if k.startswith("model.diffusion_model.") and k.endswith("attn2.to_k.weight")]
+        if not keys:
             raise ValueError(f"`path`: {str(checkpoint_path)!r} is not a Stable Diffusion 1.x/2.x checkpoint "
-                             f"(no {key!r}); pass config= to say what it is")
-        width = file.get_slice(key).get_shape()[1]
+                             "(no UNet cross-attention weights); pass config= to say what it is")
+        width = file.get_slice(keys[0]).get_shape()[1]
     known = {768: "sd15", 1024: "sd21"}
     if width not in known:
         raise ValueError(f"`path`: {str(checkpoint_path)!r} has cross-attention width {width}, neither SD 1.x (768) "
