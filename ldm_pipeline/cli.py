@@ -34,7 +34,32 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--strength", type=float, default=0.8, help="image-to-image strength in (0, 1]")
     generate.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (fp16 on CUDA)")
     generate.add_argument("--out", required=True, type=Path, help="output PNG (a grid for several images)")
+
+    train = commands.add_parser("train", help="train one stage from its config, or a whole recipe")
+    train.add_argument("what", help="a stage config (configs/shapes/unet.json) or a recipe folder (configs/shapes)")
+    train.add_argument("--run-dir", type=Path, default=Path("runs/shapes"),
+                       help="where checkpoints, logs and loss plots go (default: runs/shapes)")
+    train.add_argument("--out", type=Path, default=None,
+                       help="for a recipe: where the assembled model goes (default: RUN_DIR/model)")
+    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoints")
+    train.add_argument("--steps", type=int, default=None, help="override the stage's number of steps")
+    train.add_argument("--batch-size", type=int, default=None, help="override the stage's global batch size")
     return parser
+
+
+def train(args: argparse.Namespace) -> None:
+    from .training.recipe import run_recipe, run_stage
+
+    overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size)) if v is not None}
+    target = Path(args.what)
+    if target.is_dir():
+        if overrides:
+            raise ValueError("--steps/--batch-size: apply to one stage; pass a stage config, not a recipe folder")
+        out = run_recipe(target, args.run_dir, args.out or args.run_dir / "model", resume=args.resume)
+        print(f"wrote the model to {out}")
+    else:
+        run_stage(target, args.run_dir, resume=args.resume, overrides=overrides)
+        print(f"trained {target.stem} in {args.run_dir}")
 
 
 def generate(args: argparse.Namespace) -> None:
@@ -59,7 +84,7 @@ def generate(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        generate(args)
+        {"generate": generate, "train": train}[args.command](args)
     except (ValueError, TypeError) as error:
         print(f"ldm: error: {error}", file=sys.stderr)
         return 2

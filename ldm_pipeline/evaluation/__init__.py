@@ -1,0 +1,1 @@
+"""Measuring generated images: a rule-based judge for the procedural shapes data set."""

@@ -1,0 +1,86 @@
+"""Configs -> trainers: read a stage's JSON config and run it; run a whole recipe in order.
+
+A recipe folder (such as `configs/shapes/`) holds `tokenizer.json`, `clip.json`, `vae.json`
+and `unet.json`. Paths inside them that start with `{run}` are placed under the run folder.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+from pathlib import Path
+
+from .loop import LoopConfig
+
+STAGES = ("tokenizer", "clip", "vae", "unet")
+
+
+def _substitute(value, run: Path):
+    if isinstance(value, str) and value.startswith("{run}"):
+        return str(run / value[len("{run}/"):])
+    if isinstance(value, dict):
+        return {k: _substitute(v, run) for k, v in value.items()}
+    return value
+
+
+def read_stage(config_path: str | Path, run_dir: str | Path, overrides: dict | None = None):
+    """The stage's config dataclass, with `{run}` paths placed in `run_dir` and loop overrides applied."""
+    from .clip import ClipConfig
+    from .unet import UnetConfig
+    from .vae import VaeConfig
+
+    path = Path(config_path)
+    if not path.is_file():
+        raise ValueError(f"`config`: no file {str(path)!r}")
+    raw = _substitute(json.loads(path.read_text()), Path(run_dir))
+    stage = raw.pop("stage", path.stem)
+    if stage == "tokenizer":
+        return stage, raw
+    classes = {"clip": ClipConfig, "vae": VaeConfig, "unet": UnetConfig}
+    if stage not in classes:
+        raise ValueError(f"`config`: {str(path)!r} has stage {stage!r}; expected one of {list(STAGES)}")
+    loop = {**raw.pop("loop", {}), **(overrides or {})}
+    known = {f.name for f in fields(LoopConfig)}
+    unknown = set(loop) - known
+    if unknown:
+        raise ValueError(f"`config`: {str(path)!r} loop settings {sorted(unknown)} are unknown; "
+                         f"expected some of {sorted(known)}")
+    return stage, classes[stage](loop=LoopConfig(**loop), **raw)
+
+
+def run_stage(config_path: str | Path, run_dir: str | Path, resume: bool = False, overrides: dict | None = None,
+              progress: bool = True):
+    """Run one stage (tokenizer, clip, vae or unet) from its config."""
+    stage, config = read_stage(config_path, run_dir, overrides)
+    if stage == "tokenizer":
+        return build_tokenizer(config)
+    from .clip import train_clip
+    from .unet import train_unet
+    from .vae import train_vae
+
+    trainer = {"clip": train_clip, "vae": train_vae, "unet": train_unet}[stage]
+    return trainer(config, resume=resume, progress=progress)
+
+
+def build_tokenizer(config: dict):
+    """Learn the BPE vocabulary from the captions of `config["captions"]` items of the data set."""
+    from .data import open_dataset
+    from .tokenizer import build_clip_tokenizer
+
+    dataset = open_dataset(config.get("data", "shapes"), length=config["captions"], seed=config.get("seed", 0))
+    texts = [dataset[i]["text"] for i in range(min(config["captions"], len(dataset)))]
+    return build_clip_tokenizer(texts, config["vocab_size"], config["output_dir"],
+                                config.get("model_max_length", 77))
+
+
+def run_recipe(recipe_dir: str | Path, run_dir: str | Path, out: str | Path, resume: bool = False,
+               progress: bool = True) -> Path:
+    """All four stages in order, then the parts assembled into one model folder at `out`."""
+    from .unet import assemble
+
+    recipe = Path(recipe_dir)
+    for stage in STAGES:
+        run_stage(recipe / f"{stage}.json", run_dir, resume=resume, progress=progress)
+    _, unet = read_stage(recipe / "unet.json", run_dir)
+    return assemble(unet.clip, unet.vae, Path(unet.loop.output_dir) / "model", unet.scheduler, out,
+                    defaults=unet.defaults, inference_scheduler=unet.defaults.get("scheduler", "ddim"))

@@ -1,0 +1,274 @@
+"""The procedural "shapes" data set: coloured circles, squares and triangles on grey, with captions.
+
+A scene holds one object ("a red circle in the top left") or two objects in two different corners
+("a red circle in the top left and a large blue square in the bottom right"). Images are 64x64 RGB,
+drawn on a 4x supersampled canvas and box-filtered down, so edges are antialiased and every pixel
+is a deterministic function of the scene. Three colour/shape pairs (`HELD_OUT_PAIRS`) never occur in
+the training split, so a model trained on it can be asked for combinations it has never seen.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+IMAGE_SIZE = 64
+BACKGROUND = (128, 128, 128)
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 210, 40),
+    "purple": (140, 60, 180), "orange": (245, 140, 30), "white": (245, 245, 245), "black": (20, 20, 20),
+}
+SHAPES = ("circle", "square", "triangle")
+# Object centres as fractions of the side, (x, y) with y pointing down.
+POSITIONS: dict[str, tuple[float, float]] = {
+    "top left": (0.27, 0.27), "top right": (0.73, 0.27), "bottom left": (0.27, 0.73),
+    "bottom right": (0.73, 0.73), "center": (0.5, 0.5),
+}
+CORNERS = ("top left", "top right", "bottom left", "bottom right")
+# Half-size ranges as fractions of the side; the gaps between them keep the size words decidable.
+SIZES: dict[str, tuple[float, float]] = {"small": (0.08, 0.11), "default": (0.12, 0.16), "large": (0.17, 0.20)}
+SIZE_PROBS = {"small": 0.25, "default": 0.5, "large": 0.25}
+HELD_OUT_PAIRS = frozenset({("purple", "triangle"), ("orange", "circle"), ("white", "square")})
+JITTER = 0.03
+MIN_GAP_PIXELS = 2  # at IMAGE_SIZE; the gap scales with the image
+SUPERSAMPLE = 4
+SPLITS = ("train", "held_out", "any")
+
+
+@dataclass(frozen=True)
+class ShapeObject:
+    """One object: its words (colour, shape, position, size) and the exact geometry drawn.
+
+    `jitter` is the (x, y) offset of the centre from its anchor and `half_size` half the side of the
+    bounding box, both as fractions of the image side.
+    """
+
+    colour: str
+    shape: str
+    position: str
+    size: str = "default"
+    jitter: tuple[float, float] = (0.0, 0.0)
+    half_size: float = 0.14
+
+    @property
+    def centre(self) -> tuple[float, float]:
+        ax, ay = POSITIONS[self.position]
+        return ax + self.jitter[0], ay + self.jitter[1]
+
+    @property
+    def bbox(self) -> tuple[float, float, float, float]:
+        """(left, top, right, bottom) as fractions of the side."""
+        x, y = self.centre
+        return x - self.half_size, y - self.half_size, x + self.half_size, y + self.half_size
+
+
+@dataclass(frozen=True)
+class Scene:
+    objects: tuple[ShapeObject, ...]
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _phrase(obj: ShapeObject) -> str:
+    words = ([obj.size] if obj.size != "default" else []) + [obj.colour, obj.shape]
+    return f"{_article(words[0])} {' '.join(words)} in the {obj.position}"
+
+
+def caption(scene: Scene) -> str:
+    """The caption of a scene: one phrase per object, joined by " and ".
+
+    Args:
+        scene: the scene to describe.
+
+    Returns:
+        e.g. "an orange circle in the top left and a large blue square in the bottom right".
+    """
+    return " and ".join(_phrase(obj) for obj in scene.objects)
+
+
+_PHRASE = re.compile(
+    r"(?P<article>an?) (?:(?P<size>small|large) )?(?P<colour>{}) (?P<shape>{}) in the (?P<position>{})".format(
+        "|".join(COLOURS), "|".join(SHAPES), "|".join(POSITIONS)))
+
+
+def parse_caption(text: str) -> list[ShapeObject]:
+    """Read the objects back from a caption written by `caption` (case and spacing are forgiven).
+
+    Args:
+        text: a shapes caption.
+
+    Returns:
+        One `ShapeObject` per phrase with its colour, shape, position and size; there is no jitter, and
+        `half_size` is the middle of the size word's range (0.14, the dataclass default, for "default").
+
+    Raises:
+        ValueError: naming `text`, if it is not a shapes caption (wrong words or wrong article).
+    """
+    normal = " ".join(str(text).lower().split()).rstrip(".")
+    objects = []
+    for part in normal.split(" and "):
+        match = _PHRASE.fullmatch(part)
+        if match is None:
+            raise ValueError(f"not a shapes caption: {text!r} (cannot read {part!r})")
+        size = match["size"] or "default"
+        first = match["size"] or match["colour"]
+        if match["article"] != _article(first):
+            raise ValueError(f"not a shapes caption: {text!r} (expected {_article(first)!r} before {first!r})")
+        low, high = SIZES[size]
+        objects.append(ShapeObject(match["colour"], match["shape"], match["position"], size,
+                                   half_size=round((low + high) / 2, 6)))
+    return objects
+
+
+def _draw(draw: ImageDraw.ImageDraw, obj: ShapeObject, side: int) -> None:
+    x, y = (v * side for v in obj.centre)
+    h = obj.half_size * side
+    fill = COLOURS[obj.colour]
+    # PIL boxes are inclusive pixel indices: pulling each edge in by half a pixel makes the drawn area
+    # and centre match the continuous shape (checked by counting pixels).
+    box = [x - h + 0.5, y - h + 0.5, x + h - 0.5, y + h - 0.5]
+    if obj.shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif obj.shape == "square":
+        draw.rectangle(box, fill=fill)
+    elif obj.shape == "triangle":
+        # PIL fills every pixel the outline touches; shrinking the triangle towards its incentre by
+        # 0.4 canvas pixels makes the drawn area 2*h*h like the continuous one.
+        inradius = 2 * h / (1 + 5 ** 0.5)
+        incentre_y = y + h - inradius
+        k = 1 - 0.4 / inradius
+        corners = [(x, y - h), (x - h, y + h), (x + h, y + h)]
+        draw.polygon([(x + (px - x) * k, incentre_y + (py - incentre_y) * k) for px, py in corners], fill=fill)
+    else:
+        raise ValueError(f"unknown shape {obj.shape!r}; expected one of {SHAPES}")
+
+
+def render(scene: Scene, image_size: int = IMAGE_SIZE) -> Image.Image:
+    """Draw a scene, antialiased, on the grey background.
+
+    Args:
+        scene: what to draw.
+        image_size: the side of the square image in pixels.
+
+    Returns:
+        An RGB PIL image of `image_size` x `image_size`.
+    """
+    side = image_size * SUPERSAMPLE
+    canvas = Image.new("RGB", (side, side), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    for obj in scene.objects:
+        _draw(draw, obj, side)
+    return canvas.resize((image_size, image_size), Image.BOX)
+
+
+def _apart(objects: list[ShapeObject]) -> bool:
+    gap = MIN_GAP_PIXELS / IMAGE_SIZE
+    for i, a in enumerate(objects):
+        for b in objects[i + 1:]:
+            (al, at, ar, ab), (bl, bt, br, bb) = a.bbox, b.bbox
+            if max(bl - ar, al - br, bt - ab, at - bb) < gap:
+                return False
+    return True
+
+
+def allowed_pairs(split: str) -> list[tuple[str, str]]:
+    """The (colour, shape) pairs a split draws from, in a fixed order."""
+    if split not in SPLITS:
+        raise ValueError(f"`split`: got {split!r}; expected one of {SPLITS}")
+    pairs = [(c, s) for c in COLOURS for s in SHAPES]
+    if split == "train":
+        return [p for p in pairs if p not in HELD_OUT_PAIRS]
+    if split == "held_out":
+        return [p for p in pairs if p in HELD_OUT_PAIRS]
+    return pairs
+
+
+def sample_scene(rng: np.random.Generator, split: str = "train", two_objects_prob: float = 0.5) -> Scene:
+    """Draw a random scene.
+
+    Args:
+        rng: the only source of randomness, so equal generator states give equal scenes.
+        split: "train" (no held-out pair), "held_out" (a single object whose pair is held out; ignores
+            `two_objects_prob`) or "any" (no restriction).
+        two_objects_prob: chance of two objects, in two different corners, instead of one anywhere.
+
+    Returns:
+        A `Scene` whose objects are at least `MIN_GAP_PIXELS` apart.
+    """
+    pairs = allowed_pairs(split)
+    count = 2 if split != "held_out" and rng.random() < two_objects_prob else 1
+    if count == 1:
+        places = [list(POSITIONS)[rng.integers(len(POSITIONS))]]
+    else:
+        places = [CORNERS[i] for i in rng.choice(len(CORNERS), size=2, replace=False)]
+    words = []
+    for place in places:
+        colour, shape = pairs[rng.integers(len(pairs))]
+        size = list(SIZE_PROBS)[rng.choice(len(SIZE_PROBS), p=list(SIZE_PROBS.values()))]
+        words.append((colour, shape, place, size))
+    # Only the geometry is redrawn, so the caption distribution is not skewed by the spacing rule;
+    # even two large objects side by side fit when their jitter is small.
+    while True:
+        objects = [ShapeObject(colour, shape, place, size,
+                               jitter=(float(rng.uniform(-JITTER, JITTER)), float(rng.uniform(-JITTER, JITTER))),
+                               half_size=float(rng.uniform(*SIZES[size])))
+                   for colour, shape, place, size in words]
+        if _apart(objects):
+            return Scene(tuple(objects))
+
+
+class ShapesDataset(torch.utils.data.Dataset):
+    """`length` random scenes; item i is drawn from `numpy.random.default_rng([seed, i])` alone.
+
+    Items are rendered on demand, so any item can be drawn without the others and the set costs no
+    memory. Each item is `{"image": PIL RGB image, "text": caption}`.
+    """
+
+    def __init__(self, length: int, seed: int = 0, split: str = "train", two_objects_prob: float = 0.5):
+        if length < 0:
+            raise ValueError(f"`length`: got {length}; expected >= 0")
+        allowed_pairs(split)  # fail now, not at the first item
+        self.length, self.seed, self.split, self.two_objects_prob = length, seed, split, two_objects_prob
+
+    def __len__(self) -> int:
+        return self.length
+
+    def scene(self, index: int) -> Scene:
+        """The scene behind item `index` (negative indices count from the end)."""
+        if not -self.length <= index < self.length:
+            raise IndexError(f"index {index} out of range for {self.length} items")
+        index %= self.length
+        return sample_scene(np.random.default_rng([self.seed, index]), self.split, self.two_objects_prob)
+
+    def __getitem__(self, index: int) -> dict:
+        scene = self.scene(index)
+        return {"image": render(scene), "text": caption(scene)}
+
+
+EVAL_KINDS = {"seen": ("train", 0.0), "held_out": ("held_out", 0.0), "two": ("train", 1.0)}
+
+
+def eval_prompts(kind: str, n: int, seed: int) -> list[str]:
+    """Prompts to test a model on, the same for the same arguments.
+
+    Args:
+        kind: "seen" (one object, a training pair), "held_out" (one object, a held-out pair) or
+            "two" (two objects, training pairs).
+        n: how many prompts (repeats are possible: there are only 45 held-out captions).
+        seed: selects the list.
+
+    Returns:
+        `n` captions.
+    """
+    if kind not in EVAL_KINDS:
+        raise ValueError(f"`kind`: got {kind!r}; expected one of {tuple(EVAL_KINDS)}")
+    split, two = EVAL_KINDS[kind]
+    # A stream of its own per kind, distinct from the training items' [seed, i] streams.
+    rng = np.random.default_rng([seed, 1 << 40, list(EVAL_KINDS).index(kind)])
+    return [caption(sample_scene(rng, split, two)) for _ in range(n)]

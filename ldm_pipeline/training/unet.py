@@ -1,0 +1,133 @@
+"""Train a diffusers `UNet2DConditionModel` to denoise VAE latents, conditioned on text.
+
+The DDPM noise-prediction loss (Ho et al. 2020, Algorithm 1) on the latents of a frozen VAE,
+with cross-attention to the frozen CLIP text encoder's hidden states. A fraction of captions is
+dropped to "" so the same model also predicts unconditionally (classifier-free guidance), and
+an EMA of the weights is what gets exported.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPModel, CLIPTokenizer
+
+from . import data
+from .loop import LoopConfig, train
+
+
+@dataclass
+class UnetConfig:
+    """What to train and on what."""
+
+    loop: LoopConfig
+    clip: str = ""  # folder of the trained CLIPModel (and its tokenizer)
+    vae: str = ""  # folder of the trained AutoencoderKL
+    data: str = "shapes"
+    image_size: int = 64
+    cache_size: int = 20_000  # images encoded once to latents and trained on
+    model: dict = field(default_factory=dict)  # diffusers UNet2DConditionModel settings
+    scheduler: dict = field(default_factory=dict)  # noise schedule (DDPMScheduler settings)
+    caption_dropout: float = 0.1
+    snr_gamma: float | None = None  # min-SNR loss weighting (Hang et al. 2023) when set
+    defaults: dict = field(default_factory=dict)  # generation defaults stored with the exported model
+
+
+@torch.no_grad()
+def encode_dataset(vae: AutoencoderKL, dataset, count: int, image_size: int, batch_size: int = 128):
+    """Posterior means and standard deviations of the first `count` items, and their captions."""
+    means, stds, captions = [], [], []
+    for start in range(0, min(count, len(dataset)), batch_size):
+        pixels, texts = data.batch(dataset, list(range(start, min(start + batch_size, count, len(dataset)))),
+                                   image_size)
+        posterior = vae.encode(pixels).latent_dist
+        means.append(posterior.mean)
+        stds.append(posterior.std)
+        captions.extend(texts)
+    return torch.cat(means), torch.cat(stds), captions
+
+
+def snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR weights: less weight on nearly clean steps, which are easy.
+
+    min(SNR, gamma) / SNR for noise prediction, min(SNR, gamma) / (SNR + 1) for v-prediction.
+    """
+    alphas = scheduler.alphas_cumprod[timesteps]
+    snr = alphas / (1 - alphas).clamp(min=1e-8)
+    denominator = snr + 1 if scheduler.config.prediction_type == "v_prediction" else snr.clamp(min=1e-8)
+    return torch.clamp(snr, max=gamma) / denominator
+
+
+def unet_loss(unet, scheduler: DDPMScheduler, latents: torch.Tensor, context: torch.Tensor,
+              generator: torch.Generator, snr_gamma: float | None = None):
+    """Algorithm 1 of Ho et al. 2020 on latents: noise them to a random t and predict the noise."""
+    noise = torch.randn(latents.shape, generator=generator)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise,
+                                                                                                 timesteps)
+    prediction = unet(noisy, timesteps, encoder_hidden_states=context).sample
+    per_sample = F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
+    if snr_gamma:
+        per_sample = per_sample * snr_weights(scheduler, timesteps, snr_gamma)
+    return per_sample.mean()
+
+
+def train_unet(config: UnetConfig, resume: bool = False, progress: bool = True) -> UNet2DConditionModel:
+    """Train, save the UNet (EMA weights) in `output_dir/model`, and return it."""
+    clip = CLIPModel.from_pretrained(config.clip).eval()
+    tokenizer = CLIPTokenizer.from_pretrained(config.clip)
+    text_encoder = clip.text_model.requires_grad_(False)
+    vae = AutoencoderKL.from_pretrained(config.vae).eval().requires_grad_(False)
+    scheduler = DDPMScheduler.from_config(config.scheduler)
+    dataset = data.open_dataset(config.data, length=config.cache_size, seed=config.loop.seed)
+    means, stds, captions = encode_dataset(vae, dataset, config.cache_size, config.image_size)
+    scale = vae.config.scaling_factor
+    unet = UNet2DConditionModel(sample_size=means.shape[-1], in_channels=means.shape[1],
+                                out_channels=means.shape[1], cross_attention_dim=text_encoder.config.hidden_size,
+                                **config.model)
+
+    def loss_fn(models, step, generator, rank, world):
+        indices = data.step_indices(len(captions), step, config.loop.batch_size, config.loop.seed, rank, world)
+        index = torch.tensor(indices)
+        latents = (means[index] + stds[index] * torch.randn(means[index].shape, generator=generator)) * scale
+        drop = torch.rand(len(indices), generator=generator) < config.caption_dropout
+        texts = ["" if dropped else captions[i] for i, dropped in zip(indices, drop.tolist())]
+        tokens = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                           return_tensors="pt")
+        with torch.no_grad():
+            context = text_encoder(tokens["input_ids"])[0]
+        return unet_loss(models["unet"], scheduler, latents, context, generator, config.snr_gamma), {}
+
+    unet = train(config.loop, {"unet": unet}, loss_fn, resume=resume, ema_model="unet", progress=progress,
+                 name="unet")["unet"]
+    out = Path(config.loop.output_dir) / "model"
+    unet.save_pretrained(out)
+    return unet
+
+
+def assemble(clip_dir: str | Path, vae_dir: str | Path, unet_dir: str | Path, scheduler: dict, out: str | Path,
+             defaults: dict | None = None, inference_scheduler: str = "ddim") -> Path:
+    """Put the trained parts together as one model folder (diffusers layout) with generation defaults."""
+    from ..pipeline import LatentDiffusionPipeline
+    from ..schedulers import make_scheduler
+
+    clip = CLIPModel.from_pretrained(clip_dir)
+    pipe = LatentDiffusionPipeline(
+        tokenizer=CLIPTokenizer.from_pretrained(clip_dir),
+        text_encoder=copy.deepcopy(clip.text_model).eval(),
+        vae=AutoencoderKL.from_pretrained(vae_dir).eval(),
+        unet=UNet2DConditionModel.from_pretrained(unet_dir).eval(),
+        scheduler=make_scheduler(inference_scheduler, scheduler),
+        defaults=defaults,
+    )
+    path = pipe.save_pretrained(out)
+    (Path(path) / "training.json").write_text(json.dumps({"clip": str(clip_dir), "vae": str(vae_dir),
+                                                          "unet": str(unet_dir)}, indent=2))
+    return Path(path)
