@@ -141,7 +141,9 @@ def train(config: LoopConfig, models: dict[str, torch.nn.Module], loss_fn: LossF
     Returns:
         The trained models, unwrapped; the EMA weights are copied into `ema_model` at the end.
     """
-    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    # cpu=True where there is no GPU lets processes started by `accelerate launch --multi_gpu` or
+    # torchrun find each other over gloo; with a GPU, accelerate places each process on its own.
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
     output = Path(config.output_dir)
     if config.batch_size % accelerator.num_processes:
         raise ValueError(f"`batch_size`: {config.batch_size} does not split over {accelerator.num_processes} "
@@ -193,7 +195,8 @@ def train(config: LoopConfig, models: dict[str, torch.nn.Module], loss_fn: LossF
             running.setdefault(key, []).append(float(value))
         done = step + 1
         if accelerator.is_main_process and (done % config.log_every == 0 or done == config.steps):
-            record = {"step": done, "lr": learning_rate(config, step), "seconds": round(time.time() - began, 1)}
+            record = {"step": done, "lr": learning_rate(config, step), "seconds": round(time.time() - began, 1),
+                      "processes": world}
             record.update({k: sum(v) / len(v) for k, v in running.items()})
             with log.open("a") as file:
                 file.write(json.dumps(record) + "\n")

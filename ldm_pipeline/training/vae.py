@@ -31,14 +31,21 @@ class VaeConfig:
     scale_samples: int = 512  # images used to measure the latent scaling factor
 
 
-def vae_loss(vae: AutoencoderKL, pixels: torch.Tensor, generator: torch.Generator, config: VaeConfig):
-    """Reconstruction + KL for one batch; returns (loss, metrics)."""
-    posterior = vae.encode(pixels).latent_dist
-    reconstruction = vae.decode(posterior.sample(generator)).sample
-    l1 = F.l1_loss(reconstruction, pixels)
-    mse = F.mse_loss(reconstruction, pixels)
-    kl = posterior.kl().mean()
-    return l1 + config.mse_weight * mse + config.kl_weight * kl, {"l1": l1.item(), "kl": kl.item()}
+class VaeObjective(torch.nn.Module):
+    """The VAE with its loss as `forward`, so that DistributedDataParallel sees one call per step."""
+
+    def __init__(self, vae: AutoencoderKL, config: VaeConfig):
+        super().__init__()
+        self.vae, self.config = vae, config
+
+    def forward(self, pixels: torch.Tensor, generator: torch.Generator):
+        """Reconstruction + KL for one batch; returns (loss, metrics)."""
+        posterior = self.vae.encode(pixels).latent_dist
+        reconstruction = self.vae.decode(posterior.sample(generator)).sample
+        l1 = F.l1_loss(reconstruction, pixels)
+        mse = F.mse_loss(reconstruction, pixels)
+        kl = posterior.kl().mean()
+        return l1 + self.config.mse_weight * mse + self.config.kl_weight * kl, {"l1": l1.item(), "kl": kl.item()}
 
 
 @torch.no_grad()
@@ -58,14 +65,14 @@ def measure_scaling_factor(vae: AutoencoderKL, dataset, config: VaeConfig) -> fl
 def train_vae(config: VaeConfig, resume: bool = False, progress: bool = True) -> AutoencoderKL:
     """Train, measure the scaling factor, save in `output_dir/model` (diffusers layout) and return the VAE."""
     dataset = data.open_dataset(config.data, seed=config.loop.seed)
-    vae = AutoencoderKL(sample_size=config.image_size, **config.model)
+    objective = VaeObjective(AutoencoderKL(sample_size=config.image_size, **config.model), config)
 
     def loss_fn(models, step, generator, rank, world):
         indices = data.step_indices(len(dataset), step, config.loop.batch_size, config.loop.seed, rank, world)
         pixels, _ = data.batch(dataset, indices, config.image_size)
-        return vae_loss(models["vae"], pixels, generator, config)
+        return models["vae"](pixels, generator)
 
-    vae = train(config.loop, {"vae": vae}, loss_fn, resume=resume, progress=progress, name="vae")["vae"]
+    vae = train(config.loop, {"vae": objective}, loss_fn, resume=resume, progress=progress, name="vae")["vae"].vae
     vae.register_to_config(scaling_factor=measure_scaling_factor(vae, dataset, config))
     vae.save_pretrained(Path(config.loop.output_dir) / "model")
     return vae
