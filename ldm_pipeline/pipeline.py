@@ -83,7 +83,9 @@ class LatentDiffusionPipeline:
         device = torch.device(device) if device is not None else self.device
         dtype = dtype or default_dtype(device)
         for model in (self.text_encoder, self.vae, self.unet):
-            model.to(device=device, dtype=dtype)
+            if model.dtype != dtype:  # a same-dtype cast is a no-op, but diffusers warns about it
+                model.to(dtype=dtype)
+            model.to(device=device)
         return self
 
     def set_scheduler(self, name: str):
