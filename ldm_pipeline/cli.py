@@ -20,14 +20,14 @@ def _size(text: str) -> tuple[int, int]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ldm", description="Latent diffusion: text-to-image and image-to-image.")
     commands = parser.add_subparsers(dest="command", required=True)
-    generate = commands.add_parser("generate", help="draw images for a prompt")
-    generate.add_argument("prompt")
+    generate = commands.add_parser("generate", help="draw images for one or more prompts")
+    generate.add_argument("prompt", nargs="+", help="one or more prompts; several make a grid, a row each")
     generate.add_argument("--negative-prompt", default=None)
     generate.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's, else 50)")
     generate.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
     generate.add_argument("--seed", type=int, default=None, help="image i uses seed+i (default: random)")
     generate.add_argument("--size", type=_size, default=None, metavar="WxH")
-    generate.add_argument("--num-images", type=int, default=1, help="images to draw; more than one makes a grid")
+    generate.add_argument("--num-images", type=int, default=1, help="images per prompt; more than one makes a grid")
     generate.add_argument("--model", default=None, help="model folder or Hub id (default: the bundled model)")
     generate.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None)
     generate.add_argument("--image", default=None, help="reference picture for image-to-image")
@@ -74,7 +74,7 @@ def generate(args: argparse.Namespace) -> None:
     result = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
                   guidance_scale=args.guidance, height=height, width=width, num_images_per_prompt=args.num_images,
                   seed=args.seed, image=args.image, strength=args.strength)
-    picture = result.images[0] if len(result.images) == 1 else make_grid(result.images)
+    picture = result.images[0] if len(result.images) == 1 else make_grid(result.images, rows=len(args.prompt))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     picture.save(args.out)
     print(f"wrote {args.out} ({result.width}x{result.height}, seeds {result.seeds}, {result.steps_run} steps, "

@@ -48,3 +48,11 @@ def test_bad_size_is_refused_by_the_parser(tmp_path):
     run = subprocess.run([sys.executable, "-m", "ldm_pipeline.cli", "generate", "a cat", "--size", "big",
                           "--out", str(tmp_path / "x.png")], capture_output=True, text=True)
     assert run.returncode == 2 and "--size: got 'big'; expected WIDTHxHEIGHT" in run.stderr
+
+
+def test_several_prompts_make_a_grid_with_a_row_each(model, tmp_path):
+    out = tmp_path / "grid.png"
+    assert main(["generate", "a cat", "a red circle", "a photo of a cat", "--model", str(model), "--steps", "2",
+                 "--num-images", "2", "--seed", "0", "--out", str(out)]) == 0
+    with PIL.Image.open(out) as grid:
+        assert grid.size == (2 * 16 + 2, 3 * 16 + 2 * 2)

@@ -113,8 +113,13 @@ def train_unet(config: UnetConfig, resume: bool = False, progress: bool = True) 
 
 
 def assemble(clip_dir: str | Path, vae_dir: str | Path, unet_dir: str | Path, scheduler: dict, out: str | Path,
-             defaults: dict | None = None, inference_scheduler: str = "ddim") -> Path:
-    """Put the trained parts together as one model folder (diffusers layout) with generation defaults."""
+             defaults: dict | None = None, inference_scheduler: str = "ddim",
+             weights_dtype: torch.dtype = torch.float16) -> Path:
+    """Put the trained parts together as one model folder (diffusers layout) with generation defaults.
+
+    Weights are stored in `weights_dtype` (half precision by default, half the size on disk);
+    `from_pretrained` casts them back to fp32 on the CPU.
+    """
     from ..pipeline import LatentDiffusionPipeline
     from ..schedulers import make_scheduler
 
@@ -127,7 +132,7 @@ def assemble(clip_dir: str | Path, vae_dir: str | Path, unet_dir: str | Path, sc
         scheduler=make_scheduler(inference_scheduler, scheduler),
         defaults=defaults,
     )
-    path = pipe.save_pretrained(out)
+    path = pipe.to("cpu", weights_dtype).save_pretrained(out)
     (Path(path) / "training.json").write_text(json.dumps({"clip": str(clip_dir), "vae": str(vae_dir),
                                                           "unet": str(unet_dir)}, indent=2))
     return Path(path)
