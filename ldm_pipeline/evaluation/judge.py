@@ -25,13 +25,13 @@ MAX_COLOUR_DISTANCE = 60.0
 # Regions smaller than this (in pixels at 64x64, scaled with the image area) are specks, not objects;
 # the smallest object the data set draws (a small triangle) covers about 52 pixels.
 MIN_AREA_64 = 12
-# Shape rules on the region's bounding box. Fill ratio (area / box area): square ~1, circle ~0.785,
-# triangle ~0.5; taper (mean row width of the top third / of the bottom third): triangle ~0.2, else ~1.
-SQUARE_MIN_FILL = 0.91
-CIRCLE_MIN_FILL = 0.65
-TRIANGLE_MAX_FILL = 0.65
-TRIANGLE_MAX_TAPER = 0.5
+# Shapes are read by template matching: the region's soft coverage is compared with an ideal circle,
+# square and triangle of the same area and centre, and the closest wins. Unlike rules on the hard
+# mask, this survives the softened corners and edges of decoded images. A best fit that still
+# misses more than this fraction of the area is no shape of ours.
+MAX_TEMPLATE_ERROR = 0.5
 MAX_ASPECT = 1.4  # every shape's box is square; a longer box is no shape of ours
+SUBSAMPLES = 4  # template coverage is averaged over 4x4 points per pixel
 # Size words from the estimated half-size (fraction of the side), half-way between the ranges.
 SMALL_BELOW = (SIZES["small"][1] + SIZES["default"][0]) / 2    # 0.115
 LARGE_ABOVE = (SIZES["default"][1] + SIZES["large"][0]) / 2    # 0.165
@@ -83,22 +83,36 @@ def _as_array(image) -> np.ndarray:
     return array.astype(np.float32)
 
 
-def _shape(region: np.ndarray) -> str:
-    """Classify a region cropped to its bounding box."""
-    rows = region.sum(axis=1)
-    height, width = region.shape
-    if max(height, width) > MAX_ASPECT * min(height, width):
-        return "unknown"
-    fill = region.sum() / region.size
-    third = max(1, height // 3)
-    taper = rows[:third].mean() / max(rows[-third:].mean(), 1e-6)
-    if fill >= SQUARE_MIN_FILL:
-        return "square"
-    if fill < TRIANGLE_MAX_FILL and taper < TRIANGLE_MAX_TAPER:
-        return "triangle"
-    if fill >= CIRCLE_MIN_FILL and taper >= TRIANGLE_MAX_TAPER:
-        return "circle"
-    return "unknown"
+def _template(shape: str, cx: float, cy: float, h: float, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """Coverage (0..1) of each pixel (ys, xs: pixel indices) by an ideal shape of half-size h at (cx, cy)."""
+    offsets = (np.arange(SUBSAMPLES) + 0.5) / SUBSAMPLES
+    y = ys[:, None, None] + offsets[None, :, None]
+    x = xs[:, None, None] + offsets[None, None, :]
+    if shape == "circle":
+        inside = (x - cx) ** 2 + (y - cy) ** 2 <= h * h
+    elif shape == "square":
+        inside = (np.abs(x - cx) <= h) & (np.abs(y - cy) <= h)
+    else:  # triangle pointing up: apex (cx, cy - h), base from (cx - h, cy + h) to (cx + h, cy + h)
+        inside = (y <= cy + h) & (y >= cy - h) & (np.abs(x - cx) <= (y - (cy - h)) / 2)
+    return inside.mean(axis=(1, 2))
+
+
+def _shape(ys: np.ndarray, xs: np.ndarray, cover: np.ndarray, box_h: int, box_w: int) -> tuple[str, float]:
+    """The best-fitting shape for pixels (ys, xs) with coverages `cover`; returns (shape, half-size in px)."""
+    if max(box_h, box_w) > MAX_ASPECT * min(box_h, box_w):
+        return "unknown", (box_h + box_w) / 4
+    area = cover.sum()
+    cx = ((xs + 0.5) * cover).sum() / area
+    cy = ((ys + 0.5) * cover).sum() / area
+    best, best_error, best_h = "unknown", np.inf, (box_h + box_w) / 4
+    for shape, per_h2 in AREA_PER_H2.items():
+        h = (area / per_h2) ** 0.5
+        # a triangle's centroid lies a third of its half-height below the centre of its box
+        centre_y = cy - h / 3 if shape == "triangle" else cy
+        error = np.abs(_template(shape, cx, centre_y, h, ys, xs) - cover).sum() / area
+        if error < best_error:
+            best, best_error, best_h = shape, error, h
+    return (best if best_error <= MAX_TEMPLATE_ERROR else "unknown"), best_h
 
 
 def _coverage(pixels: np.ndarray, colour: np.ndarray) -> np.ndarray:
@@ -144,17 +158,15 @@ def find_objects(image) -> list[Found]:
             ys, xs = np.nonzero(region)
             centroid = ((xs.mean() + box[1].start + 0.5) / width, (ys.mean() + box[0].start + 0.5) / height)
             position = list(POSITIONS)[int(np.linalg.norm(anchors - centroid, axis=1).argmin())]
-            shape = _shape(region)
             # Hard pixel counts shrink an object by a colour-dependent amount (white needs ~73% cover
-            # to be nearer white than grey, purple ~50%), enough to cross a size boundary; summing
-            # the coverage of the region and its unassigned rim measures the true area instead.
+            # to be nearer white than grey, purple ~50%); the coverage of the region and its
+            # unassigned rim measures the true extent, for the shape and the size alike.
             whole = regions == number
             rim = ndimage.binary_dilation(whole, structure=np.ones((3, 3), bool), iterations=2) & ~assigned
-            soft_area = _coverage(pixels[whole | rim], _PALETTE[index + 1]).sum()
-            if shape in AREA_PER_H2:
-                half_size = (soft_area / AREA_PER_H2[shape]) ** 0.5 / side
-            else:
-                half_size = (region.shape[0] + region.shape[1]) / 4 / side
+            ys, xs = np.nonzero(whole | rim)
+            cover = _coverage(pixels[ys, xs], _PALETTE[index + 1])
+            shape, half_size_px = _shape(ys, xs, cover, region.shape[0], region.shape[1])
+            half_size = half_size_px / side
             found.append(Found(name, shape, position, _size_word(half_size), area,
                                (float(centroid[0]), float(centroid[1]))))
     return found
