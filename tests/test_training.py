@@ -183,3 +183,18 @@ def test_two_process_run_through_accelerate_launch(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "run" / "vae" / "log.jsonl").read_text().splitlines()]
     assert [(r["step"], r["processes"]) for r in records] == [(2, 2), (4, 2)]
     assert (tmp_path / "run" / "vae" / "model" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_recipe_configs_are_checked(tmp_path):
+    from ldm_pipeline.training.recipe import read_stage
+
+    stage, config = read_stage("configs/shapes/unet.json", tmp_path, overrides={"steps": 3})
+    assert stage == "unet" and config.loop.steps == 3 and config.vae == str(tmp_path / "vae" / "model")
+    (tmp_path / "bad.json").write_text(json.dumps({"stage": "vae", "colour": "red", "loop": {"output_dir": "x"}}))
+    with pytest.raises(ValueError, match=r"settings \['colour'\] are unknown for stage 'vae'"):
+        read_stage(tmp_path / "bad.json", tmp_path)
+    (tmp_path / "bad.json").write_text(json.dumps({"stage": "vae", "loop": {"output_dir": "x", "stepz": 1}}))
+    with pytest.raises(ValueError, match=r"loop settings \['stepz'\] are unknown"):
+        read_stage(tmp_path / "bad.json", tmp_path)
+    with pytest.raises(ValueError, match=r"`config`: no file"):
+        read_stage(tmp_path / "missing.json", tmp_path)

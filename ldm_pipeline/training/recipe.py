@@ -32,7 +32,8 @@ def read_stage(config_path: str | Path, run_dir: str | Path, overrides: dict | N
     path = Path(config_path)
     if not path.is_file():
         raise ValueError(f"`config`: no file {str(path)!r}")
-    raw = _substitute(json.loads(path.read_text()), Path(run_dir))
+    # keys starting with "_" are comments
+    raw = {k: v for k, v in _substitute(json.loads(path.read_text()), Path(run_dir)).items() if not k.startswith("_")}
     stage = raw.pop("stage", path.stem)
     if stage == "tokenizer":
         return stage, raw
@@ -45,6 +46,10 @@ def read_stage(config_path: str | Path, run_dir: str | Path, overrides: dict | N
     if unknown:
         raise ValueError(f"`config`: {str(path)!r} loop settings {sorted(unknown)} are unknown; "
                          f"expected some of {sorted(known)}")
+    accepted = {f.name for f in fields(classes[stage])} - {"loop"}
+    if set(raw) - accepted:
+        raise ValueError(f"`config`: {str(path)!r} settings {sorted(set(raw) - accepted)} are unknown for stage "
+                         f"{stage!r}; expected some of {sorted(accepted)}")
     return stage, classes[stage](loop=LoopConfig(**loop), **raw)
 
 
