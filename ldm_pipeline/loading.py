@@ -140,6 +140,10 @@ def save_components(components: dict, path: str | os.PathLike, defaults: dict | 
         for name in COMPONENTS:
             component = components[name]
             component.save_pretrained(staging / name)
+            if name == "tokenizer" and hasattr(component, "backend_tokenizer"):
+                # newer transformers write only tokenizer.json; vocab.json + merges.txt keep the
+                # folder readable by older transformers' CLIPTokenizer and by other CLIP tools
+                component.backend_tokenizer.model.save(str(staging / name))
             library = "transformers" if name in ("tokenizer", "text_encoder") else "diffusers"
             index[name] = [library, type(component).__name__]
         (staging / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
