@@ -117,8 +117,10 @@ def assemble(clip_dir: str | Path, vae_dir: str | Path, unet_dir: str | Path, sc
              weights_dtype: torch.dtype = torch.float16) -> Path:
     """Put the trained parts together as one model folder (diffusers layout) with generation defaults.
 
-    Weights are stored in `weights_dtype` (half precision by default, half the size on disk);
-    `from_pretrained` casts them back to fp32 on the CPU.
+    The UNet and VAE weights are stored in `weights_dtype` (half precision by default, half the
+    size on disk); `from_pretrained` casts them back to fp32 on the CPU. The text encoder stays
+    fp32: transformers loads a model in the dtype it was saved in while diffusers loads fp32, so
+    a half-precision text encoder would leave diffusers' pipeline with mixed dtypes.
     """
     from ..pipeline import LatentDiffusionPipeline
     from ..schedulers import make_scheduler
@@ -132,7 +134,8 @@ def assemble(clip_dir: str | Path, vae_dir: str | Path, unet_dir: str | Path, sc
         scheduler=make_scheduler(inference_scheduler, scheduler),
         defaults=defaults,
     )
-    path = pipe.to("cpu", weights_dtype).save_pretrained(out)
+    pipe.to("cpu", weights_dtype).text_encoder.to(torch.float32)
+    path = pipe.save_pretrained(out)
     (Path(path) / "training.json").write_text(json.dumps({"clip": str(clip_dir), "vae": str(vae_dir),
                                                           "unet": str(unet_dir)}, indent=2))
     return Path(path)
