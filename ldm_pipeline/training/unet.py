@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPModel, CLIPTokenizer
 
+from ..text import encode_text
 from . import data
 from .loop import LoopConfig, train
 
@@ -99,10 +100,7 @@ def train_unet(config: UnetConfig, resume: bool = False, progress: bool = True) 
         latents = (means[index] + stds[index] * torch.randn(means[index].shape, generator=generator)) * scale
         drop = torch.rand(len(indices), generator=generator) < config.caption_dropout
         texts = ["" if dropped else captions[i] for i, dropped in zip(indices, drop.tolist())]
-        tokens = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                           return_tensors="pt")
-        with torch.no_grad():
-            context = text_encoder(tokens["input_ids"])[0]
+        context = encode_text(tokenizer, text_encoder, texts)  # exactly what the pipeline feeds the UNet
         return unet_loss(models["unet"], scheduler, latents, context, generator, config.snr_gamma), {}
 
     unet = train(config.loop, {"unet": unet}, loss_fn, resume=resume, ema_model="unet", progress=progress,
