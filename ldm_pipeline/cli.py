@@ -44,6 +44,33 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoints")
     train.add_argument("--steps", type=int, default=None, help="override the stage's number of steps")
     train.add_argument("--batch-size", type=int, default=None, help="override the stage's global batch size")
+
+    evaluate = commands.add_parser("eval", help="score a model: prompt accuracy, CLIP score and FID")
+    evaluate.add_argument("--model", default=None, help="model folder or Hub id (default: the bundled model)")
+    evaluate.add_argument("--prompts", default="shapes",
+                          help="'shapes' (seen, held-out and two-object prompts, judged) or a text file, a prompt per line")
+    evaluate.add_argument("--n", type=int, default=100, help="images per prompt set (default 100)")
+    evaluate.add_argument("--seeds", default="0", help="image i's seed: a first seed (0), a range (0-99) or a list (1,5,9)")
+    evaluate.add_argument("--prompt-seed", type=int, default=0, help="selects the shapes prompts")
+    evaluate.add_argument("--steps", type=int, default=None)
+    evaluate.add_argument("--guidance", type=float, default=None)
+    evaluate.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None)
+    evaluate.add_argument("--clip", default=None, help="CLIPModel folder or Hub id (default: the bundled shapes CLIP)")
+    evaluate.add_argument("--features", choices=("clip", "inception"), default="clip", help="FID features")
+    evaluate.add_argument("--inception", default=None, help="Inception-v3 TorchScript file for --features inception")
+    evaluate.add_argument("--real", default=None,
+                          help="folder of real images for FID (default for shapes: renders; none for a prompt file)")
+    evaluate.add_argument("--exclude-training", type=int, default=20_000,
+                          help="shapes: leave out captions of this many training items (the UNet's cache size)")
+    evaluate.add_argument("--sweep", action="store_true", help="vary steps, scheduler and guidance; plot the trade-off")
+    evaluate.add_argument("--sweep-steps", type=int, nargs="+", default=None)
+    evaluate.add_argument("--sweep-schedulers", nargs="+", choices=sorted(SCHEDULERS), default=None)
+    evaluate.add_argument("--sweep-guidance", type=float, nargs="+", default=None)
+    evaluate.add_argument("--batch-size", type=int, default=25)
+    evaluate.add_argument("--device", default="cpu")
+    evaluate.add_argument("--cache-dir", default=None, help="where real-image FID statistics are cached")
+    evaluate.add_argument("--out", required=True, type=Path,
+                          help="JSON report; the Markdown table (.md) and pictures (.png) go beside it")
     return parser
 
 
@@ -81,11 +108,66 @@ def generate(args: argparse.Namespace) -> None:
           f"{result.scheduler}, guidance {result.guidance_scale})")
 
 
+def evaluate(args: argparse.Namespace) -> None:
+    import json
+
+    from . import LatentDiffusionPipeline, make_grid
+    from .evaluation import report as rep
+    from .evaluation.accuracy import training_captions
+    from .evaluation.clip import Clip
+    from .evaluation.features import make_extractor
+    
+    # Every argument is checked before a model is loaded or an image drawn.
+    if args.out.suffix.lower() != ".json":
+        raise ValueError(f"--out: got {str(args.out)!r}; expected a .json file name")
+    if args.n < 2:
+        raise ValueError(f"--n: got {args.n}; expected at least 2 (FID needs a covariance)")
+    seeds = rep.parse_seeds(args.seeds, args.n)
+    if args.prompts == "shapes":
+        exclude = training_captions(args.exclude_training) if args.exclude_training else set()
+        sets = rep.shapes_sets(args.n, args.prompt_seed, exclude)
+    else:
+        sets = [rep.file_set(args.prompts, args.n)]
+    if args.real:
+        real = {sets[0].name: rep.folder_images(args.real)} if len(sets) == 1 else {"all": rep.folder_images(args.real)}
+    else:
+        real = rep.shapes_reference(args.n) if args.prompts == "shapes" else {}
+    extractor = make_extractor(args.features, Clip.from_pretrained(args.clip, device=args.device)
+                               if args.features == "clip" else None, args.inception, args.device)
+    clip = extractor.clip if args.features == "clip" else Clip.from_pretrained(args.clip, device=args.device)
+    references = rep.reference_stats(real, extractor, args.cache_dir)
+
+    pipe = LatentDiffusionPipeline.from_pretrained(args.model, device=args.device)
+    if args.scheduler:
+        pipe.set_scheduler(args.scheduler)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    about = {"model": str(args.model or "bundled"), "prompts": args.prompts,
+             "real": args.real or ("shapes renders" if real else None)}
+    if args.sweep:
+        axes = {"steps": args.sweep_steps or rep.SWEEP_STEPS, "schedulers": args.sweep_schedulers or rep.SWEEP_SCHEDULERS,
+                "guidance": args.sweep_guidance or rep.SWEEP_GUIDANCE}
+        reports = [{**about, **r} for r in rep.sweep(pipe, sets, seeds, clip, extractor, references,
+                                                    batch_size=args.batch_size, **axes)]
+        args.out.write_text(json.dumps(reports, indent=2))
+        args.out.with_suffix(".md").write_text(rep.sweep_markdown(reports))
+        rep.plot_sweep(reports, args.out.with_suffix(".png"))
+        print(rep.sweep_markdown(reports))
+    else:
+        report = {**about, **rep.evaluate(pipe, sets, seeds, clip, extractor, references, args.batch_size,
+                                          num_inference_steps=args.steps, guidance_scale=args.guidance)}
+        for name, images in report.pop("images").items():
+            make_grid(images, cols=8).save(args.out.with_name(f"{args.out.stem}-{name}.png"))
+        args.out.write_text(json.dumps(report, indent=2))
+        args.out.with_suffix(".md").write_text(rep.markdown(report))
+        print(rep.markdown(report))
+    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        {"generate": generate, "train": train}[args.command](args)
-    except (ValueError, TypeError) as error:
+        {"generate": generate, "train": train, "eval": evaluate}[args.command](args)
+    except (ValueError, TypeError, FileNotFoundError) as error:
         print(f"ldm: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -79,8 +79,11 @@ def _is_hub_id(name: str) -> bool:
     return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and not Path(parts[0]).exists()
 
 
-def resolve_model_dir(path_or_id: str | os.PathLike) -> Path:
-    """A local folder as it is; a Hub id `owner/name` downloaded (or found in the cache) with huggingface_hub."""
+def resolve_model_dir(path_or_id: str | os.PathLike, patterns: list[str] = HUB_PATTERNS) -> Path:
+    """A local folder as it is; a Hub id `owner/name` downloaded (or found in the cache) with huggingface_hub.
+
+    `patterns` chooses the files to download (default: a diffusers pipeline's configs and safetensors).
+    """
     path = Path(path_or_id).expanduser()
     if path.exists() or not _is_hub_id(str(path_or_id)):
         return path
@@ -88,7 +91,7 @@ def resolve_model_dir(path_or_id: str | os.PathLike) -> Path:
     from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
-        return Path(snapshot_download(str(path_or_id), allow_patterns=HUB_PATTERNS))
+        return Path(snapshot_download(str(path_or_id), allow_patterns=patterns))
     except RepositoryNotFoundError as error:
         raise ModelNotFoundError(f"no model {str(path_or_id)!r} on the Hugging Face Hub (or it is gated)") from error
     except (LocalEntryNotFoundError, OSError) as error:

@@ -254,21 +254,26 @@ class ShapesDataset(torch.utils.data.Dataset):
 EVAL_KINDS = {"seen": ("train", 0.0), "held_out": ("held_out", 0.0), "two": ("train", 1.0)}
 
 
-def eval_prompts(kind: str, n: int, seed: int) -> list[str]:
-    """Prompts to test a model on, the same for the same arguments.
+def eval_scenes(kind: str, n: int, seed: int) -> list[Scene]:
+    """Scenes to test a model on, the same for the same arguments.
 
     Args:
         kind: "seen" (one object, a training pair), "held_out" (one object, a held-out pair) or
             "two" (two objects, training pairs).
-        n: how many prompts (repeats are possible: there are only 45 held-out captions).
+        n: how many scenes (captions can repeat: there are only 45 held-out captions).
         seed: selects the list.
 
     Returns:
-        `n` captions.
+        `n` scenes; their captions are the prompts and their renders the real images.
     """
     if kind not in EVAL_KINDS:
         raise ValueError(f"`kind`: got {kind!r}; expected one of {tuple(EVAL_KINDS)}")
     split, two = EVAL_KINDS[kind]
     # A stream of its own per kind, distinct from the training items' [seed, i] streams.
     rng = np.random.default_rng([seed, 1 << 40, list(EVAL_KINDS).index(kind)])
-    return [caption(sample_scene(rng, split, two)) for _ in range(n)]
+    return [sample_scene(rng, split, two) for _ in range(n)]
+
+
+def eval_prompts(kind: str, n: int, seed: int) -> list[str]:
+    """The captions of `eval_scenes(kind, n, seed)`."""
+    return [caption(scene) for scene in eval_scenes(kind, n, seed)]

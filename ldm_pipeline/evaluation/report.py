@@ -1,0 +1,295 @@
+"""Evaluate a pipeline: generate for prompt sets, score (prompt accuracy, CLIP score, FID), report.
+
+`evaluate` produces one report (a dict that is written as JSON, and a Markdown table);
+`sweep` repeats it over steps, schedulers and guidance scales and `plot_sweep` draws the
+trade-off. Every image is drawn from a recorded seed, so a report is reproducible.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+
+from ..images import load_image
+from ..training.shapes import caption, eval_scenes, render
+from .accuracy import KINDS, judge_images, scenes_for
+from .clip import Clip
+from .fid import FeatureStats, cached_stats, feature_stats, frechet_distance
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+REFERENCE_SEED = 1_000_003  # the independent real renders FID compares against (never an eval seed)
+
+
+@dataclass
+class PromptSet:
+    """Prompts to generate for, and what to compare with.
+
+    `real` are real images of the same prompts (the shapes renders), giving the floor of FID and
+    the CLIP score of real images; `judged` sets are read by the shapes judge.
+    """
+
+    name: str
+    prompts: list[str]
+    real: list[PIL.Image.Image] | None = None
+    judged: bool = False
+
+
+def shapes_sets(n: int, seed: int = 0, exclude: set[str] = frozenset(), kinds=KINDS) -> list[PromptSet]:
+    """`n` shapes prompts per kind (seen pairs, held-out pairs, two objects) with their renders."""
+    sets = []
+    for kind in kinds:
+        scenes = scenes_for(kind, n, seed, exclude)
+        sets.append(PromptSet(kind, [caption(s) for s in scenes], [render(s) for s in scenes], judged=True))
+    return sets
+
+
+def shapes_reference(n: int, kinds=KINDS) -> dict[str, list[PIL.Image.Image]]:
+    """`n` independent real renders per kind, from a seed no evaluation uses: what FID compares against."""
+    return {kind: [render(scene) for scene in eval_scenes(kind, n, REFERENCE_SEED)] for kind in kinds}
+
+
+def reference_stats(real: dict[str, list[PIL.Image.Image]], extractor, cache_dir=None) -> dict[str, FeatureStats]:
+    """FID statistics of the real images of each set, and of all together ("all") when there are several.
+
+    Each is computed once and then read from the cache, keyed by a hash of the images and extractor.
+    """
+    stats = {name: cached_stats(images, extractor, cache_dir) for name, images in real.items()}
+    if len(real) > 1:
+        stats["all"] = cached_stats([image for images in real.values() for image in images], extractor, cache_dir)
+    return stats
+
+
+def file_set(path: str | Path, n: int) -> PromptSet:
+    """`n` prompts from a text file, one per line (blank lines skipped), repeated in order if it is short."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"`prompts`: got {str(path)!r}; expected 'shapes' or a text file with one prompt per line")
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"`prompts`: {str(path)!r} has no prompts; expected one prompt per line")
+    return PromptSet(path.stem, [lines[i % len(lines)] for i in range(n)])
+
+
+def folder_images(path: str | Path) -> list[PIL.Image.Image]:
+    """The images in a folder (not its subfolders), in name order."""
+    path = Path(path)
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else []
+    if len(files) < 2:
+        raise ValueError(f"`real`: got {str(path)!r}; expected a folder with at least 2 images "
+                         f"({', '.join(IMAGE_SUFFIXES)})")
+    return [load_image(file) for file in files]
+
+
+def parse_seeds(text: str | int, n: int) -> list[int]:
+    """`n` seeds from "S" (S, S+1, ...), "A-B" (A to B inclusive) or "a,b,c"; image i uses seed i."""
+    text = str(text).strip()
+    try:
+        if "," in text:
+            seeds = [int(part) for part in text.split(",")]
+        elif "-" in text[1:]:
+            low, high = (int(part) for part in text.split("-", 1))
+            seeds = list(range(low, high + 1))
+        else:
+            seeds = [int(text) + i for i in range(n)]
+    except ValueError:
+        raise ValueError(f"`seeds`: got {text!r}; expected a first seed (0), a range (0-99) or a list (1,5,9)") from None
+    if len(seeds) < n:
+        raise ValueError(f"`seeds`: got {len(seeds)} seeds ({text!r}); expected at least n = {n}")
+    return seeds[:n]
+
+
+def draw(pipe, prompts: list[str], seeds: list[int], batch_size: int = 25, **call_kwargs):
+    """Images for `prompts`, image i from `seeds[i]`; returns (images, the last call's output, seconds)."""
+    images, result, start = [], None, time.perf_counter()
+    for i in range(0, len(prompts), batch_size):
+        result = pipe(prompts[i:i + batch_size], seed=seeds[i:i + batch_size], progress=False, **call_kwargs)
+        images += result.images
+    return images, result, time.perf_counter() - start
+
+
+def _scores(images, prompts, features, reference: FeatureStats | None, clip: Clip, judged: bool) -> dict:
+    scores = {"n": len(images), "clip_score": float(clip.score(images, prompts).mean())}
+    if reference is not None:
+        scores["fid"] = frechet_distance(feature_stats(features), reference)
+    if judged:
+        scores.update(judge_images(images, prompts))
+    return scores
+
+
+def evaluate(pipe, sets: list[PromptSet], seeds: list[int], clip: Clip, extractor,
+             references: dict[str, FeatureStats] | None = None, batch_size: int = 25, **call_kwargs) -> dict:
+    """Generate for every prompt set and score the images.
+
+    Args:
+        pipe: a `LatentDiffusionPipeline` (or anything called the same way).
+        sets: the prompt sets; image i of each set is drawn from `seeds[i]`.
+        clip: the CLIP model for CLIP score.
+        extractor: the FID feature extractor (its `name` goes into the report).
+        references: feature statistics of the real images FID compares against, by set name
+            (see `reference_stats`; "all" for the sets together); a set without one gets no FID.
+        call_kwargs: passed to `pipe` (num_inference_steps, guidance_scale, ...).
+
+    Returns:
+        A report: the settings used, and per set and for all sets together "n", "clip_score",
+        "fid" (with a reference), the judge's attributes (shapes sets), and for sets with real
+        images "clip_score_real" and "fid_real" (the same measures on real images of the same
+        prompts: the best a model could do at this sample size).
+    """
+    report = {"features": extractor.name, "clip": clip.name, "seeds": [seeds[0], seeds[-1]] if seeds else [],
+              "sets": {}}
+    generated, real, prompts_all, seconds, last = [], [], [], 0.0, None
+    references = references or {}
+    for prompt_set in sets:
+        reference = references.get(prompt_set.name)
+        images, last, spent = draw(pipe, prompt_set.prompts, seeds[:len(prompt_set.prompts)], batch_size,
+                                   **call_kwargs)
+        seconds += spent
+        features = extractor(images)
+        scores = _scores(images, prompt_set.prompts, features, reference, clip, prompt_set.judged)
+        generated.append((images, features))
+        prompts_all += prompt_set.prompts
+        if prompt_set.real is not None:
+            real_features = extractor(prompt_set.real)
+            scores["clip_score_real"] = float(clip.score(prompt_set.real, prompt_set.prompts).mean())
+            if reference is not None:
+                scores["fid_real"] = frechet_distance(feature_stats(real_features), reference)
+            real.append((prompt_set.real, real_features))
+        report["sets"][prompt_set.name] = scores
+    report["settings"] = {"num_inference_steps": last.num_inference_steps, "scheduler": last.scheduler,
+                          "guidance_scale": last.guidance_scale}
+    if len(sets) > 1:
+        report["all"] = _pooled(report["sets"], generated, real, references.get("all"))
+    report["timing"] = {"seconds_per_image": seconds / max(len(prompts_all), 1)}
+    report["images"] = {s.name: images[:32] for s, (images, _) in zip(sets, generated)}  # popped before saving
+    return report
+
+
+def _pooled(per_set: dict, generated: list, real: list, reference: FeatureStats | None) -> dict:
+    """Scores over all sets together: means weighted by set size, FID on the pooled features."""
+    counts = np.array([scores["n"] for scores in per_set.values()])
+    pooled = {"n": int(counts.sum())}
+    for key in ("clip_score", "clip_score_real", "correct", "colour", "shape", "position", "extra"):
+        if all(key in scores for scores in per_set.values()):
+            pooled[key] = float(np.average([scores[key] for scores in per_set.values()], weights=counts))
+    if reference is not None:
+        pooled["fid"] = frechet_distance(feature_stats(np.concatenate([f for _, f in generated])), reference)
+        if real and len(real) == len(generated):
+            pooled["fid_real"] = frechet_distance(feature_stats(np.concatenate([f for _, f in real])), reference)
+    return pooled
+
+
+# -- Markdown ----------------------------------------------------------------------------------
+
+COLUMNS = [("n", "n", "{:d}"), ("correct", "correct", "{:.1%}"), ("colour", "colour", "{:.1%}"),
+           ("shape", "shape", "{:.1%}"), ("position", "position", "{:.1%}"),
+           ("clip_score", "CLIP score", "{:.2f}"), ("clip_score_real", "CLIP score (real)", "{:.2f}"),
+           ("fid", "FID", "{:.2f}"), ("fid_real", "FID (real)", "{:.2f}")]
+
+
+def _cell(value, form: str) -> str:
+    return "" if value is None else form.format(value).replace("%", " %")
+
+
+def markdown(report: dict) -> str:
+    """The report as a Markdown table, a row per prompt set and one for all together."""
+    rows = dict(report["sets"])
+    if "all" in report:
+        rows["all"] = report["all"]
+    columns = [c for c in COLUMNS if any(c[0] in scores for scores in rows.values())]
+    settings = report["settings"]
+    lines = [f"Model `{report.get('model', '?')}`, {settings['scheduler']}, {settings['num_inference_steps']} steps, "
+             f"guidance {settings['guidance_scale']}, seeds {report['seeds'][0]}-{report['seeds'][-1]}. "
+             f"FID features: `{report['features']}`; CLIP score: `{report['clip']}`.", "",
+             "| prompts | " + " | ".join(title for _, title, _ in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
+    for name, scores in rows.items():
+        lines.append(f"| {name} | " + " | ".join(_cell(scores.get(key), form) for key, _, form in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# -- sweeps ------------------------------------------------------------------------------------
+
+SWEEP_STEPS = (10, 20, 50)
+SWEEP_SCHEDULERS = ("ddim", "euler", "dpm++")
+SWEEP_GUIDANCE = (2.0, 4.0, 7.5)
+
+
+def sweep(pipe, sets: list[PromptSet], seeds: list[int], clip: Clip, extractor,
+          references: dict[str, FeatureStats] | None,
+          steps=SWEEP_STEPS, schedulers=SWEEP_SCHEDULERS, guidance=SWEEP_GUIDANCE, batch_size: int = 25,
+          progress=print) -> list[dict]:
+    """`evaluate` for every (scheduler, steps, guidance); the pipeline's own scheduler is restored after."""
+    original, reports = pipe.scheduler, []
+    try:
+        for scheduler, count, scale in itertools.product(schedulers, steps, guidance):
+            pipe.set_scheduler(scheduler)
+            report = evaluate(pipe, sets, seeds, clip, extractor, references, batch_size,
+                              num_inference_steps=count, guidance_scale=scale)
+            report.pop("images")
+            reports.append(report)
+            if progress:
+                progress(sweep_row(report))
+    finally:
+        pipe.scheduler = original
+    return reports
+
+
+def _summary(report: dict) -> dict:
+    return report.get("all") or next(iter(report["sets"].values()))
+
+
+def sweep_row(report: dict) -> str:
+    """One Markdown row of a sweep table."""
+    settings, scores = report["settings"], _summary(report)
+    cells = [settings["scheduler"], str(settings["num_inference_steps"]), f"{settings['guidance_scale']:g}"]
+    cells += [_cell(scores.get("correct"), "{:.1%}"),
+              *(_cell(report["sets"].get(kind, {}).get("correct"), "{:.1%}") for kind in KINDS),
+              _cell(scores.get("clip_score"), "{:.2f}"), _cell(scores.get("fid"), "{:.2f}"),
+              f"{report['timing']['seconds_per_image']:.3f}"]
+    return "| " + " | ".join(cells) + " |"
+
+
+def sweep_markdown(reports: list[dict]) -> str:
+    """A sweep as a Markdown table, a row per setting."""
+    header = ("| scheduler | steps | guidance | correct | seen | held-out | two | CLIP score | FID | s/image |\n"
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+    return header + "\n".join(sweep_row(report) for report in reports) + "\n"
+
+
+def plot_sweep(reports: list[dict], path: str | Path) -> Path:
+    """Draw quality against steps (FID, CLIP score, accuracy), a line per scheduler and guidance scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [(key, title) for key, title in (("fid", "FID (lower is better)"), ("clip_score", "CLIP score"),
+                                               ("correct", "prompt accuracy"))
+               if key in _summary(reports[0])]
+    schedulers = sorted({r["settings"]["scheduler"] for r in reports})
+    scales = sorted({r["settings"]["guidance_scale"] for r in reports})
+    styles = ["-", "--", ":", "-."]
+    figure, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
+    for ax, (key, title) in zip(axes[0], metrics):
+        for (i, scheduler), (j, scale) in itertools.product(enumerate(schedulers), enumerate(scales)):
+            points = sorted((r["settings"]["num_inference_steps"], _summary(r)[key]) for r in reports
+                            if r["settings"]["scheduler"] == scheduler and r["settings"]["guidance_scale"] == scale)
+            if points:
+                ax.plot(*zip(*points), styles[j % len(styles)], marker="o", color=f"C{i}",
+                        label=f"{scheduler}, guidance {scale:g}")
+        ax.set_xlabel("denoising steps")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7)
+    figure.suptitle(f"features: {reports[0]['features']}", fontsize=8)
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
