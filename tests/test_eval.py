@@ -209,6 +209,7 @@ def test_seeds_prompts_and_real_folders_are_checked(tmp_path):
     assert rep.parse_seeds("7", 3) == [7, 8, 9]
     assert rep.parse_seeds("2-5", 3) == [2, 3, 4]
     assert rep.parse_seeds("9,1,4", 3) == [9, 1, 4]
+    assert rep.seeds_text([9, 1, 4]) == "9,1,4" and rep.parse_seeds(rep.seeds_text(list(range(3, 9))), 6) == [3, 4, 5, 6, 7, 8]
     with pytest.raises(ValueError, match="seeds.*at least n = 4"):
         rep.parse_seeds("1,2", 4)
     with pytest.raises(ValueError, match="seeds.*'x'"):
@@ -234,7 +235,7 @@ def test_ldm_eval_writes_a_reproducible_report(tmp_path, capsys):
     first, second = _eval(tmp_path, "a", "--seeds", "10"), _eval(tmp_path, "b", "--seeds", "10-12")
     a, b = json.loads(first.read_text()), json.loads(second.read_text())
     assert a.pop("timing") and b.pop("timing")
-    assert a == b and a["seeds"] == [10, 12] and a["settings"]["num_inference_steps"] == 3
+    assert a == b and a["seeds"] == "10-12" and a["settings"]["num_inference_steps"] == 3
     assert set(a["sets"]) == {"seen", "held_out", "two"} and {"fid", "fid_real", "clip_score", "position"} <= set(a["all"])
     assert "| held_out | 3 |" in first.with_suffix(".md").read_text()
     assert (tmp_path / "a-two.png").is_file()

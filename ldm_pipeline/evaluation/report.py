@@ -103,6 +103,13 @@ def parse_seeds(text: str | int, n: int) -> list[int]:
     return seeds[:n]
 
 
+def seeds_text(seeds: list[int]) -> str:
+    """"A-B" for consecutive seeds, else the list "a,b,c" (`parse_seeds` reads both back)."""
+    if seeds == list(range(seeds[0], seeds[0] + len(seeds))):
+        return f"{seeds[0]}-{seeds[-1]}"
+    return ",".join(map(str, seeds))
+
+
 def draw(pipe, prompts: list[str], seeds: list[int], batch_size: int = 25, **call_kwargs):
     """Images for `prompts`, image i from `seeds[i]`; returns (images, the last call's output, seconds)."""
     images, result, start = [], None, time.perf_counter()
@@ -140,8 +147,7 @@ def evaluate(pipe, sets: list[PromptSet], seeds: list[int], clip: Clip, extracto
         images "clip_score_real" and "fid_real" (the same measures on real images of the same
         prompts: the best a model could do at this sample size).
     """
-    report = {"features": extractor.name, "clip": clip.name, "seeds": [seeds[0], seeds[-1]] if seeds else [],
-              "sets": {}}
+    report = {"features": extractor.name, "clip": clip.name, "seeds": seeds_text(seeds), "sets": {}}
     generated, real, prompts_all, seconds, last = [], [], [], 0.0, None
     references = references or {}
     for prompt_set in sets:
@@ -203,7 +209,7 @@ def markdown(report: dict) -> str:
     columns = [c for c in COLUMNS if any(c[0] in scores for scores in rows.values())]
     settings = report["settings"]
     lines = [f"Model `{report.get('model', '?')}`, {settings['scheduler']}, {settings['num_inference_steps']} steps, "
-             f"guidance {settings['guidance_scale']}, seeds {report['seeds'][0]}-{report['seeds'][-1]}. "
+             f"guidance {settings['guidance_scale']}, seeds {report['seeds']}. "
              f"FID features: `{report['features']}`; CLIP score: `{report['clip']}`.", "",
              "| prompts | " + " | ".join(title for _, title, _ in columns) + " |",
              "|---|" + "---:|" * len(columns)]
