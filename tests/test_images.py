@@ -35,3 +35,18 @@ def test_grid_layout():
     assert grid.getpixel((11 + 2, 2)) == (40, 0, 0) and grid.getpixel((2, 9 + 2)) == (120, 0, 0)
     with pytest.raises(ValueError, match="`images`: got an empty list"):
         make_grid([])
+
+
+def test_grid_labels_and_scale():
+    images = [PIL.Image.new("RGB", (10, 8), (i * 40, 0, 0)) for i in range(4)]
+    plain = make_grid(images, cols=2, pad=1, scale=2)
+    assert plain.size == (2 * 20 + 1, 2 * 16 + 1) and plain.getpixel((21 + 19, 0)) == (40, 0, 0)
+    labelled = make_grid(images, cols=2, pad=1, row_labels=["first row", "second"], col_labels=["a", "b"])
+    assert labelled.width > 2 * 10 + 1 and labelled.height > 2 * 8 + 1
+    left, top = labelled.width - (2 * 10 + 1), labelled.height - (2 * 8 + 1)  # images sit bottom right
+    assert labelled.getpixel((left + 11, top + 9)) == (120, 0, 0)
+    assert np.asarray(labelled)[:top].min() < 100  # some label text is drawn above the images
+    with pytest.raises(ValueError, match=r"`row_labels`: got 1 labels for 2 rows"):
+        make_grid(images, cols=2, row_labels=["one"])
+    with pytest.raises(ValueError, match=r"`scale`: got 0"):
+        make_grid(images, scale=0)
