@@ -268,34 +268,44 @@ def sweep_markdown(reports: list[dict]) -> str:
 
 
 def plot_sweep(reports: list[dict], path: str | Path) -> Path:
-    """Draw quality against steps (FID, CLIP score, accuracy), a line per scheduler and guidance scale."""
+    """Draw quality against steps: a row per measure, a column per guidance scale, a line per scheduler.
+
+    The real images' FID and CLIP score at the same sample size are drawn as grey lines for scale.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [(key, title) for key, title in (("fid", "FID (lower is better)"), ("clip_score", "CLIP score"),
-                                               ("correct", "prompt accuracy"))
-               if key in _summary(reports[0])]
-    schedulers = sorted({r["settings"]["scheduler"] for r in reports})
+    metrics = [(key, title) for key, title in (("correct", "prompt accuracy"), ("fid", "FID (lower is better)"),
+                                               ("clip_score", "CLIP score")) if key in _summary(reports[0])]
+    schedulers = list(dict.fromkeys(r["settings"]["scheduler"] for r in reports))
     scales = sorted({r["settings"]["guidance_scale"] for r in reports})
-    styles = ["-", "--", ":", "-."]
-    figure, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
-    for ax, (key, title) in zip(axes[0], metrics):
-        for (i, scheduler), (j, scale) in itertools.product(enumerate(schedulers), enumerate(scales)):
-            points = sorted((r["settings"]["num_inference_steps"], _summary(r)[key]) for r in reports
-                            if r["settings"]["scheduler"] == scheduler and r["settings"]["guidance_scale"] == scale)
+    figure, axes = plt.subplots(len(metrics), len(scales), figsize=(3.6 * len(scales), 2.6 * len(metrics)),
+                                squeeze=False, sharex=True, sharey="row")
+    for (row, (key, title)), (col, scale) in itertools.product(enumerate(metrics), enumerate(scales)):
+        ax = axes[row][col]
+        for i, scheduler in enumerate(schedulers):
+            chosen = [r for r in reports
+                      if r["settings"]["scheduler"] == scheduler and r["settings"]["guidance_scale"] == scale]
+            points = sorted((r["settings"]["num_inference_steps"], _summary(r)[key]) for r in chosen)
             if points:
-                ax.plot(*zip(*points), styles[j % len(styles)], marker="o", color=f"C{i}",
-                        label=f"{scheduler}, guidance {scale:g}")
-        ax.set_xlabel("denoising steps")
-        ax.set_title(title)
+                ax.plot(*zip(*points), marker="os^Dv"[i % 5], markersize=8 - 1.5 * i, color=f"C{i}", label=scheduler)
+        real = [_summary(r)[f"{key}_real"] for r in reports if f"{key}_real" in _summary(r)]
+        if real:  # the same real images in every report
+            ax.axhline(real[0], color="grey", linestyle=":", label="real images")
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7)
-    figure.suptitle(f"features: {reports[0]['features']}", fontsize=8)
+        if row == 0:
+            ax.set_title(f"guidance {scale:g}")
+        if col == 0:
+            ax.set_ylabel(title)
+        if row == len(metrics) - 1:
+            ax.set_xlabel("denoising steps")
+    axes[-1][-1].legend(fontsize=8)
+    figure.suptitle(f"features: {reports[0]['features']}, n = {_summary(reports[0])['n']}", fontsize=8)
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=100)
     plt.close(figure)
     return path
