@@ -102,14 +102,14 @@ def _trim_log(log: Path, step: int) -> None:
 
 def plot_losses(log: str | Path, png: str | Path, title: str = "") -> Path:
     """Draw every logged loss against the step (log scale) into a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure needs no backend: pyplot and matplotlib.use("Agg") would switch the backend of
+    # the whole process, and with it a notebook's inline plots.
+    from matplotlib.figure import Figure
 
     records = [json.loads(line) for line in Path(log).read_text().splitlines() if line]
     keys = sorted({k for r in records for k in r if k.startswith("loss")})
-    figure, axis = plt.subplots(figsize=(6, 3.5), dpi=100)
+    figure = Figure(figsize=(6, 3.5), dpi=100)
+    axis = figure.subplots()
     for key in keys:
         points = [(r["step"], r[key]) for r in records if key in r]
         axis.plot(*zip(*points), label=key)
@@ -120,7 +120,6 @@ def plot_losses(log: str | Path, png: str | Path, title: str = "") -> Path:
     axis.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(png)
-    plt.close(figure)
     return Path(png)
 
 
