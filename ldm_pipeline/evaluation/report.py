@@ -272,17 +272,14 @@ def plot_sweep(reports: list[dict], path: str | Path) -> Path:
 
     The real images' FID and CLIP score at the same sample size are drawn as grey lines for scale.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: leave the caller's (a notebook's) backend alone
 
     metrics = [(key, title) for key, title in (("correct", "prompt accuracy"), ("fid", "FID (lower is better)"),
                                                ("clip_score", "CLIP score")) if key in _summary(reports[0])]
     schedulers = list(dict.fromkeys(r["settings"]["scheduler"] for r in reports))
     scales = sorted({r["settings"]["guidance_scale"] for r in reports})
-    figure, axes = plt.subplots(len(metrics), len(scales), figsize=(3.6 * len(scales), 2.6 * len(metrics)),
-                                squeeze=False, sharex=True, sharey="row")
+    figure = Figure(figsize=(3.6 * len(scales), 2.6 * len(metrics)))
+    axes = figure.subplots(len(metrics), len(scales), squeeze=False, sharex=True, sharey="row")
     for (row, (key, title)), (col, scale) in itertools.product(enumerate(metrics), enumerate(scales)):
         ax = axes[row][col]
         for i, scheduler in enumerate(schedulers):
@@ -307,5 +304,4 @@ def plot_sweep(reports: list[dict], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
-    plt.close(figure)
     return path
