@@ -100,6 +100,10 @@ class Clip:
     def from_pretrained(cls, path_or_id: str | os.PathLike | None = None, device: str = "cpu") -> "Clip":
         """Load a CLIP folder or Hub id; with no argument, the CLIP trained with the bundled model."""
         folder = resolve_model_dir(path_or_id if path_or_id is not None else SHAPES_CLIP, HUB_PATTERNS)
+        if not any((folder / name).is_file() for name in ("model.safetensors", "pytorch_model.bin")) \
+                and (folder / "config.json").is_file() and not Path(str(path_or_id)).exists():
+            # Some Hub CLIPs (older uploads) carry only pickled weights.
+            folder = resolve_model_dir(path_or_id, ["pytorch_model.bin"])
         if not (folder / "config.json").is_file():
             raise ValueError(f"`clip`: got {str(path_or_id)!r}; expected a transformers CLIPModel folder or Hub id "
                              "(a folder with config.json and the weights)")
