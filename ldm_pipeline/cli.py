@@ -116,25 +116,27 @@ def evaluate(args: argparse.Namespace) -> None:
     from .evaluation.accuracy import training_captions
     from .evaluation.clip import Clip
     from .evaluation.features import make_extractor
-    
+
     # Every argument is checked before a model is loaded or an image drawn.
     if args.out.suffix.lower() != ".json":
         raise ValueError(f"--out: got {str(args.out)!r}; expected a .json file name")
     if args.n < 2:
         raise ValueError(f"--n: got {args.n}; expected at least 2 (FID needs a covariance)")
     seeds = rep.parse_seeds(args.seeds, args.n)
-    if args.prompts == "shapes":
+    prompt_file = rep.file_set(args.prompts, args.n) if args.prompts != "shapes" else None
+    real_folder = rep.folder_images(args.real) if args.real else None
+    clip = Clip.from_pretrained(args.clip, device=args.device)
+    extractor = make_extractor(args.features, clip, args.inception, args.device)
+
+    if prompt_file is not None:
+        sets = [prompt_file]
+    else:
         exclude = training_captions(args.exclude_training) if args.exclude_training else set()
         sets = rep.shapes_sets(args.n, args.prompt_seed, exclude)
+    if real_folder is not None:
+        real = {sets[0].name if len(sets) == 1 else "all": real_folder}
     else:
-        sets = [rep.file_set(args.prompts, args.n)]
-    if args.real:
-        real = {sets[0].name: rep.folder_images(args.real)} if len(sets) == 1 else {"all": rep.folder_images(args.real)}
-    else:
-        real = rep.shapes_reference(args.n) if args.prompts == "shapes" else {}
-    extractor = make_extractor(args.features, Clip.from_pretrained(args.clip, device=args.device)
-                               if args.features == "clip" else None, args.inception, args.device)
-    clip = extractor.clip if args.features == "clip" else Clip.from_pretrained(args.clip, device=args.device)
+        real = rep.shapes_reference(args.n) if prompt_file is None else {}
     references = rep.reference_stats(real, extractor, args.cache_dir)
 
     pipe = LatentDiffusionPipeline.from_pretrained(args.model, device=args.device)
