@@ -128,8 +128,29 @@ def _scores(images, prompts, features, reference: FeatureStats | None, clip: Cli
     return scores
 
 
+def real_scores(sets: list[PromptSet], clip: Clip, extractor, references: dict[str, FeatureStats] | None = None
+                ) -> dict[str, tuple[dict, np.ndarray]]:
+    """The real images' side of a report, which no generation setting changes.
+
+    Returns:
+        For each set with real images, by name: its "clip_score_real" (and "fid_real" against
+        the set's reference, where there is one) and the real images' features.
+    """
+    references, scored = references or {}, {}
+    for prompt_set in sets:
+        if prompt_set.real is None:
+            continue
+        features = extractor(prompt_set.real)
+        scores = {"clip_score_real": float(clip.score(prompt_set.real, prompt_set.prompts).mean())}
+        if prompt_set.name in references:
+            scores["fid_real"] = frechet_distance(feature_stats(features), references[prompt_set.name])
+        scored[prompt_set.name] = (scores, features)
+    return scored
+
+
 def evaluate(pipe, sets: list[PromptSet], seeds: list[int], clip: Clip, extractor,
-             references: dict[str, FeatureStats] | None = None, batch_size: int = 25, **call_kwargs) -> dict:
+             references: dict[str, FeatureStats] | None = None, batch_size: int = 25,
+             real: dict[str, tuple[dict, np.ndarray]] | None = None, **call_kwargs) -> dict:
     """Generate for every prompt set and score the images.
 
     Args:
@@ -139,6 +160,8 @@ def evaluate(pipe, sets: list[PromptSet], seeds: list[int], clip: Clip, extracto
         extractor: the FID feature extractor (its `name` goes into the report).
         references: feature statistics of the real images FID compares against, by set name
             (see `reference_stats`; "all" for the sets together); a set without one gets no FID.
+        real: `real_scores(sets, clip, extractor, references)`, computed here when not given
+            (a sweep computes it once for all its settings).
         call_kwargs: passed to `pipe` (num_inference_steps, guidance_scale, ...).
 
     Returns:
@@ -147,35 +170,33 @@ def evaluate(pipe, sets: list[PromptSet], seeds: list[int], clip: Clip, extracto
         images "clip_score_real" and "fid_real" (the same measures on real images of the same
         prompts: the best a model could do at this sample size).
     """
-    report = {"features": extractor.name, "clip": clip.name, "seeds": seeds_text(seeds), "sets": {}}
-    generated, real, prompts_all, seconds, last = [], [], [], 0.0, None
     references = references or {}
+    real = real if real is not None else real_scores(sets, clip, extractor, references)
+    report = {"features": extractor.name, "clip": clip.name, "seeds": seeds_text(seeds), "sets": {}}
+    generated, samples, seconds, last = [], {}, 0.0, None
     for prompt_set in sets:
-        reference = references.get(prompt_set.name)
         images, last, spent = draw(pipe, prompt_set.prompts, seeds[:len(prompt_set.prompts)], batch_size,
                                    **call_kwargs)
         seconds += spent
         features = extractor(images)
-        scores = _scores(images, prompt_set.prompts, features, reference, clip, prompt_set.judged)
-        generated.append((images, features))
-        prompts_all += prompt_set.prompts
-        if prompt_set.real is not None:
-            real_features = extractor(prompt_set.real)
-            scores["clip_score_real"] = float(clip.score(prompt_set.real, prompt_set.prompts).mean())
-            if reference is not None:
-                scores["fid_real"] = frechet_distance(feature_stats(real_features), reference)
-            real.append((prompt_set.real, real_features))
+        scores = _scores(images, prompt_set.prompts, features, references.get(prompt_set.name), clip,
+                         prompt_set.judged)
+        scores.update(real[prompt_set.name][0] if prompt_set.name in real else {})
         report["sets"][prompt_set.name] = scores
+        generated.append(features)
+        samples[prompt_set.name] = images[:32]
     report["settings"] = {"num_inference_steps": last.num_inference_steps, "scheduler": last.scheduler,
                           "guidance_scale": last.guidance_scale}
     if len(sets) > 1:
-        report["all"] = _pooled(report["sets"], generated, real, references.get("all"))
-    report["timing"] = {"seconds_per_image": seconds / max(len(prompts_all), 1)}
-    report["images"] = {s.name: images[:32] for s, (images, _) in zip(sets, generated)}  # popped before saving
+        real_features = [real[s.name][1] for s in sets if s.name in real]
+        report["all"] = _pooled(report["sets"], generated, real_features, references.get("all"))
+    report["timing"] = {"seconds_per_image": seconds / max(sum(len(s.prompts) for s in sets), 1)}
+    report["images"] = samples  # popped before saving
     return report
 
 
-def _pooled(per_set: dict, generated: list, real: list, reference: FeatureStats | None) -> dict:
+def _pooled(per_set: dict, generated: list[np.ndarray], real: list[np.ndarray], reference: FeatureStats | None
+            ) -> dict:
     """Scores over all sets together: means weighted by set size, FID on the pooled features."""
     counts = np.array([scores["n"] for scores in per_set.values()])
     pooled = {"n": int(counts.sum())}
@@ -183,9 +204,9 @@ def _pooled(per_set: dict, generated: list, real: list, reference: FeatureStats 
         if all(key in scores for scores in per_set.values()):
             pooled[key] = float(np.average([scores[key] for scores in per_set.values()], weights=counts))
     if reference is not None:
-        pooled["fid"] = frechet_distance(feature_stats(np.concatenate([f for _, f in generated])), reference)
+        pooled["fid"] = frechet_distance(feature_stats(np.concatenate(generated)), reference)
         if real and len(real) == len(generated):
-            pooled["fid_real"] = frechet_distance(feature_stats(np.concatenate([f for _, f in real])), reference)
+            pooled["fid_real"] = frechet_distance(feature_stats(np.concatenate(real)), reference)
     return pooled
 
 
@@ -231,10 +252,11 @@ def sweep(pipe, sets: list[PromptSet], seeds: list[int], clip: Clip, extractor,
           progress=print) -> list[dict]:
     """`evaluate` for every (scheduler, steps, guidance); the pipeline's own scheduler is restored after."""
     original, reports = pipe.scheduler, []
+    real = real_scores(sets, clip, extractor, references)
     try:
         for scheduler, count, scale in itertools.product(schedulers, steps, guidance):
             pipe.set_scheduler(scheduler)
-            report = evaluate(pipe, sets, seeds, clip, extractor, references, batch_size,
+            report = evaluate(pipe, sets, seeds, clip, extractor, references, batch_size, real,
                               num_inference_steps=count, guidance_scale=scale)
             report.pop("images")
             reports.append(report)
