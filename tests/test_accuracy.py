@@ -2,8 +2,9 @@
 
 from types import SimpleNamespace
 
-from ldm_pipeline.evaluation.accuracy import prompt_accuracy, prompts_for, training_captions
-from ldm_pipeline.training.shapes import Scene, parse_caption, render
+from ldm_pipeline.evaluation.accuracy import KINDS, judge_images, scenes_for, training_captions
+from ldm_pipeline.evaluation.report import draw
+from ldm_pipeline.training.shapes import Scene, caption, parse_caption, render
 
 
 class GroundTruth:
@@ -25,12 +26,26 @@ class GroundTruth:
         return SimpleNamespace(images=images)
 
 
+def prompt_accuracy(pipe, kinds=KINDS, n=12):
+    """Per kind: draw n prompts in batches of 5 and judge them."""
+    summary, images = {}, {}
+    for kind in kinds:
+        prompts = prompts_for(kind, n)
+        images[kind], _, _ = draw(pipe, prompts, list(range(n)), batch_size=5)
+        summary[kind] = {"n": len(images[kind]), **judge_images(images[kind], prompts)}
+    return summary, images
+
+
+def prompts_for(kind, n, seed=0, exclude=frozenset()):
+    return [caption(scene) for scene in scenes_for(kind, n, seed, exclude)]
+
+
 def test_ground_truth_scores_one_and_wrong_positions_score_zero():
-    summary, images = prompt_accuracy(GroundTruth(), n=12, batch_size=5)
+    summary, images = prompt_accuracy(GroundTruth(), n=12)
     assert set(summary) == {"seen", "held_out", "two"}
     for kind in summary.values():
         assert kind["n"] == 12 and kind["correct"] == 1.0 and kind["position"] == 1.0 and kind["extra"] == 0
-    swapped, _ = prompt_accuracy(GroundTruth(swap=True), kinds=("seen", "two"), n=12, batch_size=5)
+    swapped, _ = prompt_accuracy(GroundTruth(swap=True), kinds=("seen", "two"), n=12)
     assert swapped["seen"]["position"] == 0.0 and swapped["seen"]["colour"] == 1.0
     assert swapped["two"]["correct"] == 0.0
     assert len(images["two"]) == 12

@@ -1,4 +1,7 @@
-"""Prompt accuracy on the shapes domain: draw images for prompts and let the judge read them."""
+"""Prompt accuracy on the shapes domain: evaluation prompts, and the judge's verdicts summed up.
+
+Drawing the images is `report.draw`; `report.evaluate` puts the two together.
+"""
 
 from __future__ import annotations
 
@@ -24,11 +27,6 @@ def scenes_for(kind: str, n: int, seed: int = 0, exclude: set[str] = frozenset()
     return (fresh if len(fresh) >= n else pool)[:n]
 
 
-def prompts_for(kind: str, n: int, seed: int = 0, exclude: set[str] = frozenset()) -> list[str]:
-    """The captions of `scenes_for(kind, n, seed, exclude)`."""
-    return [caption(scene) for scene in scenes_for(kind, n, seed, exclude)]
-
-
 def judge_images(images: list, prompts: list[str]) -> dict:
     """The judge's verdicts summed up over a set of images.
 
@@ -39,23 +37,3 @@ def judge_images(images: list, prompts: list[str]) -> dict:
     """
     verdicts = [judge(image, prompt) for image, prompt in zip(images, prompts, strict=True)]
     return {key: float(np.mean([getattr(v, key) for v in verdicts])) for key in ATTRIBUTES}
-
-
-def prompt_accuracy(pipe, kinds=KINDS, n: int = 100, seed: int = 0, batch_size: int = 25,
-                    exclude: set[str] = frozenset(), **call_kwargs) -> tuple[dict, dict]:
-    """Judge `n` images per kind of prompt; image i of a kind is drawn with seed `seed + i`.
-
-    Returns:
-        `(summary, images)`: per kind, "n" and the `judge_images` summary; and the images with
-        their prompts.
-    """
-    summary, images = {}, {}
-    for kind in kinds:
-        prompts = prompts_for(kind, n, seed, exclude)
-        drawn = []
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start:start + batch_size]
-            drawn += pipe(chunk, seed=seed + start, progress=False, **call_kwargs).images
-        summary[kind] = {"n": len(drawn), **judge_images(drawn, prompts)}
-        images[kind] = list(zip(prompts, drawn))
-    return summary, images
