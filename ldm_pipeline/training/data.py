@@ -15,7 +15,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from ..images import load_image
+from ..images import load_image, to_tensor
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
@@ -96,14 +96,8 @@ def step_indices(length: int, step: int, batch_size: int, seed: int, rank: int =
 
 
 def pixels(images: list[PIL.Image.Image], size: int) -> torch.Tensor:
-    """RGB images -> (B, 3, size, size) float tensor in [-1, 1] (resized with Lanczos where needed)."""
-    arrays = []
-    for image in images:
-        image = load_image(image)
-        if image.size != (size, size):
-            image = image.resize((size, size), resample=PIL.Image.LANCZOS)
-        arrays.append(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    """Images -> (B, 3, size, size) float tensor in [-1, 1], as the pipeline prepares a reference image."""
+    return torch.cat([to_tensor(load_image(image), size, size) for image in images])
 
 
 def batch(dataset, indices: list[int], size: int) -> tuple[torch.Tensor, list[str]]:
