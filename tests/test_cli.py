@@ -1,7 +1,10 @@
 """The `ldm` command calls the public API and reports errors clearly."""
 
+import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import PIL.Image
 import pytest
@@ -56,3 +59,23 @@ def test_several_prompts_make_a_grid_with_a_row_each(model, tmp_path):
                  "--num-images", "2", "--seed", "0", "--out", str(out)]) == 0
     with PIL.Image.open(out) as grid:
         assert grid.size == (2 * 16 + 2, 3 * 16 + 2 * 2)
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["missing.json"], r"`config`: no file 'missing.json'"),
+    (["{recipe}", "--steps", "3"], r"--steps/--batch-size: apply to one stage; pass a stage config"),
+    (["{recipe}/vae.json", "--steps", "0"], r"`steps`: got 0; expected an integer >= 1"),
+    (["{recipe}/unet.json", "--steps", "1"], r"`clip`: got '.*clip/model', which is not a folder; train the clip "
+                                             r"stage first"),
+], ids=["missing config", "steps for a recipe", "zero steps", "stage before its inputs"])
+def test_ldm_train_errors_exit_with_status_2_and_one_line(tmp_path, arguments, message):
+    recipe = str(Path(__file__).parents[1] / "configs" / "shapes")
+    command = [sys.executable, "-m", "ldm_pipeline.cli", "train", *[a.format(recipe=recipe) for a in arguments],
+               "--run-dir", str(tmp_path / "run")]
+    run = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 2, run.stderr[-2000:]
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ldm: error: "), run.stderr[-2000:]
+    assert re.search(message, lines[0]), lines[0]
+    assert not (tmp_path / "run").exists()  # the error came before any work

@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import PIL.Image
 import pytest
@@ -99,7 +100,9 @@ def test_the_trained_parts_make_a_pipeline_that_diffusers_loads(trained, tmp_pat
     assert StableDiffusionPipeline.from_pretrained(folder).unet.config.sample_size == 16
 
 
-def _vae_run(output_dir, stop_at=None):
+def _vae_run(output_dir, stop_at=None, ran=None):
+    """A tiny VAE run of 6 steps with a checkpoint every 2; `stop_at` interrupts it like Ctrl-C at that step,
+    and `ran` collects the steps that actually ran."""
     dataset = ShapesDataset(10_000)
     config = VaeConfig(loop=LoopConfig(output_dir=str(output_dir), steps=6, batch_size=4, checkpoint_every=2,
                                        warmup_steps=1, log_every=1), image_size=32, model=TINY_VAE)
@@ -107,6 +110,8 @@ def _vae_run(output_dir, stop_at=None):
     def loss_fn(models, step, generator, rank, world):
         if step == stop_at:
             raise KeyboardInterrupt("stopped")
+        if ran is not None:
+            ran.append(step)
         pixels, _ = data.batch(dataset, data.step_indices(len(dataset), step, 4, 0, rank, world), 32)
         return models["vae"](pixels, generator)
 
@@ -117,22 +122,108 @@ def _vae_run(output_dir, stop_at=None):
     return lambda resume: train(config.loop, {"vae": model}, loss_fn, resume=resume, progress=False)["vae"]
 
 
-def test_resume_after_a_stop_gives_the_same_weights(tmp_path):
+def _assert_same_weights(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_resume_continues_from_the_checkpoint_and_gives_the_same_weights(tmp_path):
     straight = _vae_run(tmp_path / "straight")(False)
+    ran = []
     with pytest.raises(KeyboardInterrupt):
-        _vae_run(tmp_path / "stopped", stop_at=3)(False)
-    assert latest_checkpoint(tmp_path / "stopped").name == "step-0000002.pt"
-    resumed = _vae_run(tmp_path / "stopped")(True)
-    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
-        assert torch.equal(a, b), name
+        _vae_run(tmp_path / "stopped", stop_at=3, ran=ran)(False)
+    assert ran == [0, 1, 2]
+    checkpoint = latest_checkpoint(tmp_path / "stopped")
+    assert checkpoint.name == "step-0000002.pt" and torch.load(checkpoint, weights_only=False)["step"] == 2
+    ran.clear()
+    resumed = _vae_run(tmp_path / "stopped", ran=ran)(True)
+    assert ran == [2, 3, 4, 5]  # training went on at the checkpoint's step; steps 0 and 1 did not run again
+    _assert_same_weights(straight.state_dict(), resumed.state_dict())
     steps = [json.loads(line)["step"] for line in (tmp_path / "stopped" / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
-def test_checkpoints_are_written_atomically_and_pruned(tmp_path):
+def test_ldm_train_resume_of_a_unet_stage_with_ema_ends_as_an_uninterrupted_run(trained, tmp_path, monkeypatch):
+    from ldm_pipeline.cli import main
+    from ldm_pipeline.training import unet as unet_stage
+
+    root = trained[0]
+    config = {"stage": "unet", "clip": str(root / "clip" / "model"), "vae": str(root / "vae" / "model"),
+              "image_size": 32, "cache_size": 64, "model": TINY_UNET, "scheduler": SCHEDULER,
+              "loop": {"output_dir": "{run}/unet", "steps": 6, "batch_size": 8, "learning_rate": 2e-3,
+                       "warmup_steps": 1, "log_every": 1, "checkpoint_every": 2, "ema_decay": 0.9}}
+    (tmp_path / "unet.json").write_text(json.dumps(config))
+    # The stage's own loss, watched: it records each step that runs and can stop the run at a step (Ctrl-C).
+    ran, stop = [], {"at": None}
+    real_train = unet_stage.train
+
+    def watched_train(loop_config, models, loss_fn, **kwargs):
+        def watched(models, step, generator, rank, world):
+            if step == stop["at"]:
+                raise KeyboardInterrupt("stopped")
+            ran.append(step)
+            return loss_fn(models, step, generator, rank, world)
+        return real_train(loop_config, models, watched, **kwargs)
+
+    monkeypatch.setattr(unet_stage, "train", watched_train)
+
+    def ldm_train(run, *flags):
+        # The UNet's initial weights come from torch's global generator, which every fresh `ldm`
+        # process starts in the same state; in one process, put it back in a fixed state for each run.
+        torch.manual_seed(0)
+        return main(["train", str(tmp_path / "unet.json"), "--run-dir", str(tmp_path / run), *flags])
+
+    assert ldm_train("straight") == 0
+    stop["at"], ran[:] = 3, []
+    with pytest.raises(KeyboardInterrupt):
+        ldm_train("stopped")
+    assert ran == [0, 1, 2]
+    stop["at"], ran[:] = None, []
+    assert ldm_train("stopped", "--resume") == 0
+    assert ran == [2, 3, 4, 5]
+
+    def final(run):
+        state = torch.load(tmp_path / run / "unet" / "checkpoints" / "step-0000006.pt", weights_only=False)
+        return state["models"]["unet"], state["ema"]
+
+    (weights, ema), (resumed_weights, resumed_ema) = final("straight"), final("stopped")
+    _assert_same_weights(weights, resumed_weights)
+    _assert_same_weights(ema, resumed_ema)
+    assert any(not torch.equal(weights[k].float(), ema[k]) for k in weights)  # the EMA is not the weights
+    from safetensors.torch import load_file
+
+    exported = [load_file(tmp_path / run / "unet" / "model" / "diffusion_pytorch_model.safetensors")
+                for run in ("straight", "stopped")]
+    _assert_same_weights(*exported)  # the exported model is the EMA
+    assert all(torch.equal(exported[0][k], ema[k]) for k in exported[0])
+
+
+def test_checkpoints_are_pruned_to_the_newest_two(tmp_path):
     _vae_run(tmp_path / "run")(False)
     names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
-    assert names == ["step-0000004.pt", "step-0000006.pt"]  # keep_checkpoints=2, no temporary left
+    assert names == ["step-0000004.pt", "step-0000006.pt"]  # keep_checkpoints=2
+
+
+def test_a_checkpoint_write_that_fails_half_way_leaves_the_previous_one(tmp_path, monkeypatch):
+    real_save = torch.save
+
+    def save_half(state, file, *args, **kwargs):
+        if "0000004" in str(file):  # the second checkpoint: some bytes reach the disk, then the write dies
+            Path(file).write_bytes(b"half a checkpoint")
+            raise OSError("no space left on device")
+        return real_save(state, file, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_half)
+    with pytest.raises(OSError, match="no space left"):
+        _vae_run(tmp_path / "run")(False)
+    monkeypatch.undo()
+    checkpoint = latest_checkpoint(tmp_path / "run")
+    assert checkpoint.name == "step-0000002.pt" and torch.load(checkpoint, weights_only=False)["step"] == 2
+    ran = []
+    resumed = _vae_run(tmp_path / "run", ran=ran)(True)
+    assert ran == [2, 3, 4, 5]
+    _assert_same_weights(_vae_run(tmp_path / "straight")(False).state_dict(), resumed.state_dict())
 
 
 def _folder(tmp_path, lines, images=("a.png",)):
@@ -198,3 +289,5 @@ def test_recipe_configs_are_checked(tmp_path):
         read_stage(tmp_path / "bad.json", tmp_path)
     with pytest.raises(ValueError, match=r"`config`: no file"):
         read_stage(tmp_path / "missing.json", tmp_path)
+    with pytest.raises(ValueError, match=r"`batch_size`: got 0; expected an integer >= 1"):
+        read_stage("configs/shapes/vae.json", tmp_path, overrides={"batch_size": 0})

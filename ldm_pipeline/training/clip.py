@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
 from . import data
-from .loop import LoopConfig, train
+from .loop import LoopConfig, check_stage_folder, train
 
 
 @dataclass
@@ -57,6 +57,7 @@ def contrastive_loss(logits_per_image: torch.Tensor, captions: list[str]) -> tor
 
 def train_clip(config: ClipConfig, resume: bool = False, progress: bool = True) -> CLIPModel:
     """Train, save the model (and its tokenizer) in `output_dir/model`, and return it."""
+    check_stage_folder("tokenizer", config.tokenizer)
     tokenizer = CLIPTokenizer.from_pretrained(config.tokenizer)
     dataset = data.open_dataset(config.data, seed=config.loop.seed)
     model = build_clip(config, tokenizer)

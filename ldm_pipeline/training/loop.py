@@ -42,6 +42,15 @@ class LoopConfig:
     mixed_precision: str = "no"  # "fp16"/"bf16" on GPUs
     extra: dict = field(default_factory=dict)  # trainer-specific settings, logged with the run
 
+    def __post_init__(self):
+        # Checked here, so that `ldm train --steps 0` is an error rather than a run that trains nothing.
+        for name in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"`{name}`: got {value!r}; expected an integer >= 1")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"`warmup_steps`: got {self.warmup_steps!r}; expected an integer >= 0")
+
 
 def step_seed(seed: int, step: int, rank: int = 0) -> int:
     """A seed for one step on one process, the same however often the run was stopped."""
@@ -74,6 +83,16 @@ class EMA:
 
     def copy_to(self, model: torch.nn.Module) -> None:
         model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in self.shadow.items()})
+
+
+def check_stage_folder(name: str, folder: str) -> None:
+    """Raise a ValueError naming the setting when an earlier stage's output folder is not there.
+
+    transformers and diffusers would raise an OSError about Hub repository ids for a missing folder.
+    """
+    if not folder or not Path(folder).is_dir():
+        raise ValueError(f"`{name}`: got {folder!r}, which is not a folder; train the {name} stage first "
+                         "(ldm train RECIPE_FOLDER runs the stages in order) or point the config at its output")
 
 
 def _checkpoints(folder: Path) -> list[Path]:

@@ -20,7 +20,7 @@ from transformers import CLIPModel, CLIPTokenizer
 
 from ..text import encode_text
 from . import data
-from .loop import LoopConfig, train
+from .loop import LoopConfig, check_stage_folder, train
 
 
 @dataclass
@@ -82,6 +82,8 @@ def unet_loss(unet, scheduler: DDPMScheduler, latents: torch.Tensor, context: to
 
 def train_unet(config: UnetConfig, resume: bool = False, progress: bool = True) -> UNet2DConditionModel:
     """Train, save the UNet (EMA weights) in `output_dir/model`, and return it."""
+    for name in ("clip", "vae"):
+        check_stage_folder(name, getattr(config, name))
     clip = CLIPModel.from_pretrained(config.clip).eval()
     tokenizer = CLIPTokenizer.from_pretrained(config.clip)
     text_encoder = clip.text_model.requires_grad_(False)
