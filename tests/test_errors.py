@@ -4,16 +4,40 @@ import numpy as np
 import pytest
 import torch
 
+from ldm_pipeline.latents import decode_latents
+
+
+# Every way the pipeline reaches a model's weights: `__call__` goes through `forward`, but the pipeline
+# calls the VAE's `encode` and `decode` directly, and those do not.
+ENTRIES = {"unet": ("forward",), "text_encoder": ("forward",), "vae": ("forward", "encode", "decode")}
+# Given embeddings, no text encoder runs, so the VAE is the first model an image-to-image call reaches.
+EMBEDS = dict(prompt_embeds=torch.zeros(1, 77, 32), negative_prompt_embeds=torch.zeros(1, 77, 32))
+
 
 @pytest.fixture
 def guarded(pipe, monkeypatch):
     """A pipeline whose models fail loudly if they run: errors must come before any heavy work."""
-    def forbidden(*args, **kwargs):
-        raise AssertionError("a model ran before the arguments were checked")
+    def forbidden(entry):
+        def run(*args, **kwargs):
+            raise AssertionError(f"{entry} ran before the arguments were checked")
+        return run
 
-    for model in (pipe.unet, pipe.vae, pipe.text_encoder):
-        monkeypatch.setattr(model, "forward", forbidden)
+    for name, methods in ENTRIES.items():
+        for method in methods:
+            monkeypatch.setattr(getattr(pipe, name), method, forbidden(f"{name}.{method}"))
     return pipe
+
+
+def test_the_guard_stops_every_model_entry_the_pipeline_uses(guarded):
+    """Valid calls on the guarded pipeline hit the guard at the first model they reach."""
+    with pytest.raises(AssertionError, match="text_encoder.forward ran"):
+        guarded("a cat", progress=False)
+    with pytest.raises(AssertionError, match="unet.forward ran"):
+        guarded(**EMBEDS, progress=False)
+    with pytest.raises(AssertionError, match="vae.encode ran"):
+        guarded(**EMBEDS, image=np.zeros((16, 16, 3), np.uint8), progress=False)
+    with pytest.raises(AssertionError, match="vae.decode ran"):
+        decode_latents(guarded.vae, torch.zeros(1, 4, 8, 8))
 
 
 CASES = [
@@ -50,6 +74,16 @@ def test_bad_arguments_are_rejected_before_any_model_runs(guarded, kwargs, error
         guarded(kwargs.pop("prompt", "a cat"), progress=False, **kwargs)
 
 
+IMAGE_CASES = [case for case in CASES if "image" in case[0]]
+
+
+@pytest.mark.parametrize("kwargs, error, message", IMAGE_CASES,
+                         ids=[str(list(c[0])) + str(i) for i, c in enumerate(IMAGE_CASES)])
+def test_image_errors_come_before_the_vae_encodes(guarded, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        guarded(**EMBEDS, progress=False, **kwargs)
+
+
 def test_prompt_and_prompt_embeds_both_or_neither(guarded):
     with pytest.raises(ValueError, match=r"`prompt` and `prompt_embeds`: give exactly one of them, got both"):
         guarded("a cat", prompt_embeds=torch.zeros(1, 77, 32))
@@ -65,7 +99,7 @@ def test_unreadable_image_file(guarded, tmp_path):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not a png at all")
     with pytest.raises(ValueError, match=r"`image`: '.*broken.png' is not a readable image"):
-        guarded("a cat", image=bad)
+        guarded(**EMBEDS, image=bad)
     assert bad.read_bytes() == b"not a png at all"
 
 
