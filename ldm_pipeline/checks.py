@@ -53,12 +53,17 @@ def negatives_of(negative_prompt, batch: int, negative_prompt_embeds, prompt_emb
     return negatives
 
 
-def check_call(*, height, width, multiple, num_inference_steps, guidance_scale, num_images_per_prompt,
-               strength, output_type, generator, seed, latents, batch: int, image_given: bool) -> None:
-    """Check the numeric and choice arguments of a call; `batch` counts the images to draw."""
+def check_size(height, width, multiple: int) -> None:
+    """`height` and `width`: None, or positive multiples of the VAE factor."""
     for name, value in (("height", height), ("width", width)):
         if value is not None and (not _is_int(value) or value <= 0 or value % multiple):
             raise ValueError(f"`{name}`: got {value!r}; expected a positive multiple of the VAE factor {multiple}")
+
+
+def check_call(*, height, width, multiple, num_inference_steps, guidance_scale, num_images_per_prompt,
+               strength, output_type, generator, seed, latents, batch: int, image_given: bool) -> None:
+    """Check the numeric and choice arguments of a call; `batch` counts the images to draw."""
+    check_size(height, width, multiple)
     if not _is_int(num_inference_steps) or num_inference_steps < 1:
         raise ValueError(f"`num_inference_steps`: got {num_inference_steps!r}; expected an integer >= 1")
     if not isinstance(guidance_scale, numbers.Real) or guidance_scale < 0:

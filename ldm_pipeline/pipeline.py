@@ -12,7 +12,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from . import checks, images, latents as latent_ops, loading, schedulers, text
+from . import checks, fast, images, latents as latent_ops, loading, schedulers, text
 from .sampling import StepCallback, denoise
 
 DEFAULT_MODEL = Path(__file__).parent / "models" / "shapes"
@@ -58,6 +58,7 @@ class LatentDiffusionPipeline:
         loading.check_components(components)
         self.tokenizer, self.text_encoder, self.vae, self.unet, self.scheduler = components.values()
         self.defaults = {**FALLBACK_DEFAULTS, **(defaults or {})}
+        self.compiled: fast.CompiledUNet | None = None  # set by compile()
 
     # -- components -------------------------------------------------------------------------
 
@@ -91,6 +92,35 @@ class LatentDiffusionPipeline:
     def set_scheduler(self, name: str):
         """Switch to a named scheduler (see `schedulers.SCHEDULERS`), keeping the model's config. Returns self."""
         self.scheduler = schedulers.make_scheduler(name, self.scheduler.config)
+        return self
+
+    def compile(self, mode: str = "aot", cache_dir: str | os.PathLike | None = None, height: int | None = None,
+                width: int | None = None, batch: int = 2, verbose: bool = True):
+        """Run the UNet compiled: about twice as fast on the bundled model, same pixels. Returns self.
+
+        Args:
+            mode: "aot" (default): an AOTInductor package per model, latent size, dtype, device
+                and machine, built once (about a minute for the bundled model) and loaded from
+                the disk cache in under a second by later processes. A `torch.compile` mode
+                ("default", "reduce-overhead" for CUDA graphs, "max-autotune", ...) compiles
+                in this process instead.
+            cache_dir: where packages go; default `$LDM_CACHE_DIR/compiled` or
+                `~/.cache/ldm_pipeline/compiled`.
+            height, width, batch: the image size and UNet batch to compile for now (default:
+                the model's size, batch 2 = one image with guidance); other sizes and batches
+                compile when first drawn. Weights, device or dtype that
+                change later are noticed before each call and compiled for.
+        """
+        compiled = fast.CompiledUNet(mode, cache_dir, verbose)
+        if mode == "aot":
+            factor = self.vae_scale_factor
+            checks.check_size(height, width, factor)
+            size = (self.unet.config.in_channels, (height or self.unet.config.sample_size * factor) // factor,
+                    (width or self.unet.config.sample_size * factor) // factor)
+            context = (self.tokenizer.model_max_length, self.unet.config.cross_attention_dim)
+            compiled.runner_for(self.unet, size, context)
+            compiled.package(self.unet, size, context, batch)
+        self.compiled = compiled
         return self
 
     # -- loading and saving -----------------------------------------------------------------
@@ -220,7 +250,8 @@ class LatentDiffusionPipeline:
             encoded = latent_ops.encode_image(self.vae, pixels, batch, generator)
             start = latent_ops.img2img_start(scheduler, encoded.to(self.dtype), timesteps[:1], generator)
 
-        final, steps_run = denoise(self.unet, scheduler, start, timesteps, cond, uncond, guidance_scale,
+        unet = self.compiled.runner_for(self.unet, start.shape[1:], cond.shape[1:]) if self.compiled else self.unet
+        final, steps_run = denoise(unet, scheduler, start, timesteps, cond, uncond, guidance_scale,
                                    schedulers.step_kwargs(scheduler, generator, eta), callback, progress)
         if output_type == "latent":
             result = final
