@@ -44,20 +44,24 @@ def test_single_generator_matches_diffusers(components):
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # diffusers: one reference for two images
-@pytest.mark.parametrize("per_image", [True, False])
+@pytest.mark.parametrize("randomness", ["seeds", "generators", "one generator"])
 @pytest.mark.parametrize("name", ["ddim", "euler", "dpm++"])
-def test_image_to_image_matches_diffusers(components, name, per_image):
+def test_image_to_image_matches_diffusers(components, name, randomness):
     picture = PIL.Image.fromarray((np.random.RandomState(0).rand(16, 24, 3) * 255).astype(np.uint8))
     ours = LatentDiffusionPipeline(**{**components, "scheduler": make_scheduler(name, components["scheduler"].config)})
     theirs = _reference(StableDiffusionImg2ImgPipeline, components,
                         make_scheduler(name, components["scheduler"].config))
     kwargs = dict(image=picture, strength=0.6, num_inference_steps=10, guidance_scale=4.0, num_images_per_prompt=2)
-    if per_image:
+
+    def generators():
+        if randomness == "one generator":
+            return torch.Generator().manual_seed(7)
+        return [torch.Generator().manual_seed(7 + i) for i in range(2)]
+
+    if randomness == "seeds":
         mine = ours("a red circle", seed=7, progress=False, **kwargs)
-        generator = [torch.Generator().manual_seed(7 + i) for i in range(2)]
     else:
-        mine = ours("a red circle", generator=torch.Generator().manual_seed(7), progress=False, **kwargs)
-        generator = torch.Generator().manual_seed(7)
-    reference = theirs("a red circle", generator=generator, **kwargs).images
+        mine = ours("a red circle", generator=generators(), progress=False, **kwargs)
+    reference = theirs("a red circle", generator=generators(), **kwargs).images
     assert mine.steps_run == 6
     assert np.abs(_uint8(mine.images) - _uint8(reference)).max() <= 1

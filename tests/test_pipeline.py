@@ -1,9 +1,12 @@
 """Behaviour of LatentDiffusionPipeline on tiny offline components."""
 
+import warnings
+
 import numpy as np
 import PIL.Image
 import pytest
 import torch
+from diffusers import DDIMScheduler
 
 from ldm_pipeline import LatentDiffusionPipeline
 from ldm_pipeline.sampling import denoise
@@ -78,10 +81,24 @@ def test_guidance_one_equals_no_guidance(pipe):
         return denoise(pipe.unet, scheduler, start, scheduler.timesteps, cond, negative, 1.0, {}, progress=False)[0]
 
     assert torch.allclose(run(uncond), run(None), atol=1e-5)
-    # ...and the pipeline skips the unconditional pass at guidance <= 1, giving the same pixels.
-    skipped = pipe("a cat", guidance_scale=1.0, seed=0, output_type="np", **FAST).images
-    strong = pipe("a cat", guidance_scale=8.0, seed=0, output_type="np", **FAST).images
-    assert np.abs(skipped - strong).max() > 0.01
+
+
+def test_guidance_at_or_below_one_skips_the_unconditional_pass(pipe, monkeypatch):
+    batches = []
+    forward = pipe.unet.forward
+
+    def counted(sample, timestep, encoder_hidden_states, **kwargs):
+        batches.append((sample.shape[0], encoder_hidden_states.shape[0]))
+        return forward(sample, timestep, encoder_hidden_states, **kwargs)
+
+    monkeypatch.setattr(pipe.unet, "forward", counted)
+    images = {}
+    for scale, unet_batch in ((0.0, 2), (0.5, 2), (1.0, 2), (1.5, 4), (8.0, 4)):
+        batches.clear()
+        images[scale] = pipe(["a cat", "a red circle"], guidance_scale=scale, seed=0, output_type="np", **FAST).images
+        # one UNet call per step; with guidance it sees [uncond, cond] for the two images
+        assert batches == [(unet_batch, unet_batch)] * 4, scale
+    assert np.abs(images[1.0] - images[8.0]).max() > 0.01
 
 
 def test_prompt_embeds_split_equals_the_whole(pipe):
@@ -161,6 +178,45 @@ def test_image_to_image_runs_strength_times_steps(pipe):
                        output_type="latent", progress=False).images
         distance[strength] = (latents - target).abs().mean().item()
     assert distance[0.1] < distance[1.0] / 2
+
+
+def test_image_to_image_with_a_generator_per_image(pipe):
+    reference = PIL.Image.fromarray((np.random.RandomState(2).rand(16, 16, 3) * 255).astype(np.uint8))
+    kwargs = dict(image=reference, strength=0.75, num_images_per_prompt=2, output_type="np", **FAST)
+    listed = pipe("a cat", generator=[torch.Generator().manual_seed(s) for s in (3, 4)], **kwargs)
+    assert listed.seeds is None and listed.steps_run == 3
+    assert np.array_equal(listed.images, pipe("a cat", seed=[3, 4], **kwargs).images)
+    # each image depends on its own generator only: the second alone is the same picture
+    alone = pipe("a cat", generator=[torch.Generator().manual_seed(4)], **{**kwargs, "num_images_per_prompt": 1})
+    assert np.abs(listed.images[1] - alone.images[0]).max() <= 1 / 255
+    assert np.abs(listed.images[0] - listed.images[1]).max() > 0.01
+
+
+def test_image_to_image_rounds_the_size_down_with_a_warning(pipe):
+    reference = PIL.Image.fromarray((np.random.RandomState(3).rand(19, 25, 3) * 255).astype(np.uint8))
+    with pytest.warns(UserWarning, match=r"`image` of size 25x19 is resized to 24x18, the nearest smaller multiple "
+                                         r"of the VAE factor 2"):
+        rounded = pipe("a cat", image=reference, strength=0.5, seed=0, output_type="np", **FAST)
+    assert rounded.images.shape == (1, 18, 24, 3) and (rounded.height, rounded.width) == (18, 24)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a size that is asked for is not rounded, and not warned about
+        explicit = pipe("a cat", image=reference, strength=0.5, height=18, width=24, seed=0, output_type="np", **FAST)
+    assert np.array_equal(rounded.images, explicit.images)
+
+
+def test_strength_one_ignores_the_reference_where_the_schedule_ends_in_pure_noise(components):
+    # The bundled model's schedule: zero terminal SNR, so the first of the trailing timesteps is pure noise.
+    scheduler = DDIMScheduler.from_config(components["scheduler"].config, prediction_type="v_prediction",
+                                          rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    pipe = LatentDiffusionPipeline(**{**components, "scheduler": scheduler})
+    red = PIL.Image.new("RGB", (16, 16), (200, 30, 30))
+    noise = PIL.Image.fromarray((np.random.RandomState(4).rand(16, 16, 3) * 255).astype(np.uint8))
+
+    def draw(reference, strength):  # final latents: the tiny random VAE's decoder would blur the difference
+        return pipe("a cat", image=reference, strength=strength, seed=0, output_type="latent", **FAST).images
+
+    assert torch.equal(draw(red, 1.0), draw(noise, 1.0))
+    assert (draw(red, 0.75) - draw(noise, 0.75)).abs().mean() > 1e-3  # below 1 the reference shows
 
 
 @pytest.mark.parametrize("kind", ["RGBA", "L", "P", "I;16", "numpy", "tensor", "path"])
