@@ -15,14 +15,14 @@ def _scene(*objects):
 
 @pytest.mark.parametrize("split, two_objects_prob", [("any", 0.0), ("held_out", 0.0), ("any", 1.0)])
 def test_judge_is_right_on_ground_truth(split, two_objects_prob):
-    results = []
+    """300 of 300 renders of each kind: the README's "right on 100 % of ground-truth renders"."""
+    wrong = []
     for i in range(300):
         scene = sample_scene(np.random.default_rng([11, i]), split, two_objects_prob)
         verdict = judge(render(scene), caption(scene))
-        results.append((verdict.correct, verdict.size))
-        if two_objects_prob == 0:
-            assert verdict.correct and verdict.size, (caption(scene), verdict.found)
-    assert np.mean(results, axis=0).min() >= 0.99
+        if not (verdict.correct and verdict.size):
+            wrong.append((caption(scene), verdict.found))
+    assert wrong == []
 
 
 def test_every_colour_shape_and_size_extreme_is_read():
