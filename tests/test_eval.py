@@ -144,7 +144,8 @@ def test_missing_inception_weights_name_the_path_and_where_to_get_them(tmp_path)
 
 # -- CLIP score --------------------------------------------------------------------------------
 
-def _changed(scene: Scene, rng, what: str) -> str:
+def _changed(scene: Scene, rng, what: str) -> Scene:
+    """The scene with its first object in another colour, or in a free position."""
     first, *rest = scene.objects
     if what == "colour":
         first = ShapeObject(rng.choice([c for c in COLOURS if c != first.colour]), first.shape, first.position,
@@ -153,7 +154,7 @@ def _changed(scene: Scene, rng, what: str) -> str:
         taken = {obj.position for obj in scene.objects}
         first = ShapeObject(first.colour, first.shape, next(p for p in POSITIONS if p not in taken), first.size,
                             first.jitter, first.half_size)
-    return caption(Scene((first, *rest)))
+    return Scene((first, *rest))
 
 
 def test_clip_score_ranks_the_matching_caption_above_a_wrong_one(clip, scenes):
@@ -162,7 +163,7 @@ def test_clip_score_ranks_the_matching_caption_above_a_wrong_one(clip, scenes):
     right = clip.score(images, [caption(scene) for scene in scenes])
     assert right.min() >= 0 and right.max() <= 100 and right.mean() > 80
     for what in ("colour", "position"):
-        wrong = clip.score(images, [_changed(scene, rng, what) for scene in scenes])
+        wrong = clip.score(images, [caption(_changed(scene, rng, what)) for scene in scenes])
         assert (right > wrong).mean() >= 0.95, what
 
 
@@ -189,7 +190,8 @@ class Replay:
         return SimpleNamespace(images=images, num_inference_steps=50, scheduler="ddim", guidance_scale=4.0)
 
 
-def test_a_model_that_draws_the_real_images_scores_exactly_as_real(clip, tmp_path):
+def test_plumbing_a_model_that_replays_the_real_images_scores_as_the_real_images(clip, tmp_path):
+    """Plumbing only: each generated score is the same computation as its real counterpart, on the same images."""
     sets = rep.shapes_sets(12, seed=5)
     extractor = ClipFeatures(clip)
     references = rep.reference_stats(rep.shapes_reference(12), extractor, tmp_path)
@@ -203,6 +205,50 @@ def test_a_model_that_draws_the_real_images_scores_exactly_as_real(clip, tmp_pat
     assert report["all"]["n"] == 36 and report["features"] == extractor.name
     table = rep.markdown({**report, "model": "replay"})
     assert "| all | 36 | 100.0 % |" in table and "FID (real)" in table
+
+
+class MeanColour:
+    """A stand-in FID extractor, each image's mean colour, so that the expected FID can be worked out here."""
+
+    name = "mean-colour"
+
+    def __call__(self, images):
+        return np.stack([np.asarray(image, np.float64).reshape(-1, 3).mean(axis=0) for image in images])
+
+
+def _fid_by_scipy(a: np.ndarray, b: np.ndarray) -> float:
+    mean_a, mean_b, cov_a, cov_b = a.mean(0), b.mean(0), np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    return float(np.sum((mean_a - mean_b) ** 2) + np.trace(cov_a + cov_b - 2 * scipy.linalg.sqrtm(cov_a @ cov_b).real))
+
+
+def test_a_model_that_gets_the_colour_of_4_in_12_wrong_is_scored_so(clip, tmp_path):
+    from ldm_pipeline.evaluation.accuracy import scenes_for
+
+    sets, rng, wrong = rep.shapes_sets(12, seed=5), np.random.default_rng(6), 4
+    drawn = {}
+    for prompt_set in sets:
+        scenes = scenes_for(prompt_set.name, 12, 5)
+        assert [caption(scene) for scene in scenes] == prompt_set.prompts
+        # the first 4 images of each set show their first object in another colour; the rest are the real renders
+        drawn[prompt_set.name] = [render(_changed(scene, rng, "colour")) for scene in scenes[:wrong]] + \
+            prompt_set.real[wrong:]
+    extractor = MeanColour()
+    references = rep.reference_stats({s.name: s.real for s in sets}, extractor, tmp_path)  # FID against the renders
+    report = rep.evaluate(Replay([image for s in sets for image in drawn[s.name]]), sets, list(range(12)), clip,
+                          extractor, references, batch_size=5)
+    for prompt_set in sets:
+        scores, images = report["sets"][prompt_set.name], drawn[prompt_set.name]
+        assert scores["correct"] == scores["colour"] == pytest.approx(8 / 12), prompt_set.name
+        assert scores["shape"] == scores["position"] == 1.0 and scores["extra"] == 0
+        assert scores["clip_score"] == pytest.approx(clip.score(images, prompt_set.prompts).mean(), rel=1e-6)
+        assert scores["clip_score"] < scores["clip_score_real"] - 1
+        assert scores["fid_real"] == pytest.approx(0, abs=1e-9)  # the real images are the reference
+        expected = _fid_by_scipy(extractor(images), extractor(prompt_set.real))
+        assert expected > 1 and scores["fid"] == pytest.approx(expected, rel=1e-6)
+    everything = [image for s in sets for image in drawn[s.name]]
+    assert report["all"]["correct"] == pytest.approx(24 / 36) and report["all"]["n"] == 36
+    assert report["all"]["fid"] == pytest.approx(
+        _fid_by_scipy(extractor(everything), extractor([image for s in sets for image in s.real])), rel=1e-6)
 
 
 def test_seeds_prompts_and_real_folders_are_checked(tmp_path):
