@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
 
 import torch
+
+from .fast import weights_state
 
 
 def tokenize(tokenizer, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -37,6 +40,35 @@ def encode_text(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
     return text_encoder(tokens["input_ids"].to(text_encoder.device), attention_mask=mask)[0]
 
 
+class EmbeddingCache:
+    """The embeddings of the last few prompt lists, reused while the text encoder is unchanged.
+
+    A repeated prompt, and the empty negative prompt of every guided call, is encoded once.
+    Entries are keyed by the whole list, because a batch is encoded together; they are dropped
+    when the tokenizer or text encoder is another object, or a weight of it changed.
+    """
+
+    def __init__(self, size: int = 8):
+        self.size = size
+        self._entries: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict()
+        self._owner = None
+
+    def encode(self, tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
+        """`encode_text(tokenizer, text_encoder, prompts)`, from the cache when it was seen. Do not change the result in place."""
+        owner = (id(tokenizer), id(text_encoder), weights_state(text_encoder))
+        if owner != self._owner:
+            self._entries.clear()
+            self._owner = owner
+        key = tuple(prompts)
+        if key in self._entries:
+            self._entries.move_to_end(key)
+        else:
+            self._entries[key] = encode_text(tokenizer, text_encoder, prompts)
+            if len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+        return self._entries[key]
+
+
 def encode_prompts(
     tokenizer,
     text_encoder,
@@ -46,6 +78,7 @@ def encode_prompts(
     guided: bool,
     prompt_embeds: torch.Tensor | None = None,
     negative_prompt_embeds: torch.Tensor | None = None,
+    cache: EmbeddingCache | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Conditional and unconditional embeddings, one row per image to draw.
 
@@ -55,18 +88,20 @@ def encode_prompts(
         num_images_per_prompt: each prompt's row is repeated this many times, in place.
         guided: whether classifier-free guidance runs; without it no unconditional
             embeddings are computed and None is returned for them.
+        cache: reuses the embeddings of prompts seen before (see `EmbeddingCache`).
 
     Returns:
         `(cond, uncond)`, each (P * num_images_per_prompt, L, D); `uncond` is None when not guided.
     """
-    cond = prompt_embeds if prompt_embeds is not None else encode_text(tokenizer, text_encoder, prompts)
+    encode = cache.encode if cache is not None else encode_text
+    cond = prompt_embeds if prompt_embeds is not None else encode(tokenizer, text_encoder, prompts)
     uncond = None
     if guided:
         if negative_prompt_embeds is not None:
             uncond = negative_prompt_embeds
         else:
             negatives = negative_prompts if negative_prompts is not None else [""] * cond.shape[0]
-            uncond = encode_text(tokenizer, text_encoder, negatives)
+            uncond = encode(tokenizer, text_encoder, negatives)
     dtype = text_encoder.dtype if text_encoder is not None else cond.dtype
     device = text_encoder.device if text_encoder is not None else cond.device
 

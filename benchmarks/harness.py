@@ -1,0 +1,266 @@
+"""ldm_pipeline against diffusers' StableDiffusionPipeline, side by side in one process.
+
+Both pipelines share one set of components (the bundled model, or full-size SD 1.5 with random
+weights from configs/), the same scheduler config, prompts, seeds and arguments. Runs
+alternate (ours eager, ours compiled, diffusers) so that drift of the machine hits all alike.
+For each configuration it records median and best seconds per call, the ratios to diffusers,
+the largest uint8 pixel difference from diffusers' output, and peak memory (CUDA: the
+allocator's peak; CPU: the peak resident memory above the level before the call, sampled).
+Results go to a JSON file, and `--plot` draws time against steps, batch and resolution.
+
+    python benchmarks/harness.py                                # every CPU configuration
+    python benchmarks/harness.py --only bundled-b1 bundled-b16
+    python benchmarks/harness.py --device cuda --only sd15-512  # fp16, 50 steps on a GPU
+    python benchmarks/harness.py --cache-timings                # cold / warm first call, new processes
+
+`pipe.compile()` packages go into `--cache-dir` (default: the usual cache), so the first run
+of a configuration also pays the compile, before any timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT_BUNDLED = "a red circle in the top left and a large blue square in the bottom right"
+PROMPT_SD = "a photograph of an astronaut riding a horse"
+
+# name -> model, image size, steps, images per call (CPU); CUDA runs use cuda_steps.
+CONFIGS = {
+    "bundled-b1": dict(model="bundled", size=64, steps=50, batch=1, repeats=7),
+    "bundled-b16": dict(model="bundled", size=64, steps=50, batch=16, repeats=3),
+    "bundled-b4": dict(model="bundled", size=64, steps=50, batch=4, repeats=5),
+    "bundled-s10": dict(model="bundled", size=64, steps=10, batch=1, repeats=7),
+    "bundled-s20": dict(model="bundled", size=64, steps=20, batch=1, repeats=7),
+    "bundled-128": dict(model="bundled", size=128, steps=50, batch=1, repeats=5),
+    "sd15-256": dict(model="sd15", size=256, steps=3, batch=1, repeats=3, cuda_steps=50),
+    "sd15-512": dict(model="sd15", size=512, steps=2, batch=1, repeats=2, cuda_steps=50),
+}
+CPU_DEFAULT = ["bundled-b1", "bundled-s10", "bundled-s20", "bundled-b4", "bundled-b16", "bundled-128", "sd15-256"]
+
+
+def components_for(model: str, device: torch.device, dtype: torch.dtype) -> tuple[dict, float]:
+    """The shared components and the guidance scale the model is used with."""
+    from ldm_pipeline import LatentDiffusionPipeline
+    from ldm_pipeline.components import build_random
+
+    if model == "bundled":
+        pipe = LatentDiffusionPipeline.from_pretrained(device=device, torch_dtype=dtype)
+        return pipe.components, pipe.defaults["guidance_scale"]
+    components = build_random(model, torch_dtype=dtype)
+    for name in ("text_encoder", "vae", "unet"):
+        components[name].to(device)
+    return components, 7.5
+
+
+class PeakMemory:
+    """Peak memory of a call: CUDA's allocator peak, or resident memory sampled every 2 ms on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak = device, 0.0
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            return self
+        self._base, self._max, self._done = self._rss(), 0, threading.Event()
+
+        def sample():
+            while not self._done.wait(0.002):
+                self._max = max(self._max, self._rss())
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() / 2**30
+        else:
+            self._done.set()
+            self._thread.join()
+            self.peak = max(self._max, self._rss()) - self._base
+            self.peak /= 2**30
+
+
+def timed(call, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    call()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def run_config(name: str, device: torch.device, cache_dir: str | None, compile_mode: str) -> dict:
+    from diffusers import StableDiffusionPipeline
+
+    from ldm_pipeline import LatentDiffusionPipeline
+    from ldm_pipeline.pipeline import default_dtype
+
+    config = dict(CONFIGS[name])
+    steps = config.get("cuda_steps", config["steps"]) if device.type == "cuda" else config["steps"]
+    dtype = default_dtype(device)
+    components, guidance = components_for(config["model"], device, dtype)
+    eager = LatentDiffusionPipeline(**components)
+    compiled = LatentDiffusionPipeline(**components)
+    theirs = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
+                                     requires_safety_checker=False)
+    theirs.set_progress_bar_config(disable=True)
+    batch, size = config["batch"], config["size"]
+    prompts = [PROMPT_BUNDLED if config["model"] == "bundled" else PROMPT_SD] * batch
+    common = dict(num_inference_steps=steps, guidance_scale=guidance, height=size, width=size)
+
+    start = time.perf_counter()
+    unet_batch = batch * (2 if guidance > 1 else 1)
+    compiled.compile(compile_mode, cache_dir=cache_dir, height=size, width=size, batch=unet_batch)
+    compile_s = time.perf_counter() - start
+
+    def ours(pipe):
+        return lambda: pipe(prompts, seed=0, progress=False, output_type="np", **common).images
+
+    def diffusers_call():
+        generators = [torch.Generator().manual_seed(i) for i in range(batch)]
+        return theirs(prompts, generator=generators, output_type="np", **common).images
+
+    runs = {"ours_eager": ours(eager), "ours_compiled": ours(compiled), "diffusers": diffusers_call}
+    pixels = {key: np.round(np.asarray(run()) * 255) for key, run in runs.items()}  # also the warm-up
+    times = {key: [] for key in runs}
+    for _ in range(config["repeats"]):
+        for key, run in runs.items():
+            times[key].append(timed(run, device))
+    memory = {}
+    for key, run in runs.items():
+        with PeakMemory(device) as peak:
+            run()
+        memory[key] = round(peak.peak, 4)
+    median = {key: statistics.median(values) for key, values in times.items()}
+    return dict(
+        name=name, model=config["model"], size=size, steps=steps, batch=batch, guidance=guidance,
+        device=device.type, dtype=str(dtype), threads=torch.get_num_threads(), repeats=config["repeats"],
+        compile_mode=compile_mode, compile_s=round(compile_s, 2),
+        median_s={key: round(value, 4) for key, value in median.items()},
+        best_s={key: round(min(values), 4) for key, values in times.items()},
+        per_image_s={key: round(value / batch, 4) for key, value in median.items()},
+        ratio_eager=round(median["ours_eager"] / median["diffusers"], 3),
+        ratio_compiled=round(median["ours_compiled"] / median["diffusers"], 3),
+        max_uint8_diff={"eager": float(np.abs(pixels["ours_eager"] - pixels["diffusers"]).max()),
+                        "compiled": float(np.abs(pixels["ours_compiled"] - pixels["diffusers"]).max())},
+        peak_memory_gib=memory,
+    )
+
+
+FIRST_CALL = """
+import json, sys, time
+start = time.perf_counter()
+from ldm_pipeline import LatentDiffusionPipeline
+pipe = LatentDiffusionPipeline.from_pretrained()
+loaded = time.perf_counter()
+pipe.compile(cache_dir=sys.argv[1], verbose=False)
+compiled = time.perf_counter()
+pipe("a red circle in the top left", seed=0, progress=False)
+first = time.perf_counter()
+pipe("a red circle in the top left", seed=0, progress=False)
+second = time.perf_counter()
+print(json.dumps(dict(load_s=loaded - start, compile_s=compiled - loaded, first_call_s=first - compiled,
+                      steady_call_s=second - first, process_s=second - start)))
+"""
+
+
+def cache_timings() -> dict:
+    """Cold and warm cache, each in a new process: load, compile(), first call, a second call."""
+    with tempfile.TemporaryDirectory() as cache:
+        result = {}
+        for label in ("cold", "warm"):
+            out = subprocess.run([sys.executable, "-c", FIRST_CALL, cache], capture_output=True, text=True,
+                                 check=True, cwd=ROOT)
+            result[label] = {k: round(v, 2) for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items()}
+        return result
+
+
+def plot(results: list[dict], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    bundled = [r for r in results if r["model"] == "bundled"]
+    axes_spec = [("steps", dict(size=64, batch=1), "denoising steps (64x64, batch 1)"),
+                 ("batch", dict(size=64, steps=50), "images per call (64x64, 50 steps)"),
+                 ("size", dict(steps=50, batch=1), "image side in pixels (50 steps, batch 1)")]
+    figure = Figure(figsize=(13, 3.8))
+    for index, (axis, fixed, label) in enumerate(axes_spec):
+        ax = figure.add_subplot(1, 3, index + 1)
+        rows = sorted((r for r in bundled if all(r[k] == v for k, v in fixed.items())), key=lambda r: r[axis])
+        for key, style in (("diffusers", "s-"), ("ours_eager", "o--"), ("ours_compiled", "o-")):
+            ax.plot([r[axis] for r in rows], [r["median_s"][key] for r in rows], style, label=key.replace("_", " "))
+        ax.set_xlabel(label)
+        ax.set_ylabel("seconds per call")
+        ax.grid(alpha=0.3)
+    figure.axes[0].legend()
+    figure.suptitle("bundled model, CPU: ldm_pipeline (eager and pipe.compile()) against diffusers")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| configuration | diffusers s | ours eager s | ours compiled s | compiled / diffusers | "
+             "max uint8 diff | peak GiB (diffusers / compiled) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        m = r["median_s"]
+        lines.append(f"| {r['name']} ({r['size']}px, {r['steps']} steps, batch {r['batch']}) | {m['diffusers']:.3f} | "
+                     f"{m['ours_eager']:.3f} | {m['ours_compiled']:.3f} | {r['ratio_compiled']:.2f} | "
+                     f"{r['max_uint8_diff']['compiled']:.0f} | {r['peak_memory_gib']['diffusers']:.2f} / "
+                     f"{r['peak_memory_gib']['ours_compiled']:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", choices=sorted(CONFIGS), default=None)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile-mode", default="aot", help='pipe.compile mode: "aot" or a torch.compile mode')
+    parser.add_argument("--cache-dir", default=None, help="where compiled packages go")
+    parser.add_argument("--cache-timings", action="store_true", help="also time cold and warm first calls")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "results.json")
+    parser.add_argument("--plot", type=Path, default=None, help="PNG of time against steps, batch and size")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    names = args.only or (CPU_DEFAULT if device.type == "cpu" else ["bundled-b1", "bundled-b16", "sd15-512"])
+    results = []
+    for name in names:
+        result = run_config(name, device, args.cache_dir, args.compile_mode)
+        print(json.dumps(result), flush=True)
+        results.append(result)
+    report = dict(torch=torch.__version__, cpu_capability=torch.backends.cpu.get_cpu_capability(),
+                  cpus=os.cpu_count(), results=results)
+    if args.cache_timings:
+        report["first_call"] = cache_timings()
+        print(json.dumps(report["first_call"]), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    print(table(results))
+    if args.plot:
+        plot(results, args.plot)
+        print(f"wrote {args.out} and {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
