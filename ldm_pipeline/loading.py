@@ -127,8 +127,9 @@ def save_components(components: dict, path: str | os.PathLike, defaults: dict | 
     """Write the diffusers folder layout, which diffusers' StableDiffusionPipeline also loads.
 
     The folder is written next to the target and moved into place at the end, so a failure
-    half-way never leaves a broken model where a good one was. A target that exists and is not
-    a model folder is refused rather than overwritten.
+    half-way never leaves a broken model where a good one was; an old model is moved aside
+    first and put back if the move fails. A target that exists and is not a model folder is
+    refused rather than overwritten.
     """
     target = Path(path)
     if target.exists() and (not target.is_dir() or (any(target.iterdir()) and
@@ -152,9 +153,17 @@ def save_components(components: dict, path: str | os.PathLike, defaults: dict | 
         (staging / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         if defaults:
             (staging / DEFAULTS_FILE).write_text(json.dumps(defaults, indent=2) + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
+        old = staging.with_name(staging.name + "-old") if target.exists() else None
+        if old is not None:
+            os.replace(target, old)
+        try:
+            os.replace(staging, target)
+        except BaseException:
+            if old is not None:
+                os.replace(old, target)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)  # the new model is in place; a leftover is only clutter
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target

@@ -1,10 +1,12 @@
 """Saving, loading, configs and the errors of model folders."""
 
+import copy
 import json
 import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -160,3 +162,117 @@ def test_single_file_of_unknown_width_asks_for_a_config(pipe, tmp_path):
     save_file(to_ldm_state_dict(pipe.unet, pipe.vae, pipe.text_encoder), tmp_path / "tiny.safetensors")
     with pytest.raises(ValueError, match=r"cross-attention width 32, neither SD 1.x \(768\) nor SD 2.x"):
         LatentDiffusionPipeline.from_single_file(tmp_path / "tiny.safetensors")
+
+
+def _changed_copy(pipe):
+    """The same pipeline with other UNet weights, so that an old and a new save draw different pixels."""
+    other = LatentDiffusionPipeline(**copy.deepcopy(pipe.components))
+    with torch.no_grad():
+        other.unet.conv_in.weight.add_(0.5)
+    return other
+
+
+def _left_beside(folder):
+    return sorted(p.name for p in folder.parent.iterdir())
+
+
+def test_a_save_that_fails_half_way_keeps_the_old_model_and_leaves_no_temporary_folder(pipe, saved, monkeypatch):
+    old_pixels = pipe("a cat", seed=4, **FAST).images
+    other = _changed_copy(pipe)
+    assert np.abs(other("a cat", seed=4, **FAST).images - old_pixels).max() > 0.01
+
+    def fail_half_way(directory, *args, **kwargs):  # the VAE is written after the tokenizer and text encoder
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        (Path(directory) / "diffusion_pytorch_model.safetensors").write_bytes(b"half a file")
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(other.vae, "save_pretrained", fail_half_way)
+    with pytest.raises(OSError, match="no space left"):
+        other.save_pretrained(saved)
+    with pytest.raises(OSError, match="no space left"):
+        other.save_pretrained(saved.parent / "new")
+    assert _left_beside(saved) == ["model"]  # no temporary folder, and no half-written new model
+    assert np.array_equal(LatentDiffusionPipeline.from_pretrained(saved)("a cat", seed=4, **FAST).images, old_pixels)
+
+
+def test_a_save_whose_final_move_fails_keeps_the_old_model(pipe, saved, monkeypatch):
+    old_pixels = pipe("a cat", seed=4, **FAST).images
+    replace, failed = os.replace, []
+
+    def replace_failing_once_onto_the_model(source, destination):
+        if Path(destination) == saved and not failed:
+            failed.append(source)
+            raise OSError("the disk went away")
+        return replace(source, destination)
+
+    monkeypatch.setattr(os, "replace", replace_failing_once_onto_the_model)
+    with pytest.raises(OSError, match="the disk went away"):
+        _changed_copy(pipe).save_pretrained(saved)
+    monkeypatch.undo()
+    assert failed and _left_beside(saved) == ["model"]
+    assert np.array_equal(LatentDiffusionPipeline.from_pretrained(saved)("a cat", seed=4, **FAST).images, old_pixels)
+    _changed_copy(pipe).save_pretrained(saved)  # and a save that works replaces it
+    assert not np.array_equal(LatentDiffusionPipeline.from_pretrained(saved)("a cat", seed=4, **FAST).images,
+                              old_pixels)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_runs_on_the_cpu(pipe, saved, dtype):
+    reference = pipe("a cat", seed=4, **FAST).images
+    tolerance = 0.01 if dtype == torch.float16 else 0.05  # bf16 keeps 8 bits of mantissa, fp16 11
+    loaded = LatentDiffusionPipeline.from_pretrained(saved, torch_dtype=dtype)
+    moved = LatentDiffusionPipeline.from_pretrained(saved).to("cpu", dtype)
+    for half in (loaded, moved):
+        assert half.device.type == "cpu"
+        assert {m.dtype for m in (half.unet, half.vae, half.text_encoder)} == {dtype}
+        images = half("a cat", seed=4, **FAST).images
+        assert images.dtype == np.float32 and np.isfinite(images).all()
+        assert np.abs(images - reference).max() < tolerance
+        image_to_image = half("a cat", image=reference[0], strength=0.5, seed=4, **FAST).images
+        assert image_to_image.shape == reference.shape and np.isfinite(image_to_image).all()
+    assert moved.to("cpu").dtype == torch.float32  # no dtype: fp32 on the CPU again
+    assert np.abs(moved("a cat", seed=4, **FAST).images - reference).max() < tolerance
+
+
+@pytest.mark.parametrize("width, config", [(768, "sd15"), (1024, "sd21")])
+def test_single_file_config_is_guessed_from_the_cross_attention_width(tokenizer, tmp_path, monkeypatch, width,
+                                                                      config):
+    from safetensors.torch import save_file
+
+    from ldm_pipeline import loading
+
+    # what decides is the width of the UNet's cross-attention keys: 768 for CLIP ViT-L (1.x), 1024 for OpenCLIP (2.x)
+    key = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    save_file({key: torch.zeros(320, width)}, tmp_path / "model.safetensors")
+    seen = {}
+
+    def single_file_loader(cls, path, config, **kwargs):
+        seen.update(path=path, config=config, tokenizer=kwargs["tokenizer"])
+        raise RuntimeError("stop: the conversion itself is tested elsewhere")
+
+    monkeypatch.setattr(StableDiffusionPipeline, "from_single_file", classmethod(single_file_loader))
+    with pytest.raises(RuntimeError, match="stop"):
+        LatentDiffusionPipeline.from_single_file(tmp_path / "model.safetensors", tokenizer=tokenizer)
+    assert Path(seen["config"]) == loading.config_dir(config) and seen["tokenizer"] is tokenizer
+    assert json.loads((Path(seen["config"]) / "unet" / "config.json").read_text())["cross_attention_dim"] == width
+
+
+@pytest.mark.slow
+def test_full_size_sd15_single_file_loads_with_its_config_guessed(tmp_path):
+    """A random SD 1.5 written as an original single-file checkpoint (fp16, 2.1 GB) and read back with no config."""
+    from safetensors.torch import save_file
+    from ldm_format import to_ldm_state_dict
+
+    components = build_random("sd15")
+    parts = ("unet", "vae", "text_encoder")
+    state = {k: v.half() for k, v in to_ldm_state_dict(*(components[name] for name in parts)).items()}
+    save_file(state, tmp_path / "sd15.safetensors")
+    del state
+    loaded = LatentDiffusionPipeline.from_single_file(tmp_path / "sd15.safetensors", tokenizer=components["tokenizer"])
+    assert loaded.unet.config.cross_attention_dim == 768 and loaded.unet.config.block_out_channels == (320, 640,
+                                                                                                        1280, 1280)
+    for name in parts:
+        ours, theirs = getattr(loaded, name).state_dict(), components[name].state_dict()
+        assert ours.keys() == theirs.keys(), name
+        for key in ours:
+            assert torch.equal(ours[key], theirs[key].half().float().reshape(ours[key].shape)), (name, key)
