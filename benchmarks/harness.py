@@ -26,7 +26,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -65,40 +64,28 @@ def components_for(model: str, device: torch.device, dtype: torch.dtype) -> tupl
     return components, 7.5
 
 
-class PeakMemory:
-    """Peak memory of a call: CUDA's allocator peak, or resident memory sampled every 2 ms on CPU."""
+MEMORY = """
+import json, resource, sys
+import torch
+sys.path.insert(0, {root!r})
+from benchmarks.harness import build_pipelines
+runs = build_pipelines({name!r}, torch.device({device!r}), {cache!r}, {mode!r}, only={which!r})
+run = runs[{which!r}]
+if torch.cuda.is_available() and {device!r} != "cpu":
+    torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+run()
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+cuda = torch.cuda.max_memory_allocated() / 2**30 if {device!r} != "cpu" else None
+print(json.dumps(dict(rss_peak_gib=peak / 2**20, rss_before_call_gib=before / 2**20, cuda_peak_gib=cuda)))
+"""
 
-    def __init__(self, device: torch.device):
-        self.device, self.peak = device, 0.0
 
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            return self
-        self._base, self._max, self._done = self._rss(), 0, threading.Event()
-
-        def sample():
-            while not self._done.wait(0.002):
-                self._max = max(self._max, self._rss())
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated() / 2**30
-        else:
-            self._done.set()
-            self._thread.join()
-            self.peak = max(self._max, self._rss()) - self._base
-            self.peak /= 2**30
+def peak_memory(name: str, which: str, device: torch.device, cache_dir: str | None, mode: str) -> dict:
+    """Peak memory of one call in a new process: resident memory (ru_maxrss) and, on CUDA, the allocator's peak."""
+    code = MEMORY.format(root=str(ROOT), name=name, device=str(device), cache=cache_dir, mode=mode, which=which)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    return {k: (round(v, 3) if v is not None else None) for k, v in json.loads(out.stdout.splitlines()[-1]).items()}
 
 
 def timed(call, device: torch.device) -> float:
@@ -111,62 +98,75 @@ def timed(call, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def run_config(name: str, device: torch.device, cache_dir: str | None, compile_mode: str) -> dict:
+def build_pipelines(name: str, device: torch.device, cache_dir: str | None, compile_mode: str,
+                    only: str | None = None) -> dict:
+    """Calls for "ours_eager", "ours_compiled" and "diffusers" on one shared set of components.
+
+    Each call returns the images as a numpy array (B, H, W, 3) in [0, 1]; "compile_s" holds how
+    long `pipe.compile()` took (building or loading the package for this shape).
+    """
     from diffusers import StableDiffusionPipeline
 
     from ldm_pipeline import LatentDiffusionPipeline
     from ldm_pipeline.pipeline import default_dtype
 
-    config = dict(CONFIGS[name])
+    config = CONFIGS[name]
     steps = config.get("cuda_steps", config["steps"]) if device.type == "cuda" else config["steps"]
-    dtype = default_dtype(device)
-    components, guidance = components_for(config["model"], device, dtype)
-    eager = LatentDiffusionPipeline(**components)
-    compiled = LatentDiffusionPipeline(**components)
-    theirs = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
-                                     requires_safety_checker=False)
-    theirs.set_progress_bar_config(disable=True)
+    components, guidance = components_for(config["model"], device, default_dtype(device))
     batch, size = config["batch"], config["size"]
     prompts = [PROMPT_BUNDLED if config["model"] == "bundled" else PROMPT_SD] * batch
     common = dict(num_inference_steps=steps, guidance_scale=guidance, height=size, width=size)
+    runs = {}
+    if only in (None, "ours_eager"):
+        eager = LatentDiffusionPipeline(**components)
+        runs["ours_eager"] = lambda: eager(prompts, seed=0, progress=False, output_type="np", **common).images
+    if only in (None, "ours_compiled"):
+        compiled = LatentDiffusionPipeline(**components)
+        start = time.perf_counter()
+        compiled.compile(compile_mode, cache_dir=cache_dir, height=size, width=size,
+                         batch=batch * (2 if guidance > 1 else 1))
+        runs["compile_s"] = time.perf_counter() - start
+        runs["ours_compiled"] = lambda: compiled(prompts, seed=0, progress=False, output_type="np", **common).images
+    if only in (None, "diffusers"):
+        theirs = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
+                                         requires_safety_checker=False)
+        theirs.set_progress_bar_config(disable=True)
 
-    start = time.perf_counter()
-    unet_batch = batch * (2 if guidance > 1 else 1)
-    compiled.compile(compile_mode, cache_dir=cache_dir, height=size, width=size, batch=unet_batch)
-    compile_s = time.perf_counter() - start
+        def diffusers_call():
+            generators = [torch.Generator().manual_seed(i) for i in range(batch)]
+            return theirs(prompts, generator=generators, output_type="np", **common).images
+        runs["diffusers"] = diffusers_call
+    runs["settings"] = dict(steps=steps, guidance=guidance, dtype=str(default_dtype(device)))
+    return runs
 
-    def ours(pipe):
-        return lambda: pipe(prompts, seed=0, progress=False, output_type="np", **common).images
 
-    def diffusers_call():
-        generators = [torch.Generator().manual_seed(i) for i in range(batch)]
-        return theirs(prompts, generator=generators, output_type="np", **common).images
-
-    runs = {"ours_eager": ours(eager), "ours_compiled": ours(compiled), "diffusers": diffusers_call}
+def run_config(name: str, device: torch.device, cache_dir: str | None, compile_mode: str, memory: bool) -> dict:
+    config = CONFIGS[name]
+    runs = build_pipelines(name, device, cache_dir, compile_mode)
+    compile_s, settings = runs.pop("compile_s"), runs.pop("settings")
+    batch = config["batch"]
     pixels = {key: np.round(np.asarray(run()) * 255) for key, run in runs.items()}  # also the warm-up
     times = {key: [] for key in runs}
     for _ in range(config["repeats"]):
         for key, run in runs.items():
             times[key].append(timed(run, device))
-    memory = {}
-    for key, run in runs.items():
-        with PeakMemory(device) as peak:
-            run()
-        memory[key] = round(peak.peak, 4)
     median = {key: statistics.median(values) for key, values in times.items()}
-    return dict(
-        name=name, model=config["model"], size=size, steps=steps, batch=batch, guidance=guidance,
-        device=device.type, dtype=str(dtype), threads=torch.get_num_threads(), repeats=config["repeats"],
-        compile_mode=compile_mode, compile_s=round(compile_s, 2),
+    result = dict(
+        name=name, model=config["model"], size=config["size"], batch=batch, device=device.type,
+        threads=torch.get_num_threads(), repeats=config["repeats"], compile_mode=compile_mode,
+        compile_s=round(compile_s, 2), **settings,
         median_s={key: round(value, 4) for key, value in median.items()},
         best_s={key: round(min(values), 4) for key, values in times.items()},
         per_image_s={key: round(value / batch, 4) for key, value in median.items()},
+        it_per_s={key: round(settings["steps"] / value, 2) for key, value in median.items()},
         ratio_eager=round(median["ours_eager"] / median["diffusers"], 3),
         ratio_compiled=round(median["ours_compiled"] / median["diffusers"], 3),
         max_uint8_diff={"eager": float(np.abs(pixels["ours_eager"] - pixels["diffusers"]).max()),
                         "compiled": float(np.abs(pixels["ours_compiled"] - pixels["diffusers"]).max())},
-        peak_memory_gib=memory,
     )
+    if memory:
+        result["peak_memory"] = {key: peak_memory(name, key, device, cache_dir, compile_mode) for key in runs}
+    return result
 
 
 FIRST_CALL = """
@@ -220,14 +220,17 @@ def plot(results: list[dict], path: Path) -> None:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| configuration | diffusers s | ours eager s | ours compiled s | compiled / diffusers | "
-             "max uint8 diff | peak GiB (diffusers / compiled) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| configuration | diffusers s | ours eager s | ours compiled s | eager / diffusers | "
+             "compiled / diffusers | max uint8 diff | peak RSS GiB (diffusers / compiled) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         m = r["median_s"]
+        memory = r.get("peak_memory")
+        rss = (f"{memory['diffusers']['rss_peak_gib']:.2f} / {memory['ours_compiled']['rss_peak_gib']:.2f}"
+               if memory else "-")
         lines.append(f"| {r['name']} ({r['size']}px, {r['steps']} steps, batch {r['batch']}) | {m['diffusers']:.3f} | "
-                     f"{m['ours_eager']:.3f} | {m['ours_compiled']:.3f} | {r['ratio_compiled']:.2f} | "
-                     f"{r['max_uint8_diff']['compiled']:.0f} | {r['peak_memory_gib']['diffusers']:.2f} / "
-                     f"{r['peak_memory_gib']['ours_compiled']:.2f} |")
+                     f"{m['ours_eager']:.3f} | {m['ours_compiled']:.3f} | {r['ratio_eager']:.2f} | "
+                     f"{r['ratio_compiled']:.2f} | {r['max_uint8_diff']['compiled']:.0f} | {rss} |")
     return "\n".join(lines)
 
 
@@ -238,6 +241,7 @@ def main() -> None:
     parser.add_argument("--compile-mode", default="aot", help='pipe.compile mode: "aot" or a torch.compile mode')
     parser.add_argument("--cache-dir", default=None, help="where compiled packages go")
     parser.add_argument("--cache-timings", action="store_true", help="also time cold and warm first calls")
+    parser.add_argument("--memory", action="store_true", help="also measure each call's peak memory in a new process")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "results.json")
     parser.add_argument("--plot", type=Path, default=None, help="PNG of time against steps, batch and size")
     args = parser.parse_args()
@@ -246,7 +250,7 @@ def main() -> None:
     names = args.only or (CPU_DEFAULT if device.type == "cpu" else ["bundled-b1", "bundled-b16", "sd15-512"])
     results = []
     for name in names:
-        result = run_config(name, device, args.cache_dir, args.compile_mode)
+        result = run_config(name, device, args.cache_dir, args.compile_mode, args.memory)
         print(json.dumps(result), flush=True)
         results.append(result)
     report = dict(torch=torch.__version__, cpu_capability=torch.backends.cpu.get_cpu_capability(),

@@ -62,7 +62,10 @@ def package_key(unet, digest: str, sample_shape: tuple, context_shape: tuple, ba
         sample_shape: (C, h, w) of the latents; context_shape: (L, D) of the text embeddings.
         batch: the UNet's batch size (twice the images with classifier-free guidance).
     """
-    parts = dict(format=FORMAT, weights=digest, config=dict(unet.config), sample=list(sample_shape),
+    # diffusers' private config entries ("_use_default_values", "_name_or_path") say nothing of the
+    # network, and one of them is a list in set order, which changes from process to process.
+    config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_") or k == "_class_name"}
+    parts = dict(format=FORMAT, weights=digest, config=config, sample=list(sample_shape),
                  context=list(context_shape), batch=batch, dtype=str(unet.dtype), device=unet.device.type,
                  torch=torch.__version__, cpu=torch.backends.cpu.get_cpu_capability())
     text = json.dumps(parts, sort_keys=True, default=str)
