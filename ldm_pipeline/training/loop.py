@@ -75,11 +75,16 @@ class EMA:
     @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int) -> None:
         decay = min(self.decay, (1 + step) / (10 + step))
+        shadows, values = [], []
         for key, value in model.state_dict().items():
             if value.dtype.is_floating_point:
-                self.shadow[key].mul_(decay).add_(value.detach().float(), alpha=1 - decay)
+                shadows.append(self.shadow[key])
+                values.append(value.detach().float())
             else:
                 self.shadow[key].copy_(value)
+        # shadow * decay + value * (1 - decay), the same arithmetic as tensor by tensor, in one call each
+        torch._foreach_mul_(shadows, decay)
+        torch._foreach_add_(shadows, values, alpha=1 - decay)
 
     def copy_to(self, model: torch.nn.Module) -> None:
         model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in self.shadow.items()})
@@ -167,7 +172,8 @@ def train(config: LoopConfig, models: dict[str, torch.nn.Module], loss_fn: LossF
         raise ValueError(f"`batch_size`: {config.batch_size} does not split over {accelerator.num_processes} "
                          "processes; choose a multiple")
     parameters = [p for model in models.values() for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+    # fused: one kernel for all parameters instead of a dozen small ops per tensor (CPU and CUDA)
+    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay, fused=True)
     ema = EMA(models[ema_model], config.ema_decay) if ema_model and config.ema_decay else None
     start = 0
     log = output / "log.jsonl"

@@ -54,6 +54,24 @@ def encode_dataset(vae: AutoencoderKL, dataset, count: int, image_size: int, bat
     return torch.cat(means), torch.cat(stds), captions
 
 
+TEXT_TABLE_BYTES = 2 * 2**30  # caption embeddings are precomputed up to this size, else encoded per step
+
+
+@torch.no_grad()
+def encode_captions(tokenizer, text_encoder, captions: list[str], batch_size: int = 256):
+    """Each distinct caption's text embeddings, once, with "" first.
+
+    Returns:
+        `(embeddings, rows)`: embeddings (U, L, D) of "" and the U - 1 distinct captions, and
+        for each caption its row in them (a long tensor of len(captions)).
+    """
+    distinct = [""] + sorted(set(captions) - {""})
+    row_of = {caption: row for row, caption in enumerate(distinct)}
+    embeddings = torch.cat([encode_text(tokenizer, text_encoder, distinct[start:start + batch_size])
+                            for start in range(0, len(distinct), batch_size)])
+    return embeddings, torch.tensor([row_of[caption] for caption in captions])
+
+
 def snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
     """Min-SNR weights: less weight on nearly clean steps, which are easy.
 
@@ -96,13 +114,22 @@ def train_unet(config: UnetConfig, resume: bool = False, progress: bool = True) 
                                 out_channels=means.shape[1], cross_attention_dim=text_encoder.config.hidden_size,
                                 **config.model)
 
+    # The text tower is frozen, so every caption (and "" for dropped ones) is encoded once, here,
+    # with the pipeline's own function, instead of at every step, when the table fits in memory.
+    table_bytes = (len(set(captions)) + 1) * tokenizer.model_max_length * text_encoder.config.hidden_size * 4
+    table = encode_captions(tokenizer, text_encoder, captions) if table_bytes <= TEXT_TABLE_BYTES else None
+
     def loss_fn(models, step, generator, rank, world):
         indices = data.step_indices(len(captions), step, config.loop.batch_size, config.loop.seed, rank, world)
         index = torch.tensor(indices)
         latents = (means[index] + stds[index] * torch.randn(means[index].shape, generator=generator)) * scale
         drop = torch.rand(len(indices), generator=generator) < config.caption_dropout
-        texts = ["" if dropped else captions[i] for i, dropped in zip(indices, drop.tolist())]
-        context = encode_text(tokenizer, text_encoder, texts)  # exactly what the pipeline feeds the UNet
+        if table is not None:
+            embeddings, rows = table
+            context = embeddings[torch.where(drop, 0, rows[index])]  # row 0 is ""
+        else:
+            texts = ["" if dropped else captions[i] for i, dropped in zip(indices, drop.tolist())]
+            context = encode_text(tokenizer, text_encoder, texts)  # exactly what the pipeline feeds the UNet
         return unet_loss(models["unet"], scheduler, latents, context, generator, config.snr_gamma), {}
 
     unet = train(config.loop, {"unet": unet}, loss_fn, resume=resume, ema_model="unet", progress=progress,
