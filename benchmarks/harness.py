@@ -65,24 +65,39 @@ def components_for(model: str, device: torch.device, dtype: torch.dtype) -> tupl
 
 
 MEMORY = """
-import json, resource, sys
+import json, os, sys, threading
 import torch
 sys.path.insert(0, {root!r})
 from benchmarks.harness import build_pipelines
 runs = build_pipelines({name!r}, torch.device({device!r}), {cache!r}, {mode!r}, only={which!r})
 run = runs[{which!r}]
-if torch.cuda.is_available() and {device!r} != "cpu":
+cuda = {device!r} != "cpu"
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+if cuda:
     torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before, peak, done = rss(), [0], threading.Event()
+
+def sample():
+    while not done.wait(0.002):
+        peak[0] = max(peak[0], rss())
+
+watcher = threading.Thread(target=sample)
+watcher.start()
 run()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-cuda = torch.cuda.max_memory_allocated() / 2**30 if {device!r} != "cpu" else None
-print(json.dumps(dict(rss_peak_gib=peak / 2**20, rss_before_call_gib=before / 2**20, cuda_peak_gib=cuda)))
+done.set(); watcher.join()
+peak = max(peak[0], rss())
+print(json.dumps(dict(rss_before_gib=before / 2**30, rss_peak_gib=peak / 2**30, call_gib=(peak - before) / 2**30,
+                      cuda_peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None)))
 """
 
 
 def peak_memory(name: str, which: str, device: torch.device, cache_dir: str | None, mode: str) -> dict:
-    """Peak memory of one call in a new process: resident memory (ru_maxrss) and, on CUDA, the allocator's peak."""
+    """Memory of one first call in a new process: resident memory before and at its peak (sampled every
+    2 ms) and their difference, the call's own; on CUDA also the allocator's peak."""
     code = MEMORY.format(root=str(ROOT), name=name, device=str(device), cache=cache_dir, mode=mode, which=which)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     return {k: (round(v, 3) if v is not None else None) for k, v in json.loads(out.stdout.splitlines()[-1]).items()}

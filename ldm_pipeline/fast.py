@@ -125,8 +125,11 @@ class AotUNet:
         t = torch.as_tensor(timestep, device=sample.device).to(torch.float32).reshape(())
         batch = sample.shape[0]
         if batch not in self._runs:
-            self._runs[batch] = self.owner.package(self.unet, self.sample_shape, self.context_shape, batch)
+            self._runs[batch] = self.owner.package(self.unet, self.sample_shape, self.context_shape, batch,
+                                                   fall_back=True)
         run = self._runs[batch]
+        if run is None:
+            return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)
         return (run(sample.contiguous(), t, encoder_hidden_states.contiguous()),)
 
 
@@ -163,21 +166,35 @@ class CompiledUNet:
             self._digest, self._state = weights_digest(unet), state
         return AotUNet(self, unet, sample_shape, context_shape)
 
-    def package(self, unet, sample_shape: tuple, context_shape: tuple, batch: int):
-        """The loaded package for these inputs: from memory, from the disk cache, or built now."""
+    def package(self, unet, sample_shape: tuple, context_shape: tuple, batch: int, fall_back: bool = False):
+        """The loaded package for these inputs: from memory, from the disk cache, or built now.
+
+        With `fall_back`, a package that cannot be built (no C++ compiler, a UNet that torch.export
+        does not take, a full disk) gives a warning and None, once: the caller runs the UNet eagerly.
+        """
         key = package_key(unet, self._digest, sample_shape, context_shape, batch)
         if key not in self._packages:
-            path = self.cache_dir / f"unet-{key}.pt2"
-            if not path.is_file():
-                self._say(f"compiling the UNet for latents {sample_shape}, batch {batch} "
-                          f"(once per model, shape and machine; about a minute for small models) into {path}")
-                start = time.perf_counter()
-                build_package(unet, path, sample_shape, context_shape, batch)
-                self._say(f"compiled in {time.perf_counter() - start:.0f} s")
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                self._packages[key] = torch._inductor.aoti_load_package(str(path))
+            try:
+                self._packages[key] = self._load_or_build(unet, key, sample_shape, context_shape, batch)
+            except Exception as error:
+                if not fall_back:
+                    raise
+                warnings.warn(f"compiling the UNet for latents {sample_shape}, batch {batch} failed "
+                              f"({type(error).__name__}: {error}); it runs eagerly", stacklevel=3)
+                self._packages[key] = None
         return self._packages[key]
+
+    def _load_or_build(self, unet, key: str, sample_shape: tuple, context_shape: tuple, batch: int):
+        path = self.cache_dir / f"unet-{key}.pt2"
+        if not path.is_file():
+            self._say(f"compiling the UNet for latents {sample_shape}, batch {batch} "
+                      f"(once per model, shape and machine; about a minute for small models) into {path}")
+            start = time.perf_counter()
+            build_package(unet, path, sample_shape, context_shape, batch)
+            self._say(f"compiled in {time.perf_counter() - start:.0f} s")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch._inductor.aoti_load_package(str(path))
 
     def _say(self, message: str) -> None:
         if self.verbose:

@@ -4,6 +4,8 @@ Compiling takes seconds even for the tiny UNet, so the packages are built into o
 shared by this module's tests, and the cases are few.
 """
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -94,3 +96,19 @@ def test_compile_rejects_unknown_modes_and_bad_sizes(pipe, tmp_path):
     with pytest.raises(ValueError, match="`height`: got 13"):
         pipe.compile(cache_dir=tmp_path, height=13)
     assert pipe.compiled is None and not any(tmp_path.iterdir())
+
+
+def test_a_package_that_cannot_be_built_mid_call_falls_back_to_eager_with_a_warning(components, tmp_path,
+                                                                                  monkeypatch):
+    pipe = LatentDiffusionPipeline(**components).compile(cache_dir=tmp_path, batch=None, verbose=False)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+    monkeypatch.setattr(fast, "build_package", broken)
+    with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
+        got = draw(pipe)
+    np.testing.assert_array_equal(got, draw(LatentDiffusionPipeline(**components)))
+    with warnings.catch_warnings(record=True) as caught:  # the failure is remembered: no second try
+        warnings.simplefilter("always")
+        draw(pipe)
+    assert not [w for w in caught if "compiling the UNet" in str(w.message)]
