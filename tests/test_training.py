@@ -291,3 +291,27 @@ def test_recipe_configs_are_checked(tmp_path):
         read_stage(tmp_path / "missing.json", tmp_path)
     with pytest.raises(ValueError, match=r"`batch_size`: got 0; expected an integer >= 1"):
         read_stage("configs/shapes/vae.json", tmp_path, overrides={"batch_size": 0})
+
+
+def test_unet_trainer_with_and_without_the_caption_table_takes_the_same_steps(trained, tmp_path, monkeypatch):
+    from ldm_pipeline.training import unet as unet_stage
+
+    root = trained[0]
+
+    def run(name):
+        torch.manual_seed(0)  # the UNet's initial weights come from the global generator
+        config = UnetConfig(loop=LoopConfig(output_dir=str(tmp_path / name), steps=3, batch_size=8, warmup_steps=1,
+                                            log_every=1, checkpoint_every=100),
+                            clip=str(root / "clip" / "model"), vae=str(root / "vae" / "model"), image_size=32,
+                            cache_size=32, model=TINY_UNET, scheduler=SCHEDULER)
+        train_unet(config, progress=False)
+        return _losses(tmp_path / name)
+
+    with_table = run("table")
+    monkeypatch.setattr(unet_stage, "TEXT_TABLE_BYTES", 0)  # too big: captions encoded at every step
+    calls = []
+    real = unet_stage.encode_text
+    monkeypatch.setattr(unet_stage, "encode_text", lambda *args: calls.append(1) or real(*args))
+    per_step = run("per-step")
+    assert len(calls) == 3  # the fallback really ran, once per step
+    assert per_step == pytest.approx(with_table, rel=1e-5)
