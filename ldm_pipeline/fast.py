@@ -118,19 +118,21 @@ class AotUNet:
         self._runs = {}  # batch -> package; the key is worth computing once per call, not per step
 
     def __call__(self, sample, timestep, encoder_hidden_states=None, return_dict=False, **kwargs):
-        if any(value is not None for value in kwargs.values()):  # extra UNet inputs: not what was compiled
+        # Extra UNet inputs are not what was compiled; a package that could not be built is None.
+        extra = any(value is not None for value in kwargs.values())
+        run = None if extra else self._package(sample.shape[0])
+        if run is None:
             return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
                              return_dict=return_dict, **kwargs)
         # The UNet casts the timestep to float32 for its embedding; casting here is the same number.
         t = torch.as_tensor(timestep, device=sample.device).to(torch.float32).reshape(())
-        batch = sample.shape[0]
+        return (run(sample.contiguous(), t, encoder_hidden_states.contiguous()),)
+
+    def _package(self, batch: int):
         if batch not in self._runs:
             self._runs[batch] = self.owner.package(self.unet, self.sample_shape, self.context_shape, batch,
                                                    fall_back=True)
-        run = self._runs[batch]
-        if run is None:
-            return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)
-        return (run(sample.contiguous(), t, encoder_hidden_states.contiguous()),)
+        return self._runs[batch]
 
 
 class CompiledUNet:
@@ -161,10 +163,19 @@ class CompiledUNet:
             if self._in_process is None or self._in_process[0] is not unet:
                 self._in_process = (unet, torch.compile(unet, mode=self.mode, fullgraph=True))
             return self._in_process[1]
+        self._refresh(unet)
+        return AotUNet(self, unet, sample_shape, context_shape)
+
+    def build(self, unet, sample_shape: tuple, context_shape: tuple, batch: int) -> None:
+        """Load or build the package for these inputs now ("aot" mode), so the first call does not wait."""
+        self._refresh(unet)
+        self.package(unet, sample_shape, context_shape, batch)
+
+    def _refresh(self, unet) -> None:
+        """Digest the weights again when the cheap fingerprint says they changed."""
         state = weights_state(unet)
         if state != self._state:
             self._digest, self._state = weights_digest(unet), state
-        return AotUNet(self, unet, sample_shape, context_shape)
 
     def package(self, unet, sample_shape: tuple, context_shape: tuple, batch: int, fall_back: bool = False):
         """The loaded package for these inputs: from memory, from the disk cache, or built now.

@@ -115,15 +115,15 @@ class LatentDiffusionPipeline:
         """
         factor = self.vae_scale_factor
         checks.check_size(height, width, factor)
-        if batch is not None and (not isinstance(batch, int) or isinstance(batch, bool) or batch < 1):
+        if batch is not None and (not checks._is_int(batch) or batch < 1):
             raise ValueError(f"`batch`: got {batch!r}; expected an integer >= 1 (the UNet's batch) or None")
         compiled = fast.CompiledUNet(mode, cache_dir, verbose)
         if mode == "aot" and batch is not None:
-            size = (self.unet.config.in_channels, (height or self.unet.config.sample_size * factor) // factor,
-                    (width or self.unet.config.sample_size * factor) // factor)
+            side = self.unet.config.sample_size
+            size = (self.unet.config.in_channels, height // factor if height else side,
+                    width // factor if width else side)
             context = (self.tokenizer.model_max_length, self.unet.config.cross_attention_dim)
-            compiled.runner_for(self.unet, size, context)
-            compiled.package(self.unet, size, context, batch)
+            compiled.build(self.unet, size, context, batch)
         self.compiled = compiled
         return self
 

@@ -54,7 +54,10 @@ class EmbeddingCache:
         self._owner = None
 
     def encode(self, tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
-        """`encode_text(tokenizer, text_encoder, prompts)`, from the cache when it was seen. Do not change the result in place."""
+        """`encode_text(tokenizer, text_encoder, prompts)`, from the cache when seen before.
+
+        The result may be the cached tensor itself: do not change it in place.
+        """
         owner = (id(tokenizer), id(text_encoder), weights_state(text_encoder))
         if owner != self._owner:
             self._entries.clear()
