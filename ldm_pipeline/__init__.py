@@ -8,8 +8,9 @@
 from .images import load_image, make_grid
 from .loading import ModelNotFoundError
 from .pipeline import DEFAULT_MODEL, LatentDiffusionPipeline, PipelineOutput
+from .recipes import Recipe, read_recipe, read_recipes
 from .schedulers import SCHEDULERS
 
-__all__ = ["DEFAULT_MODEL", "LatentDiffusionPipeline", "ModelNotFoundError", "PipelineOutput", "SCHEDULERS",
-           "load_image", "make_grid"]
+__all__ = ["DEFAULT_MODEL", "LatentDiffusionPipeline", "ModelNotFoundError", "PipelineOutput", "Recipe", "SCHEDULERS",
+           "load_image", "make_grid", "read_recipe", "read_recipes"]
 __version__ = "0.1.0"

@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ldm", description="Latent diffusion: text-to-image and image-to-image.")
     commands = parser.add_subparsers(dest="command", required=True)
     generate = commands.add_parser("generate", help="draw images for one or more prompts")
-    generate.add_argument("prompt", nargs="+", help="one or more prompts; several make a grid, a row each")
+    generate.add_argument("prompt", nargs="*", help="one or more prompts; several make a grid, a row each")
     generate.add_argument("--negative-prompt", default=None)
     generate.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's, else 50)")
     generate.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
@@ -36,7 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--compile", action="store_true",
                           help="run the UNet compiled (pipe.compile()): about twice as fast; the first run for a "
                                "model, size and batch compiles it (about a minute), later runs load it from the cache")
-    generate.add_argument("--out", required=True, type=Path, help="output PNG (a grid for several images)")
+    generate.add_argument("--from", dest="source", type=Path, default=None, metavar="PNG",
+                          help="draw again the image (or grid) whose recipe this PNG carries, instead of prompts")
+    generate.add_argument("--ignore-model-hash", action="store_true",
+                          help="with --from: draw even if the model's hash differs from the recipe's")
+    generate.add_argument("--out", required=True, type=Path,
+                          help="output PNG, carrying its recipe (a grid for several images, with every recipe)")
 
     train = commands.add_parser("train", help="train one stage from its config, or a whole recipe")
     train.add_argument("what", help="a stage config (configs/shapes/unet.json) or a recipe folder (configs/shapes)")
@@ -92,23 +97,50 @@ def train(args: argparse.Namespace) -> None:
         print(f"trained {target.stem} in {args.run_dir}")
 
 
+# generation settings that --from takes from the recipe instead (and their defaults, to notice them given)
+_RECIPE_OPTIONS = {"prompt": [], "negative_prompt": None, "steps": None, "guidance": None, "seed": None, "size": None,
+                   "num_images": 1, "scheduler": None, "strength": 0.8}
+
+
 def generate(args: argparse.Namespace) -> None:
     from . import LatentDiffusionPipeline, make_grid
+    from .recipes import read_recipes, write_png
 
     if args.out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise ValueError(f"--out: got {str(args.out)!r}; expected a .png, .jpg or .webp file name")
-    width, height = args.size or (None, None)
+    if args.source is not None:
+        given = [name for name, default in _RECIPE_OPTIONS.items() if getattr(args, name) != default]
+        if given:
+            raise ValueError(f"--from: the recipe gives the settings; drop {', '.join(given)}")
+        recipes, grid = read_recipes(args.source)  # before loading a model: a PNG without a recipe fails fast
+        rows = grid[0] if grid else 1
+    elif not args.prompt:
+        raise ValueError("prompt: give one or more prompts, or --from PNG to draw an image again")
+    elif args.ignore_model_hash:
+        raise ValueError("--ignore-model-hash: applies only with --from")
     pipe = LatentDiffusionPipeline.from_pretrained(args.model, device=args.device)
     if args.scheduler:
         pipe.set_scheduler(args.scheduler)
     if args.compile:
         pipe.compile(batch=None)  # built for the call's own size and batch when it runs
-    result = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
-                  guidance_scale=args.guidance, height=height, width=width, num_images_per_prompt=args.num_images,
-                  seed=args.seed, image=args.image, strength=args.strength)
-    picture = result.images[0] if len(result.images) == 1 else make_grid(result.images, rows=len(args.prompt))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    picture.save(args.out)
+    if args.source is not None:
+        result = pipe.reproduce(recipes, image=args.image, ignore_model_hash=args.ignore_model_hash)
+    else:
+        width, height = args.size or (None, None)
+        result = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
+                      guidance_scale=args.guidance, height=height, width=width,
+                      num_images_per_prompt=args.num_images, seed=args.seed, image=args.image,
+                      strength=args.strength)
+        rows = len(args.prompt)
+    single = len(result.images) == 1
+    picture = result.images[0] if single else make_grid(result.images, rows=rows)
+    if args.out.suffix.lower() == ".png":
+        cols = -(-len(result.images) // rows)
+        write_png(picture, args.out, result.recipes(), grid=None if single else (rows, cols))
+    else:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        picture.save(args.out)
+        print(f"note: {args.out.suffix} files carry no recipe; write a .png to keep one")
     print(f"wrote {args.out} ({result.width}x{result.height}, seeds {result.seeds}, {result.steps_run} steps, "
           f"{result.scheduler}, guidance {result.guidance_scale})")
 

@@ -12,7 +12,8 @@ import numpy as np
 import PIL.Image
 import torch
 
-from . import checks, fast, images, latents as latent_ops, loading, schedulers, text
+from . import checks, fast, images, latents as latent_ops, loading, recipes, schedulers, text
+from .model_hash import ModelIdentity
 from .sampling import StepCallback, denoise
 
 DEFAULT_MODEL = Path(__file__).parent / "models" / "shapes"
@@ -33,6 +34,16 @@ class PipelineOutput:
     guidance_scale: float
     strength: float | None  # None for text-to-image
     prompts: list[str] | None = field(default=None)
+    call: recipes.CallRecord | None = field(default=None, repr=False)  # for the images' recipes
+
+    def recipes(self) -> list[recipes.Recipe]:
+        """One `Recipe` per image: prompt, seed, settings and model hash, enough to draw it again."""
+        return recipes.recipes_of(self)
+
+    def save(self, path: str | os.PathLike) -> list[Path]:
+        """Write the images as PNGs carrying their recipes, atomically: `path` is a .png file for one
+        image, or a folder for any number (image i is `{i:03d}-seed{seed}.png`). Returns the paths."""
+        return recipes.save_output(self, path)
 
 
 def default_dtype(device: torch.device | str) -> torch.dtype:
@@ -60,6 +71,7 @@ class LatentDiffusionPipeline:
         self.defaults = {**FALLBACK_DEFAULTS, **(defaults or {})}
         self.compiled: fast.CompiledUNet | None = None  # set by compile()
         self.embedding_cache = text.EmbeddingCache()  # repeated prompts and "" are encoded once
+        self.identity = ModelIdentity()  # the model's name and hash, for recipes
 
     # -- components -------------------------------------------------------------------------
 
@@ -127,6 +139,23 @@ class LatentDiffusionPipeline:
         self.compiled = compiled
         return self
 
+    def model_hash(self) -> str:
+        """The model's hash as recipes record it (see `model_hash.ModelIdentity`); cached until the weights change."""
+        return self.identity.hash(self)
+
+    def reproduce(self, source, image: images.ImageInput | None = None, ignore_model_hash: bool = False,
+                  progress: bool = True) -> PipelineOutput:
+        """Draw an image again from its recipe: the same pixels on the same machine and software.
+
+        Args:
+            source: a PNG written by `PipelineOutput.save` or `ldm generate` (a grid: all its
+                images), an A1111-style PNG, or a `Recipe` (or a list of them from one call).
+            image: image-to-image: the reference picture (default: the file the recipe names,
+                if it is still there); refused when its pixels are not the recorded ones.
+            ignore_model_hash: draw even when this model's hash differs from the recipe's.
+        """
+        return recipes.reproduce(self, source, image, ignore_model_hash, progress)
+
     # -- loading and saving -----------------------------------------------------------------
 
     @classmethod
@@ -149,6 +178,7 @@ class LatentDiffusionPipeline:
         folder = loading.resolve_model_dir(path_or_id)
         components = loading.load_components(folder, torch_dtype=torch_dtype or default_dtype(device))
         pipe = cls(**components, defaults=loading.read_defaults(folder))
+        pipe.identity.name = Path(path_or_id).resolve().name if Path(path_or_id).is_dir() else str(path_or_id)
         return pipe.to(device, torch_dtype)
 
     @classmethod
@@ -164,7 +194,9 @@ class LatentDiffusionPipeline:
         device = torch.device(device or "cpu")
         components = loading.load_single_file(path, config=config, tokenizer=tokenizer,
                                               torch_dtype=torch_dtype or default_dtype(device))
-        return cls(**components).to(device, torch_dtype)
+        pipe = cls(**components).to(device, torch_dtype)
+        pipe.identity.loaded_from_file(path, pipe)
+        return pipe
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
         """Write the diffusers folder layout (safetensors), loadable by diffusers' StableDiffusionPipeline too."""
@@ -225,6 +257,7 @@ class LatentDiffusionPipeline:
                           strength=strength, output_type=output_type, generator=generator, seed=seed,
                           latents=latents, batch=batch, image_given=image is not None)
         reference = images.load_image(image) if image is not None else None
+        latents_given = latents is not None  # for the recipe: such images cannot be drawn again from it
         if reference is not None:
             height, width = images.image_size(reference, height, width, factor)
         height = height or self.unet.config.sample_size * factor
@@ -266,4 +299,6 @@ class LatentDiffusionPipeline:
             images=result, seeds=seeds, height=height, width=width, num_inference_steps=num_inference_steps,
             steps_run=steps_run, scheduler=schedulers.scheduler_name(scheduler), guidance_scale=guidance_scale,
             strength=strength if reference is not None else None, prompts=prompts,
+            call=recipes.CallRecord.of(self, prompts, negatives, num_images_per_prompt, scheduler, eta, reference,
+                                       image, seeds is None, latents_given, prompt_embeds is not None),
         )
