@@ -13,6 +13,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -109,19 +110,51 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def _fsync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Write atomically: a temporary file in the same folder, then a rename."""
+    """Write atomically: a temporary file in the same folder, synced to disk, then a rename.
+
+    A kill at any moment leaves the previous checkpoint and at worst a `.step-*.pt.tmp` file,
+    which `latest_checkpoint` does not see; the sync before the rename makes the same hold after
+    a power cut, where a renamed but unwritten file could otherwise be left.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp")
     torch.save(state, temporary)
+    _fsync(temporary)
     os.replace(temporary, path)
+    _fsync(path.parent)  # the rename itself
+
+
+def load_latest_checkpoint(output_dir: str | Path) -> tuple[Path, dict] | None:
+    """The newest checkpoint that reads whole, and its state; None when there is none.
+
+    A newer one that cannot be read (damaged on disk, or cut short where the file system lost a
+    write) is skipped with a warning naming it, so the run goes on from the one before.
+    """
+    for path in reversed(_checkpoints(Path(output_dir) / "checkpoints")):
+        try:
+            return path, torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as error:  # torch raises RuntimeError, EOFError or pickle errors for a cut file
+            warnings.warn(f"checkpoint {str(path)!r} cannot be read ({type(error).__name__}: {error}); "
+                          "resuming from the one before it", stacklevel=2)
+    return None
 
 
 def _trim_log(log: Path, step: int) -> None:
     """After a resume, forget what was logged past the checkpoint so the log reads as one run."""
     if log.is_file():
         kept = [line for line in log.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        log.write_text("".join(line + "\n" for line in kept))
+        temporary = log.with_name(f".{log.name}.tmp")  # a kill while trimming keeps the whole log
+        temporary.write_text("".join(line + "\n" for line in kept))
+        os.replace(temporary, log)
 
 
 def plot_losses(log: str | Path, png: str | Path, title: str = "") -> Path:
@@ -177,9 +210,9 @@ def train(config: LoopConfig, models: dict[str, torch.nn.Module], loss_fn: LossF
     ema = EMA(models[ema_model], config.ema_decay) if ema_model and config.ema_decay else None
     start = 0
     log = output / "log.jsonl"
-    checkpoint = latest_checkpoint(output) if resume else None
-    if checkpoint is not None:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    found = load_latest_checkpoint(output) if resume else None
+    if found is not None:
+        _, state = found
         for key, model in models.items():
             model.load_state_dict(state["models"][key])
         optimizer.load_state_dict(state["optimizer"])
