@@ -6,7 +6,6 @@ costs, meaningless pictures.
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
@@ -31,7 +30,8 @@ def build_random(config: str | Path = "sd15", tokenizer: CLIPTokenizer | None = 
     """Components with random weights for a configuration in `configs/` ("sd15", "sd21") or a folder.
 
     Args:
-        tokenizer: defaults to a byte-level CLIP tokenizer, since the real vocabulary is not shipped.
+        tokenizer: defaults to the real CLIP tokenizer (`loading.bundled_clip_tokenizer`) with
+            the configuration's special tokens.
         seed: seeds the weight initialisation.
         device: "meta" builds the modules without allocating weights (to count parameters).
 
@@ -40,7 +40,6 @@ def build_random(config: str | Path = "sd15", tokenizer: CLIPTokenizer | None = 
     """
     folder = Path(config) if Path(config).is_dir() else loading.config_dir(str(config))
     index = loading.check_model_dir(folder)
-    settings = json.loads((folder / "tokenizer" / "tokenizer_config.json").read_text())
     torch.manual_seed(seed)
     with torch.device(device):
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
@@ -48,7 +47,7 @@ def build_random(config: str | Path = "sd15", tokenizer: CLIPTokenizer | None = 
         text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))
     scheduler_cls = loading.component_class(*index["scheduler"])
     components = dict(
-        tokenizer=tokenizer or byte_tokenizer(settings.get("model_max_length", 77)),
+        tokenizer=tokenizer or loading.bundled_clip_tokenizer(folder),
         text_encoder=text_encoder, vae=vae, unet=unet,
         scheduler=scheduler_cls.from_pretrained(folder / "scheduler"),
     )

@@ -7,6 +7,7 @@ and one subfolder per component (`tokenizer/`, `text_encoder/`, `vae/`, `unet/`,
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import shutil
@@ -169,13 +170,18 @@ def save_components(components: dict, path: str | os.PathLike, defaults: dict | 
     return target
 
 
-def config_dir(name: str) -> Path:
-    """The folder of a configuration kept in `configs/` (e.g. "sd15", "sd21")."""
+def config_root() -> Path:
+    """The installed `configs/` folder (ldm_pipeline.configs)."""
     from importlib.resources import files
 
-    folder = Path(str(files("ldm_pipeline.configs"))) / name
+    return Path(str(files("ldm_pipeline.configs")))
+
+
+def config_dir(name: str) -> Path:
+    """The folder of a configuration kept in `configs/` (e.g. "sd15", "sd21")."""
+    folder = config_root() / name
     if not (folder / "model_index.json").is_file():
-        available = sorted(p.parent.name for p in Path(str(files("ldm_pipeline.configs"))).glob("*/model_index.json"))
+        available = sorted(p.parent.name for p in config_root().glob("*/model_index.json"))
         raise ValueError(f"`config`: no configuration {name!r} in configs/; expected one of {available}")
     return folder
 
@@ -197,13 +203,35 @@ def guess_config(checkpoint_path: Path) -> str:
     return known[width]
 
 
-def load_single_file(path: str | os.PathLike, config: str | None = None, tokenizer=None,
+def bundled_clip_tokenizer(config: str | os.PathLike = "sd15") -> CLIPTokenizer:
+    """OpenAI's CLIP tokenizer, read offline from the vocabulary shipped in `configs/clip_tokenizer`.
+
+    Stable Diffusion 1.x and 2.x share this BPE vocabulary (49,408 tokens; start 49406, end
+    49407); their special tokens differ and come from `<config>/tokenizer/tokenizer_config.json`:
+    SD 1.x pads with "<|endoftext|>" (49407), SD 2.x with "!" (id 0), as diffusers' SD 2 tokenizer does.
+
+    Args:
+        config: "sd15", "sd21" or a model folder whose tokenizer/tokenizer_config.json gives the special tokens.
+    """
+    folder = Path(config) if Path(config).is_dir() else config_dir(str(config))
+    vocabulary = config_root() / "clip_tokenizer"
+    with tempfile.TemporaryDirectory() as staging:
+        # CLIPTokenizer reads plain files; the shipped ones are gzip-compressed (0.5 MB instead of 1.5 MB)
+        for name in ("vocab.json", "merges.txt"):
+            (Path(staging) / name).write_bytes(gzip.decompress((vocabulary / f"{name}.gz").read_bytes()))
+        shutil.copy(folder / "tokenizer" / "tokenizer_config.json", staging)
+        return CLIPTokenizer.from_pretrained(staging)
+
+
+def load_single_file(path: str | os.PathLike, config: str | None = None,
+                     tokenizer: PreTrainedTokenizerBase | str | os.PathLike | None = None,
                      torch_dtype: torch.dtype | None = None) -> dict:
-    """Components from an original single-file Stable Diffusion checkpoint (.safetensors).
+    """Components from an original single-file Stable Diffusion checkpoint (.safetensors), offline.
 
     Conversion is diffusers' single-file loader; component configs come from `configs/<config>`
-    so that no network is needed. The CLIP vocabulary is not in the checkpoint: pass `tokenizer=`
-    or let it be fetched from the Hub (cached after the first time).
+    and the CLIP vocabulary, which the checkpoint does not carry, from `configs/clip_tokenizer`,
+    so no network is needed. `tokenizer=` may instead be a tokenizer, a local tokenizer folder
+    or a Hub id (downloaded, or read from the Hub cache).
     """
     from diffusers import StableDiffusionPipeline
 
@@ -214,6 +242,8 @@ def load_single_file(path: str | os.PathLike, config: str | None = None, tokeniz
     folder = config_dir(name) if not Path(name).is_dir() else Path(name)
     if tokenizer is None:
         tokenizer = _config_tokenizer(folder)
+    elif isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = _named_tokenizer(tokenizer)
     pipe = StableDiffusionPipeline.from_single_file(
         str(checkpoint), config=str(folder), local_files_only=True, torch_dtype=torch_dtype,
         tokenizer=tokenizer, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
@@ -222,13 +252,48 @@ def load_single_file(path: str | os.PathLike, config: str | None = None, tokeniz
 
 
 def _config_tokenizer(folder: Path):
-    if (folder / "tokenizer" / "vocab.json").is_file():
+    if (folder / "tokenizer" / "vocab.json").is_file() or (folder / "tokenizer" / "tokenizer.json").is_file():
         return CLIPTokenizer.from_pretrained(folder / "tokenizer")
-    settings = json.loads((folder / "tokenizer" / "source.json").read_text())
+    if not (folder / "tokenizer" / "tokenizer_config.json").is_file():
+        raise ModelNotFoundError(f"`config`: {str(folder)!r} has no tokenizer/tokenizer_config.json; pass tokenizer=")
+    return bundled_clip_tokenizer(folder)
+
+
+TOKENIZER_FILES = ("vocab.json", "tokenizer.json")  # a CLIP tokenizer folder holds one of these
+
+
+def _tokenizer_folder(folder: Path) -> Path | None:
+    for candidate in (folder, folder / "tokenizer"):  # a tokenizer repo, or a pipeline repo's tokenizer/
+        if any((candidate / name).is_file() for name in TOKENIZER_FILES):
+            return candidate
+    return None
+
+
+def _named_tokenizer(name: str | os.PathLike):
+    """A tokenizer from a local folder, or from a Hub id such as "openai/clip-vit-large-patch14".
+
+    The vocabulary files are checked for first: transformers builds an empty tokenizer, without
+    an error, from a folder or repo that has none.
+    """
+    local = Path(name).expanduser()
+    if local.exists() or not _is_hub_id(str(name)):
+        folder = _tokenizer_folder(local) if local.is_dir() else None
+        if folder is None:
+            raise ValueError(f"`tokenizer`: {str(name)!r} is neither a tokenizer folder (with vocab.json or "
+                             "tokenizer.json) nor a Hub id (owner/name)")
+        return CLIPTokenizer.from_pretrained(folder)
+    from huggingface_hub import snapshot_download
+
+    patterns = [f"{prefix}{pattern}" for prefix in ("", "tokenizer/") for pattern in ("*.json", "*.txt")]
     try:
-        return CLIPTokenizer.from_pretrained(settings["repo"], subfolder=settings.get("subfolder", ""))
-    except OSError as error:
+        folder = _tokenizer_folder(Path(snapshot_download(str(name), allow_patterns=patterns)))
+    except Exception as error:  # unreachable, unknown, gated: huggingface_hub has many error types for these
         raise ModelNotFoundError(
-            f"the CLIP vocabulary for {folder.name} is not in the checkpoint and the Hub is unreachable: pass "
-            f"tokenizer=CLIPTokenizer.from_pretrained(LOCAL_FOLDER) ({error})"
+            f"`tokenizer`: cannot load {str(name)!r} from the Hugging Face Hub ({type(error).__name__}): it is "
+            "unreachable, or has no such repository, and it is not in the local cache. Leave tokenizer= unset to "
+            "use the CLIP vocabulary shipped with ldm_pipeline (offline), or pass a local tokenizer folder"
         ) from error
+    if folder is None:
+        raise ModelNotFoundError(f"`tokenizer`: {str(name)!r} on the Hugging Face Hub holds no CLIP vocabulary "
+                                 "(vocab.json or tokenizer.json, at the top or in tokenizer/)")
+    return CLIPTokenizer.from_pretrained(folder)

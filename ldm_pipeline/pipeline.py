@@ -189,7 +189,8 @@ class LatentDiffusionPipeline:
 
         Args:
             config: "sd15", "sd21" or a diffusers folder of configs; guessed from the weights when None.
-            tokenizer: a CLIP tokenizer; by default the one named in the config (from the Hub cache).
+            tokenizer: by default OpenAI's CLIP tokenizer shipped in configs/ (offline), with the
+                config's special tokens; or a tokenizer, a tokenizer folder or a Hub id.
         """
         device = torch.device(device or "cpu")
         components = loading.load_single_file(path, config=config, tokenizer=tokenizer,

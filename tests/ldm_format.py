@@ -77,3 +77,30 @@ def to_ldm_state_dict(unet, vae, text_encoder) -> dict[str, torch.Tensor]:
         key = key if key.startswith("text_model.") else f"text_model.{key}"  # newer transformers drop the wrapper
         state[f"cond_stage_model.transformer.{key}"] = value
     return {k: v.contiguous() for k, v in state.items()}
+
+
+OPENCLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+                  "self_attn.out_proj": "attn.out_proj"}
+
+
+def to_openclip_state_dict(text_encoder) -> dict[str, torch.Tensor]:
+    """A CLIPTextModel in SD 2.x's OpenCLIP layout (`cond_stage_model.model.*`, fused q/k/v projections)."""
+    state = {(k[len("text_model."):] if k.startswith("text_model.") else k): v
+             for k, v in text_encoder.state_dict().items()}
+    prefix = "cond_stage_model.model."
+    out = {
+        f"{prefix}token_embedding.weight": state["embeddings.token_embedding.weight"],
+        f"{prefix}positional_embedding": state["embeddings.position_embedding.weight"],
+        f"{prefix}ln_final.weight": state["final_layer_norm.weight"],
+        f"{prefix}ln_final.bias": state["final_layer_norm.bias"],
+        # unused by SD (it reads the hidden states), present in real checkpoints
+        f"{prefix}text_projection": torch.eye(text_encoder.config.hidden_size),
+    }
+    for index in range(text_encoder.config.num_hidden_layers):
+        layer, block = f"encoder.layers.{index}.", f"{prefix}transformer.resblocks.{index}."
+        for kind in ("weight", "bias"):
+            out[f"{block}attn.in_proj_{kind}"] = torch.cat(
+                [state[f"{layer}self_attn.{p}_proj.{kind}"] for p in ("q", "k", "v")])
+            for ours, theirs in OPENCLIP_LAYER.items():
+                out[f"{block}{theirs}.{kind}"] = state[f"{layer}{ours}.{kind}"]
+    return out
