@@ -5,12 +5,13 @@
     image = pipe("a red circle in the top left", seed=0).images[0]
 """
 
+from .guards import NonFiniteError
 from .images import load_image, make_grid
 from .loading import ModelNotFoundError
 from .pipeline import DEFAULT_MODEL, LatentDiffusionPipeline, PipelineOutput
 from .recipes import Recipe, read_recipe, read_recipes
 from .schedulers import SCHEDULERS
 
-__all__ = ["DEFAULT_MODEL", "LatentDiffusionPipeline", "ModelNotFoundError", "PipelineOutput", "Recipe", "SCHEDULERS",
-           "load_image", "make_grid", "read_recipe", "read_recipes"]
+__all__ = ["DEFAULT_MODEL", "LatentDiffusionPipeline", "ModelNotFoundError", "NonFiniteError", "PipelineOutput",
+           "Recipe", "SCHEDULERS", "load_image", "make_grid", "read_recipe", "read_recipes"]
 __version__ = "0.1.0"

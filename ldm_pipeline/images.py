@@ -26,6 +26,7 @@ def _array_to_unit_float(array: np.ndarray) -> np.ndarray:
     if array.dtype == np.uint16:
         return array.astype(np.float32) / 65535.0
     if np.issubdtype(array.dtype, np.floating):
+        _check_finite(array)
         if array.size and (array.min() < 0.0 or array.max() > 1.0):
             raise ValueError(
                 f"`image`: a float array must hold values in [0, 1], got range "
@@ -35,8 +36,15 @@ def _array_to_unit_float(array: np.ndarray) -> np.ndarray:
     raise TypeError(f"`image`: array dtype {array.dtype} is not supported; use uint8, uint16 or float in [0, 1]")
 
 
+def _check_finite(array: np.ndarray) -> None:
+    if not np.isfinite(array).all():
+        raise ValueError(f"`image`: holds {np.count_nonzero(~np.isfinite(array))} NaN or infinite values; expected "
+                         "finite pixel values")
+
+
 def _unit_float_to_rgb(array: np.ndarray) -> PIL.Image.Image:
     """(H, W) or (H, W, C) float array in [0, 1], C in 1, 3 or 4 -> RGB PIL image (alpha over white)."""
+    _check_finite(array)
     if array.ndim == 2:
         array = array[:, :, None]
     if array.ndim != 3 or array.shape[2] not in (1, 3, 4):

@@ -7,6 +7,7 @@ CPU and then moved, so a seed means the same picture on any device.
 
 from __future__ import annotations
 
+import numbers
 import secrets
 
 import torch
@@ -24,11 +25,11 @@ def seeds_for(seed: int | list[int] | None, count: int) -> list[int]:
     """One seed per image: `seed + i` for an int, the list itself, or fresh random seeds for None."""
     if seed is None:
         seed = secrets.randbelow(2**31)
-    if isinstance(seed, int):
-        return [seed + i for i in range(count)]
+    if isinstance(seed, numbers.Integral):  # numpy integers too; int() keeps S + i from overflowing them
+        return [int(seed) + i for i in range(count)]
     if len(seed) != count:
         raise ValueError(f"`seed`: a list of {len(seed)} seeds for {count} images; give one seed per image")
-    return list(seed)
+    return [int(s) for s in seed]
 
 
 def generators_for(seeds: list[int]) -> list[torch.Generator]:

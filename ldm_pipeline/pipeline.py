@@ -12,7 +12,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from . import checks, fast, images, latents as latent_ops, loading, recipes, schedulers, text
+from . import checks, fast, guards, images, latents as latent_ops, loading, recipes, schedulers, text
 from .model_hash import ModelIdentity
 from .sampling import StepCallback, denoise
 
@@ -256,13 +256,19 @@ class LatentDiffusionPipeline:
         checks.check_call(height=height, width=width, multiple=factor, num_inference_steps=num_inference_steps,
                           guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt,
                           strength=strength, output_type=output_type, generator=generator, seed=seed,
-                          latents=latents, batch=batch, image_given=image is not None)
+                          latents=latents, batch=batch, image_given=image is not None, eta=eta, callback=callback,
+                          latent_channels=self.unet.config.in_channels, context_dim=self.unet.config.cross_attention_dim,
+                          max_steps=self.scheduler.config.get("num_train_timesteps"),
+                          embeds=dict(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds))
         reference = images.load_image(image) if image is not None else None
         latents_given = latents is not None  # for the recipe: such images cannot be drawn again from it
         if reference is not None:
             height, width = images.image_size(reference, height, width, factor)
+        if latents is not None:
+            height, width = checks.latent_size(latents, factor)
         height = height or self.unet.config.sample_size * factor
         width = width or self.unet.config.sample_size * factor
+        guards.check_fits(self.vae, self.unet, batch, height, width, self.dtype, self.device, output_type != "latent")
 
         seeds = None
         if generator is None:
@@ -286,16 +292,18 @@ class LatentDiffusionPipeline:
         else:
             timesteps = latent_ops.img2img_timesteps(scheduler, num_inference_steps, strength)
             pixels = images.to_tensor(reference, height, width).to(self.device, self.vae.dtype)
-            encoded = latent_ops.encode_image(self.vae, pixels, batch, generator)
+            encoded = guards.encode_checked(self.vae, pixels, batch, generator)
             start = latent_ops.img2img_start(scheduler, encoded.to(self.dtype), timesteps[:1], generator)
 
         unet = self.compiled.runner_for(self.unet, start.shape[1:], cond.shape[1:]) if self.compiled else self.unet
+        watch = guards.StepWatch(callback)  # notes where NaN or infinity first appear
         final, steps_run = denoise(unet, scheduler, start, timesteps, cond, uncond, guidance_scale,
-                                   schedulers.step_kwargs(scheduler, generator, eta), callback, progress)
+                                   schedulers.step_kwargs(scheduler, generator, eta), watch, progress)
+        guards.check_latents(final, watch, steps_run)
         if output_type == "latent":
             result = final
         else:
-            result = images.postprocess(latent_ops.decode_latents(self.vae, final), output_type)
+            result = images.postprocess(guards.decode_checked(self.vae, final), output_type)
         return PipelineOutput(
             images=result, seeds=seeds, height=height, width=width, num_inference_steps=num_inference_steps,
             steps_run=steps_run, scheduler=schedulers.scheduler_name(scheduler), guidance_scale=guidance_scale,

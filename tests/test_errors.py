@@ -65,6 +65,43 @@ CASES = [
     (dict(image=np.zeros((16, 16, 5), np.uint8)), ValueError, r"`image`: array of shape \(16, 16, 5\) is not an image"),
     (dict(image=np.full((16, 16, 3), 2.0)), ValueError, r"`image`: a float array must hold values in \[0, 1\]"),
     (dict(image=42), TypeError, r"`image`: got int; expected a PIL image"),
+    # non-finite and out-of-range numbers, wrong types, wrong shapes (issue 10)
+    (dict(guidance_scale=float("nan")), ValueError, r"`guidance_scale`: got nan; expected a finite number"),
+    (dict(guidance_scale=float("inf")), ValueError, r"`guidance_scale`: got inf; expected a finite number"),
+    (dict(guidance_scale="7"), TypeError, r"`guidance_scale`: got '7'; expected a number >= 0"),
+    (dict(guidance_scale=True), TypeError, r"`guidance_scale`: got True"),
+    (dict(eta="x"), TypeError, r"`eta`: got 'x'; expected a number in \[0, 1\]"),
+    (dict(eta=float("nan")), ValueError, r"`eta`: got nan; expected a finite number"),
+    (dict(eta=1.5), ValueError, r"`eta`: got 1.5; expected a number in \[0, 1\]"),
+    (dict(strength=float("nan")), ValueError, r"`strength`: got nan; expected a finite number"),
+    (dict(image=np.zeros((16, 16, 3)), strength=float("inf")), ValueError, r"`strength`: got inf"),
+    (dict(image=np.full((16, 16, 3), np.nan)), ValueError, r"`image`: holds 768 NaN or infinite values"),
+    (dict(image=torch.full((3, 16, 16), float("inf"))), ValueError, r"`image`: holds 768 NaN or infinite values"),
+    (dict(latents=torch.full((1, 4, 8, 8), float("nan"))), ValueError, r"`latents`: holds NaN or infinity"),
+    (dict(latents=torch.zeros(1, 3, 8, 8)), ValueError, r"`latents`: got 3 channels \(shape \(1, 3, 8, 8\)\); the "
+                                                        r"UNet takes 4"),
+    (dict(latents=torch.zeros(1, 4, 8, 8, dtype=torch.int64)), TypeError, r"`latents`: got dtype torch.int64"),
+    (dict(latents=np.zeros((1, 4, 8, 8))), TypeError, r"`latents`: got ndarray; expected a \(1, 4, height / 2"),
+    (dict(latents=torch.zeros(1, 4, 8, 8), height=32), ValueError, r"`latents`: shape \(1, 4, 8, 8\) is for height 16, "
+                                                                   r"but `height` is 32"),
+    (dict(seed=2**70), ValueError, r"`seed`: got 1180591620717411303424; expected integers in \[0, 2\*\*64 - 1\]"),
+    (dict(seed=-1), ValueError, r"`seed`: got -1; expected integers in \[0, 2\*\*64 - 1\] .*seed=None draws"),
+    (dict(seed=2**64 - 1, num_images_per_prompt=2), ValueError, r"`seed`: got 18446744073709551615 \(image seed "
+                                                                r"18446744073709551616\)"),
+    (dict(seed=[0, -5], num_images_per_prompt=2), ValueError, r"`seed`: got \[0, -5\] \(image seed -5\)"),
+    (dict(generator="x"), TypeError, r"`generator`: got 'x'; expected a torch.Generator"),
+    (dict(callback=3), TypeError, r"`callback`: got int; expected a function"),
+    (dict(num_inference_steps=10**9), ValueError, r"`num_inference_steps`: got 1000000000; expected at most 1000"),
+    (dict(num_images_per_prompt=10**9), ValueError, r"`num_images_per_prompt`, `height`, `width`: 1000000000 "
+                                                    r"image\(s\) of 16x16 .* GiB, more than the memory of the cpu "
+                                                    r"device .* raise ldm_pipeline.guards.MEMORY_LIMIT"),
+    (dict(height=100000, width=100000), ValueError, r"1 image\(s\) of 100000x100000 in torch.float32 need at "
+                                                    r"least 1.79e\+03 GiB"),
+    (dict(negative_prompt_embeds=torch.zeros(2, 77, 32)), ValueError, r"`negative_prompt_embeds`: 2 rows for 1 "
+                                                                       r"prompts"),
+    (dict(negative_prompt_embeds=torch.zeros(1, 77, 16)), ValueError, r"`negative_prompt_embeds`: got shape "
+                                                                       r"\(1, 77, 16\); the UNet's cross-attention "
+                                                                       r"takes 32"),
 ]
 
 
@@ -93,6 +130,22 @@ def test_prompt_and_prompt_embeds_both_or_neither(guarded):
         guarded(5)
     with pytest.raises(TypeError, match=r"`prompt`: got \[\]"):
         guarded([])
+
+
+def test_bad_embeddings(guarded):
+    for embeds, error, message in [
+        (torch.full((1, 77, 32), float("nan")), ValueError, r"`prompt_embeds`: holds NaN or infinity"),
+        (torch.zeros(1, 77, 32, dtype=torch.int32), TypeError, r"`prompt_embeds`: got dtype torch.int32"),
+        (torch.zeros(1, 0, 32), ValueError, r"`prompt_embeds`: got shape \(1, 0, 32\)"),
+        (torch.zeros(77, 32), ValueError, r"`prompt_embeds`: got shape \(77, 32\); expected a \(batch, tokens, dim\)"),
+        (torch.zeros(1, 77, 24), ValueError, r"`prompt_embeds`: got shape \(1, 77, 24\); the UNet's cross-attention "
+                                             r"takes 32 features"),
+        ([[0.0]], TypeError, r"`prompt_embeds`: got list"),
+    ]:
+        with pytest.raises(error, match=message):
+            guarded(prompt_embeds=embeds, progress=False)
+    with pytest.raises(ValueError, match=r"`negative_prompt_embeds`: holds NaN or infinity"):
+        guarded(**{**EMBEDS, "negative_prompt_embeds": torch.full((1, 77, 32), float("-inf"))}, progress=False)
 
 
 def test_unreadable_image_file(guarded, tmp_path):
