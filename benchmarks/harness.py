@@ -12,6 +12,7 @@ Results go to a JSON file, and `--plot` draws time against steps, batch and reso
     python benchmarks/harness.py --only bundled-b1 bundled-b16
     python benchmarks/harness.py --device cuda --only sd15-512  # fp16, 50 steps on a GPU
     python benchmarks/harness.py --cache-timings                # cold / warm first call, new processes
+    OMP_NUM_THREADS=1 python benchmarks/harness.py --clock process   # on a machine that is busy
 
 `pipe.compile()` packages go into `--cache-dir` (default: the usual cache), so the first run
 of a configuration also pays the compile, before any timing.
@@ -103,14 +104,24 @@ def peak_memory(name: str, which: str, device: torch.device, cache_dir: str | No
     return {k: (round(v, 3) if v is not None else None) for k, v in json.loads(out.stdout.splitlines()[-1]).items()}
 
 
-def timed(call, device: torch.device) -> float:
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
+
+
+def timed(call, device: torch.device, clock: str = "wall") -> float:
+    """Seconds of one call: wall time, or the process's CPU time (`clock="process"`).
+
+    CPU time is what a one-thread run costs however busy the machine is, so it is the fair
+    clock on a shared machine with `OMP_NUM_THREADS=1`; with more threads it also counts their
+    spinning, and on CUDA it misses the GPU's work, so there take wall time on a quiet machine.
+    """
+    now = CLOCKS[clock]
     if device.type == "cuda":
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start = now()
     call()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return now() - start
 
 
 def build_pipelines(name: str, device: torch.device, cache_dir: str | None, compile_mode: str,
@@ -155,7 +166,8 @@ def build_pipelines(name: str, device: torch.device, cache_dir: str | None, comp
     return runs
 
 
-def run_config(name: str, device: torch.device, cache_dir: str | None, compile_mode: str, memory: bool) -> dict:
+def run_config(name: str, device: torch.device, cache_dir: str | None, compile_mode: str, memory: bool,
+               clock: str = "wall") -> dict:
     config = CONFIGS[name]
     runs = build_pipelines(name, device, cache_dir, compile_mode)
     compile_s, settings = runs.pop("compile_s"), runs.pop("settings")
@@ -164,11 +176,11 @@ def run_config(name: str, device: torch.device, cache_dir: str | None, compile_m
     times = {key: [] for key in runs}
     for _ in range(config["repeats"]):
         for key, run in runs.items():
-            times[key].append(timed(run, device))
+            times[key].append(timed(run, device, clock))
     median = {key: statistics.median(values) for key, values in times.items()}
     result = dict(
         name=name, model=config["model"], size=config["size"], batch=batch, device=device.type,
-        threads=torch.get_num_threads(), repeats=config["repeats"], compile_mode=compile_mode,
+        threads=torch.get_num_threads(), clock=clock, repeats=config["repeats"], compile_mode=compile_mode,
         compile_s=round(compile_s, 2), **settings,
         median_s={key: round(value, 4) for key, value in median.items()},
         best_s={key: round(min(values), 4) for key, values in times.items()},
@@ -257,6 +269,9 @@ def main() -> None:
     parser.add_argument("--cache-dir", default=None, help="where compiled packages go")
     parser.add_argument("--cache-timings", action="store_true", help="also time cold and warm first calls")
     parser.add_argument("--memory", action="store_true", help="also measure each call's peak memory in a new process")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall time (quiet machine), or the process's CPU time (with OMP_NUM_THREADS=1 on a "
+                             "shared machine)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "results.json")
     parser.add_argument("--plot", type=Path, default=None, help="PNG of time against steps, batch and size")
     args = parser.parse_args()
@@ -265,7 +280,7 @@ def main() -> None:
     names = args.only or (CPU_DEFAULT if device.type == "cpu" else ["bundled-b1", "bundled-b16", "sd15-512"])
     results = []
     for name in names:
-        result = run_config(name, device, args.cache_dir, args.compile_mode, args.memory)
+        result = run_config(name, device, args.cache_dir, args.compile_mode, args.memory, args.clock)
         print(json.dumps(result), flush=True)
         results.append(result)
     report = dict(torch=torch.__version__, cpu_capability=torch.backends.cpu.get_cpu_capability(),
