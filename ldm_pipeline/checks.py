@@ -85,6 +85,13 @@ def negatives_of(negative_prompt, batch: int, negative_prompt_embeds, prompt_emb
     return negatives
 
 
+def batch_of(num_prompts: int, num_images_per_prompt) -> int:
+    """How many images a call draws, after checking `num_images_per_prompt`."""
+    if not _is_int(num_images_per_prompt) or num_images_per_prompt < 1:
+        raise ValueError(f"`num_images_per_prompt`: got {num_images_per_prompt!r}; expected an integer >= 1")
+    return num_prompts * int(num_images_per_prompt)
+
+
 def check_size(height, width, multiple: int) -> None:
     """`height` and `width`: None, or positive multiples of the VAE factor."""
     for name, value in (("height", height), ("width", width)):

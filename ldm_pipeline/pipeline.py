@@ -251,7 +251,7 @@ class LatentDiffusionPipeline:
         prompts = checks.prompts_of(prompt, prompt_embeds)
         num_prompts = len(prompts) if prompts is not None else prompt_embeds.shape[0]
         negatives = checks.negatives_of(negative_prompt, num_prompts, negative_prompt_embeds, prompt_embeds)
-        batch = num_prompts * num_images_per_prompt
+        batch = checks.batch_of(num_prompts, num_images_per_prompt)
         factor = self.vae_scale_factor
         checks.check_call(height=height, width=width, multiple=factor, num_inference_steps=num_inference_steps,
                           guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt,
