@@ -7,11 +7,11 @@
 
 from .guards import NonFiniteError
 from .images import load_image, make_grid
-from .loading import ModelNotFoundError
+from .loading import ModelFileError, ModelNotFoundError
 from .pipeline import DEFAULT_MODEL, LatentDiffusionPipeline, PipelineOutput
 from .recipes import Recipe, read_recipe, read_recipes
 from .schedulers import SCHEDULERS
 
-__all__ = ["DEFAULT_MODEL", "LatentDiffusionPipeline", "ModelNotFoundError", "NonFiniteError", "PipelineOutput",
+__all__ = ["DEFAULT_MODEL", "LatentDiffusionPipeline", "ModelFileError", "ModelNotFoundError", "NonFiniteError", "PipelineOutput",
            "Recipe", "SCHEDULERS", "load_image", "make_grid", "read_recipe", "read_recipes"]
 __version__ = "0.1.0"

@@ -33,8 +33,81 @@ HUB_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt", "*/model.safetensors"
                 "*/diffusion_pytorch_model.safetensors", DEFAULTS_FILE]
 
 
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")  # torch pickles: loading one may run code it carries
+CONFIG_FILES = {"tokenizer": "tokenizer_config.json", "scheduler": "scheduler_config.json"}  # others: config.json
+
+
 class ModelNotFoundError(ValueError):
     """A model folder or Hub id that cannot be read."""
+
+
+class ModelFileError(ModelNotFoundError):
+    """A model file that is there but cannot be used: corrupt, truncated, bad JSON, weights that do not fit the
+    architecture, or pickled weights not allowed. `path` is the file (or component folder) at fault."""
+
+    def __init__(self, path: str | os.PathLike, message: str):
+        self.path = str(path)
+        super().__init__(f"{self.path!r}: {message}")
+
+
+def read_json(file: Path) -> dict:
+    """A JSON object from a file, or a ModelFileError naming the file."""
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelFileError(file, f"is not valid JSON ({error})") from error
+    if not isinstance(value, dict):
+        raise ModelFileError(file, f"holds a JSON {type(value).__name__}; expected an object")
+    return value
+
+
+def check_safetensors(file: Path) -> dict[str, tuple]:
+    """Read a safetensors file's header (not its data): the shape of each tensor, or a ModelFileError naming the
+    file when it is truncated, corrupt or empty."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(file, framework="pt") as opened:
+            return {key: tuple(opened.get_slice(key).get_shape()) for key in opened.keys()}
+    except Exception as error:  # safetensors raises its own error types, and OSError for unreadable files
+        size = file.stat().st_size if file.exists() else 0
+        raise ModelFileError(file, f"is not a readable safetensors file ({size} bytes; {error}); it is corrupt or "
+                                   "truncated: download or save it again") from error
+
+
+def check_weights(folder: Path, allow_pickle: bool) -> None:
+    """Every safetensors file of a component folder has a whole header; pickled weights alone need `allow_pickle`."""
+    safetensors = sorted(folder.glob("*.safetensors"))
+    for file in safetensors:
+        check_safetensors(file)
+    pickled = sorted(f for f in folder.iterdir() if f.suffix in PICKLE_SUFFIXES)
+    if not safetensors and pickled and not allow_pickle:
+        raise ModelFileError(pickled[0], "holds pickled weights, which can run code when loaded; convert them to "
+                                         "safetensors, or pass allow_pickle=True if you trust the file (they are "
+                                         "then loaded with torch.load(weights_only=True))")
+
+
+def load_part(path: Path, what: str, load):
+    """`load()`, with any failure of the libraries turned into one ModelFileError naming `path`."""
+    try:
+        loaded = load()
+    except ModelNotFoundError:
+        raise
+    except Exception as error:
+        reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+        raise ModelFileError(path, f"{what} does not load ({type(error).__name__}: {reason}); do the weights match "
+                                   "the config's architecture?") from error
+    if isinstance(loaded, torch.nn.Module):
+        # weights missing from the file are left on the meta device by diffusers, with only a logged warning
+        missing = [name for name, value in [*loaded.named_parameters(), *loaded.named_buffers()] if value.is_meta]
+        if missing:
+            raise ModelFileError(path, f"{what}: the weights lack {len(missing)} tensor(s) the config's architecture "
+                                       f"has ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})")
+    return loaded
+
+
+def _files_of(folder: Path) -> str:
+    return ", ".join(sorted(f.name for f in folder.iterdir() if f.is_file())) if folder.is_dir() else "no files"
 
 
 def component_class(library: str, name: str):
@@ -60,9 +133,12 @@ def check_model_dir(path: Path) -> dict:
     index_file = path / "model_index.json"
     if not index_file.is_file():
         raise ModelNotFoundError(f"model folder {str(path)!r} has no model_index.json; is it a diffusers folder?")
-    index = json.loads(index_file.read_text())
+    index = read_json(index_file)
     for name, (library, base) in COMPONENTS.items():
         entry = index.get(name)
+        if entry is not None and not (isinstance(entry, list) and len(entry) == 2
+                                      and all(isinstance(e, (str, type(None))) for e in entry)):
+            raise ModelFileError(index_file, f"entry {name!r} is {entry!r}; expected [library, class name]")
         if not entry or entry[1] is None:
             raise ModelNotFoundError(f"model folder {str(path)!r}: model_index.json lists no {name!r} component")
         if not issubclass(component_class(entry[0], entry[1]), base):
@@ -104,24 +180,38 @@ def resolve_model_dir(path_or_id: str | os.PathLike, patterns: list[str] = HUB_P
         ) from error
 
 
-def load_components(path: Path, torch_dtype: torch.dtype | None = None) -> dict:
-    """Load the five components of a checked model folder."""
+def load_components(path: Path, torch_dtype: torch.dtype | None = None, allow_pickle: bool = False) -> dict:
+    """Load the five components of a checked model folder.
+
+    Before the libraries read anything, every config must be valid JSON and every safetensors
+    file whole; a component with only pickled weights (.bin, .ckpt, .pt) is refused unless
+    `allow_pickle` (diffusers and transformers then load them with `torch.load(weights_only=True)`).
+    Any failure is one `ModelFileError` naming the file or component folder at fault.
+    """
     index = check_model_dir(path)
+    for name in COMPONENTS:
+        config = path / name / CONFIG_FILES.get(name, "config.json")
+        if config.is_file():
+            read_json(config)
+        if name in ("text_encoder", "vae", "unet"):
+            check_weights(path / name, allow_pickle)
     scheduler_cls = component_class(*index["scheduler"])
     tokenizer_cls = component_class(*index["tokenizer"])
-    return {
-        "tokenizer": tokenizer_cls.from_pretrained(path / "tokenizer"),
-        "text_encoder": CLIPTextModel.from_pretrained(path / "text_encoder", dtype=torch_dtype),
-        "vae": AutoencoderKL.from_pretrained(path / "vae", torch_dtype=torch_dtype),
-        "unet": UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=torch_dtype),
-        "scheduler": scheduler_cls.from_pretrained(path / "scheduler"),
+    loaders = {
+        "tokenizer": lambda: tokenizer_cls.from_pretrained(path / "tokenizer"),
+        "text_encoder": lambda: CLIPTextModel.from_pretrained(path / "text_encoder", dtype=torch_dtype),
+        "vae": lambda: AutoencoderKL.from_pretrained(path / "vae", torch_dtype=torch_dtype),
+        "unet": lambda: UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=torch_dtype),
+        "scheduler": lambda: scheduler_cls.from_pretrained(path / "scheduler"),
     }
+    return {name: load_part(path / name, f"the {name!r} component ({_files_of(path / name)})", load)
+            for name, load in loaders.items()}
 
 
 def read_defaults(path: Path) -> dict:
     """The generation defaults stored with a model (guidance scale, scheduler, steps), if any."""
     file = path / DEFAULTS_FILE
-    return json.loads(file.read_text()) if file.is_file() else {}
+    return read_json(file) if file.is_file() else {}
 
 
 def save_components(components: dict, path: str | os.PathLike, defaults: dict | None = None) -> Path:
@@ -186,21 +276,43 @@ def config_dir(name: str) -> Path:
     return folder
 
 
-def guess_config(checkpoint_path: Path) -> str:
-    """"sd15" or "sd21", read off the width of the UNet's cross-attention in a single-file checkpoint."""
-    from safetensors import safe_open
+def guess_config(checkpoint_path: Path, shapes: dict[str, tuple] | None = None) -> str:
+    """"sd15" or "sd21", read off the width of the UNet's cross-attention in a single-file checkpoint.
 
-    with safe_open(checkpoint_path, framework="pt") as file:
-        keys = [k for k in file.keys() if k.startswith("model.diffusion_model.") and k.endswith("attn2.to_k.weight")]
-        if not keys:
-            raise ValueError(f"`path`: {str(checkpoint_path)!r} is not a Stable Diffusion 1.x/2.x checkpoint "
-                             "(no UNet cross-attention weights); pass config= to say what it is")
-        width = file.get_slice(keys[0]).get_shape()[1]
+    `shapes` maps the checkpoint's keys to their shapes (read from the safetensors header when None).
+    """
+    shapes = check_safetensors(checkpoint_path) if shapes is None else shapes
+    keys = [k for k in shapes if k.startswith("model.diffusion_model.") and k.endswith("attn2.to_k.weight")]
+    if not keys:
+        raise ValueError(f"`path`: {str(checkpoint_path)!r} is not a Stable Diffusion 1.x/2.x checkpoint "
+                         "(no UNet cross-attention weights); pass config= to say what it is")
+    width = shapes[keys[0]][1]
     known = {768: "sd15", 1024: "sd21"}
     if width not in known:
         raise ValueError(f"`path`: {str(checkpoint_path)!r} has cross-attention width {width}, neither SD 1.x (768) "
                          "nor SD 2.x (1024); pass config= naming a folder of component configs")
     return known[width]
+
+
+def pickled_shapes(checkpoint: Path) -> dict[str, tuple]:
+    """The tensor shapes of a pickled checkpoint, read with `torch.load(weights_only=True)` (memory-mapped where
+    the file allows): only tensors and plain containers are rebuilt, no code the file names runs."""
+    try:
+        try:
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as error:
+            if "mmap" not in str(error):
+                raise
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)  # the legacy, non-zip format
+    except Exception as error:
+        raise ModelFileError(checkpoint, f"cannot be loaded with torch.load(weights_only=True) ({type(error).__name__}"
+                                         f": {str(error).strip().splitlines()[0][:300] if str(error).strip() else ''}"
+                                         "); it is corrupt, or holds objects other than tensors") from error
+    while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ModelFileError(checkpoint, f"holds a {type(state).__name__}; expected a dict of tensors")
+    return {key: tuple(value.shape) for key, value in state.items() if isinstance(value, torch.Tensor)}
 
 
 def bundled_clip_tokenizer(config: str | os.PathLike = "sd15") -> CLIPTokenizer:
@@ -225,8 +337,12 @@ def bundled_clip_tokenizer(config: str | os.PathLike = "sd15") -> CLIPTokenizer:
 
 def load_single_file(path: str | os.PathLike, config: str | None = None,
                      tokenizer: PreTrainedTokenizerBase | str | os.PathLike | None = None,
-                     torch_dtype: torch.dtype | None = None) -> dict:
+                     torch_dtype: torch.dtype | None = None, allow_pickle: bool = False) -> dict:
     """Components from an original single-file Stable Diffusion checkpoint (.safetensors), offline.
+
+    A pickled checkpoint (.ckpt, .pt, .pth, .bin) can run code when loaded, so it is refused
+    unless `allow_pickle`; then it is read with `torch.load(weights_only=True)`, which rebuilds
+    tensors only (diffusers' converter, which reads it again, does the same).
 
     Conversion is diffusers' single-file loader; component configs come from `configs/<config>`
     and the CLIP vocabulary, which the checkpoint does not carry, from `configs/clip_tokenizer`,
@@ -236,18 +352,29 @@ def load_single_file(path: str | os.PathLike, config: str | None = None,
     from diffusers import StableDiffusionPipeline
 
     checkpoint = Path(path)
-    if not checkpoint.is_file() or checkpoint.suffix != ".safetensors":
-        raise ValueError(f"`path`: {str(checkpoint)!r} is not a .safetensors file")
-    name = config or guess_config(checkpoint)
+    if not checkpoint.is_file():
+        raise ValueError(f"`path`: no file at {str(checkpoint)!r}")
+    if checkpoint.suffix in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise ModelFileError(checkpoint, "is a pickled checkpoint, which can run code when loaded; use its "
+                                             ".safetensors version, or pass allow_pickle=True if you trust the file "
+                                             "(it is then loaded with torch.load(weights_only=True))")
+        shapes = pickled_shapes(checkpoint)
+    elif checkpoint.suffix == ".safetensors":
+        shapes = check_safetensors(checkpoint)
+    else:
+        raise ValueError(f"`path`: {str(checkpoint)!r} is not a .safetensors file (or, with allow_pickle=True, "
+                         f"one of {', '.join(PICKLE_SUFFIXES)})")
+    name = config or guess_config(checkpoint, shapes)
     folder = config_dir(name) if not Path(name).is_dir() else Path(name)
     if tokenizer is None:
         tokenizer = _config_tokenizer(folder)
     elif isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = _named_tokenizer(tokenizer)
-    pipe = StableDiffusionPipeline.from_single_file(
-        str(checkpoint), config=str(folder), local_files_only=True, torch_dtype=torch_dtype,
-        tokenizer=tokenizer, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    pipe = load_part(checkpoint, f"the checkpoint with the {folder.name!r} configs", lambda: (
+        StableDiffusionPipeline.from_single_file(
+            str(checkpoint), config=str(folder), local_files_only=True, torch_dtype=torch_dtype,
+            tokenizer=tokenizer, safety_checker=None, feature_extractor=None, requires_safety_checker=False)))
     return {name: getattr(pipe, name) for name in COMPONENTS}
 
 

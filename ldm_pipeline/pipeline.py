@@ -160,13 +160,16 @@ class LatentDiffusionPipeline:
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike | None = None, torch_dtype: torch.dtype | None = None,
-                        device: torch.device | str | None = None) -> "LatentDiffusionPipeline":
+                        device: torch.device | str | None = None,
+                        allow_pickle: bool = False) -> "LatentDiffusionPipeline":
         """Load a diffusers model folder, local or from the Hub; with no argument, the bundled model.
 
         Args:
             path_or_id: a local folder or a Hub id such as "stable-diffusion-v1-5/stable-diffusion-v1-5".
             torch_dtype: defaults to fp16 on CUDA and fp32 on CPU.
             device: where to run; defaults to the CPU.
+            allow_pickle: load components whose only weights are pickled (.bin), with
+                `torch.load(weights_only=True)`; refused by default (`loading.ModelFileError`).
         """
         if path_or_id is None:
             if not (DEFAULT_MODEL / "model_index.json").is_file():
@@ -176,7 +179,8 @@ class LatentDiffusionPipeline:
             path_or_id = DEFAULT_MODEL
         device = torch.device(device or "cpu")
         folder = loading.resolve_model_dir(path_or_id)
-        components = loading.load_components(folder, torch_dtype=torch_dtype or default_dtype(device))
+        components = loading.load_components(folder, torch_dtype=torch_dtype or default_dtype(device),
+                                             allow_pickle=allow_pickle)
         pipe = cls(**components, defaults=loading.read_defaults(folder))
         pipe.identity.name = Path(path_or_id).resolve().name if Path(path_or_id).is_dir() else str(path_or_id)
         return pipe.to(device, torch_dtype)
@@ -184,17 +188,19 @@ class LatentDiffusionPipeline:
     @classmethod
     def from_single_file(cls, path: str | os.PathLike, config: str | None = None, tokenizer=None,
                          torch_dtype: torch.dtype | None = None,
-                         device: torch.device | str | None = None) -> "LatentDiffusionPipeline":
-        """Load an original single-file Stable Diffusion checkpoint (.safetensors).
+                         device: torch.device | str | None = None,
+                         allow_pickle: bool = False) -> "LatentDiffusionPipeline":
+        """Load an original single-file Stable Diffusion checkpoint (.safetensors; .ckpt/.pt with `allow_pickle`).
 
         Args:
             config: "sd15", "sd21" or a diffusers folder of configs; guessed from the weights when None.
             tokenizer: by default OpenAI's CLIP tokenizer shipped in configs/ (offline), with the
                 config's special tokens; or a tokenizer, a tokenizer folder or a Hub id.
+            allow_pickle: accept a pickled .ckpt/.pt file, read with `torch.load(weights_only=True)`.
         """
         device = torch.device(device or "cpu")
         components = loading.load_single_file(path, config=config, tokenizer=tokenizer,
-                                              torch_dtype=torch_dtype or default_dtype(device))
+                                              torch_dtype=torch_dtype or default_dtype(device), allow_pickle=allow_pickle)
         pipe = cls(**components).to(device, torch_dtype)
         pipe.identity.loaded_from_file(path, pipe)
         return pipe
