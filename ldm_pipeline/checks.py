@@ -192,3 +192,31 @@ def latent_size(latents: torch.Tensor | None, multiple: int) -> tuple[int | None
     if latents is None:
         return None, None
     return latents.shape[2] * multiple, latents.shape[3] * multiple
+
+
+def check_slice_size(slice_size) -> None:
+    """Attention slicing: "auto", "max" or a positive number of heads per slice."""
+    if not (slice_size in ("auto", "max") or (_is_int(slice_size) and slice_size >= 1)):
+        raise ValueError(f"`slice_size`: got {slice_size!r}; expected \"auto\", \"max\" or an integer >= 1 "
+                         "(attention heads per slice)")
+
+
+def check_tile_size(tile_size, multiple: int) -> None:
+    """VAE tiling: None (the VAE's own) or a tile side in pixels, a multiple of the VAE's factor, at least 4 latents."""
+    if tile_size is not None and not (_is_int(tile_size) and tile_size >= 4 * multiple and tile_size % multiple == 0):
+        raise ValueError(f"`tile_size`: got {tile_size!r}; expected None or an integer multiple of {multiple} "
+                         f"of at least {4 * multiple} (pixels)")
+
+
+def check_offload_device(device) -> torch.device:
+    """Model offload's execution device: where the models run (None: the GPU; "cpu" only shows the hooks at work)."""
+    if device is None:
+        if not torch.cuda.is_available():
+            raise ValueError("`device`: model offload moves each model to a GPU while it runs, and no GPU was found; "
+                             "pass device= (e.g. \"cuda:1\", or \"cpu\" to try it out)")
+        device = "cuda"
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"`device`: got {device!r}; expected a device such as \"cuda\" or \"cuda:1\"") from error
+    return device

@@ -36,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--compile", action="store_true",
                           help="run the UNet compiled (pipe.compile()): about twice as fast; the first run for a "
                                "model, size and batch compiles it (about a minute), later runs load it from the cache")
+    generate.add_argument("--low-memory", action="store_true",
+                          help="for small GPUs: attention and VAE slicing, VAE tiling and, on a GPU, model CPU "
+                               "offload (each model on the GPU only while it runs); same pixels but for tiling")
+    generate.add_argument("--tile-vae", action="store_true",
+                          help="decode (and, for --image, encode) images larger than 512 px in blended tiles")
     generate.add_argument("--from", dest="source", type=Path, default=None, metavar="PNG",
                           help="draw again the image (or grid) whose recipe this PNG carries, instead of prompts")
     generate.add_argument("--ignore-model-hash", action="store_true",
@@ -103,7 +108,10 @@ _RECIPE_OPTIONS = {"prompt": [], "negative_prompt": None, "steps": None, "guidan
 
 
 def generate(args: argparse.Namespace) -> None:
+    import torch
+
     from . import LatentDiffusionPipeline, make_grid
+    from .pipeline import default_dtype
     from .recipes import read_recipes, write_png
 
     if args.out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
@@ -118,7 +126,19 @@ def generate(args: argparse.Namespace) -> None:
         raise ValueError("prompt: give one or more prompts, or --from PNG to draw an image again")
     elif args.ignore_model_hash:
         raise ValueError("--ignore-model-hash: applies only with --from")
-    pipe = LatentDiffusionPipeline.from_pretrained(args.model, device=args.device)
+    offload = args.low_memory and torch.device(args.device).type != "cpu"
+    if offload and args.compile:
+        raise ValueError("--compile: cannot be combined with --low-memory on a GPU (model offload moves the UNet "
+                         "that the compiled package holds); drop one of them")
+    if offload:  # loaded in the GPU's dtype into CPU memory; each model goes to the GPU only while it runs
+        pipe = LatentDiffusionPipeline.from_pretrained(args.model, torch_dtype=default_dtype(args.device))
+        pipe.enable_model_cpu_offload(args.device)
+    else:
+        pipe = LatentDiffusionPipeline.from_pretrained(args.model, device=args.device)
+    if args.low_memory:
+        pipe.enable_attention_slicing().enable_vae_slicing()
+    if args.low_memory or args.tile_vae:
+        pipe.enable_vae_tiling()
     if args.scheduler:
         pipe.set_scheduler(args.scheduler)
     if args.compile:

@@ -12,7 +12,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from . import checks, fast, guards, images, latents as latent_ops, loading, recipes, schedulers, text
+from . import checks, fast, guards, images, latents as latent_ops, loading, memory, recipes, schedulers, text
 from .model_hash import ModelIdentity
 from .sampling import StepCallback, denoise
 
@@ -51,7 +51,7 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
     return torch.float16 if torch.device(device).type == "cuda" else torch.float32
 
 
-class LatentDiffusionPipeline:
+class LatentDiffusionPipeline(memory.MemoryMethods):
     """Text-to-image and image-to-image with a CLIP text encoder, a VAE and a conditional UNet.
 
     Args:
@@ -72,6 +72,8 @@ class LatentDiffusionPipeline:
         self.compiled: fast.CompiledUNet | None = None  # set by compile()
         self.embedding_cache = text.EmbeddingCache()  # repeated prompts and "" are encoded once
         self.identity = ModelIdentity()  # the model's name and hash, for recipes
+        self.offload: memory.ModelOffload | None = None  # the memory helpers' state (memory.MemoryMethods)
+        self._attention_processors: dict | None = None
 
     # -- components -------------------------------------------------------------------------
 
@@ -83,7 +85,7 @@ class LatentDiffusionPipeline:
     # Read off the first weight: diffusers' `unet.device`/`unet.dtype` walk every module (2 ms a call).
     @property
     def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+        return self.offload.device if self.offload else next(self.unet.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -97,6 +99,7 @@ class LatentDiffusionPipeline:
         """Move the models; with no dtype, fp16 on CUDA and fp32 elsewhere. Returns self."""
         device = torch.device(device) if device is not None else self.device
         dtype = dtype or default_dtype(device)
+        self.disable_model_cpu_offload()
         for model in (self.text_encoder, self.vae, self.unet):
             if model.dtype != dtype:  # a same-dtype cast is a no-op, but diffusers warns about it
                 model.to(dtype=dtype)
@@ -310,6 +313,8 @@ class LatentDiffusionPipeline:
             result = final
         else:
             result = images.postprocess(guards.decode_checked(self.vae, final), output_type)
+        if self.offload:
+            self.offload.offload_all()  # the GPU is free between calls
         return PipelineOutput(
             images=result, seeds=seeds, height=height, width=width, num_inference_steps=num_inference_steps,
             steps_run=steps_run, scheduler=schedulers.scheduler_name(scheduler), guidance_scale=guidance_scale,

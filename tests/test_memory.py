@@ -1,0 +1,199 @@
+"""Memory helpers: attention and VAE slicing, VAE tiling (decode and image-to-image encode), model offload."""
+
+import numpy as np
+import pytest
+import torch
+
+from ldm_pipeline import LatentDiffusionPipeline
+
+FAST = dict(num_inference_steps=3, progress=False, output_type="np", seed=3)
+
+
+def _uint8(images):
+    return np.round(np.asarray(images) * 255).astype(np.int16)
+
+
+def _count_calls(module):
+    calls = []
+    module.register_forward_pre_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def test_attention_slicing_gives_the_same_pixels_and_comes_off(pipe):
+    before = {name: type(p) for name, p in pipe.unet.attn_processors.items()}
+    reference = pipe(["a cat", "a dog"], **FAST).images
+    for size in ("max", "auto", 1):
+        assert pipe.enable_attention_slicing(size) is pipe
+        assert all("Sliced" in type(p).__name__ for p in pipe.unet.attn_processors.values())
+        assert np.abs(_uint8(pipe(["a cat", "a dog"], **FAST).images) - _uint8(reference)).max() <= 1
+    pipe.disable_attention_slicing()
+    assert {name: type(p) for name, p in pipe.unet.attn_processors.items()} == before
+    with pytest.raises(ValueError, match=r"`slice_size`: got 0; expected \"auto\", \"max\" or an integer >= 1"):
+        pipe.enable_attention_slicing(0)
+
+
+def test_vae_slicing_decodes_one_image_at_a_time_with_the_same_pixels(pipe):
+    reference = pipe("a cat", num_images_per_prompt=3, **FAST).images
+    calls = _count_calls(pipe.vae.decoder)
+    pipe.enable_vae_slicing()
+    sliced = pipe("a cat", num_images_per_prompt=3, **FAST).images
+    assert len(calls) == 3  # one decoder pass per image
+    assert np.abs(_uint8(sliced) - _uint8(reference)).max() <= 1
+    pipe.disable_vae_slicing()
+    pipe("a cat", num_images_per_prompt=3, **FAST)
+    assert len(calls) == 4
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    return LatentDiffusionPipeline.from_pretrained()  # a trained VAE: tiling is judged on real decodes
+
+
+def _decode(pipe, latents, tile_size=None, overlap=0.25):
+    pipe.disable_vae_tiling()
+    if tile_size:
+        pipe.enable_vae_tiling(tile_size)
+    pipe.vae.tile_overlap_factor = overlap
+    with torch.no_grad():
+        pixels = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+    pipe.vae.tile_overlap_factor = 0.25
+    return (pixels[0].clamp(-1, 1) + 1) * 127.5  # (3, H, W) in uint8 levels
+
+
+def _seam_excess(image, seams):
+    """The largest ratio of the step across a seam row/column to the mean step of its neighbours (+0.25 levels)."""
+    worst = 0.0
+    for dim in (1, 2):
+        steps = (image.narrow(dim, 1, image.shape[dim] - 1) - image.narrow(dim, 0, image.shape[dim] - 1)).abs()
+        steps = steps.mean(dim=(0, 3 - dim))  # one mean step per row (dim 1) or column (dim 2)
+        for s in seams:
+            near = torch.cat([steps[s - 6:s - 1], steps[s + 2:s + 7]]).mean()
+            worst = max(worst, float(steps[s] / (near + 0.25)))
+    return worst
+
+
+def test_tiled_decode_is_close_to_the_untiled_one_with_no_visible_seams(bundled):
+    """Tiles of 64 px (the bundled VAE's own size) on 192 px: blends of 16 px, a new tile every 48 px."""
+    drawn = bundled("a red circle in the top left", height=192, width=192, num_inference_steps=10, seed=0,
+                    output_type="latent", progress=False).images
+    flat = torch.tensor([0.8, 0.2, 0.2]).view(1, 3, 1, 1).expand(1, 3, 192, 192) * 2 - 1
+    with torch.no_grad():
+        flat = bundled.vae.encode(flat).latent_dist.mean * bundled.vae.config.scaling_factor
+    seams = [48 * k + offset for k in (1, 2, 3) for offset in (-1, 15) if 48 * k + offset < 190]
+    for latents in (drawn, flat):
+        untiled, tiled = _decode(bundled, latents), _decode(bundled, latents, 64)
+        assert tiled.shape == untiled.shape == (3, 192, 192)
+        assert (tiled - untiled).abs().mean() < 25  # see README: this small VAE's tiles see less context
+        assert _seam_excess(tiled, seams) < 1.2
+        # the same tiles without blending show their edges: what the seam check is there to catch
+        assert _seam_excess(_decode(bundled, latents, 64, overlap=0.0), [64 * k - 1 for k in (1, 2)]) > 1.2
+    gap = (_decode(bundled, drawn, 64) - _decode(bundled, drawn)).abs().mean()
+    assert gap < 10  # a drawn picture: 7.9 levels in the mean
+
+
+def test_tiling_applies_to_image_to_image_encoding_and_small_images_are_not_tiled(bundled):
+    reference = bundled("a red circle in the top left", height=128, width=128, num_inference_steps=5, seed=0,
+                        output_type="np", progress=False).images[0]
+    untiled = bundled("a blue square", image=reference, strength=0.5, num_inference_steps=4, seed=1,
+                      output_type="np", progress=False).images
+    encoder_calls, decoder_calls = _count_calls(bundled.vae.encoder), _count_calls(bundled.vae.decoder)
+    bundled.enable_vae_tiling(64)
+    try:
+        tiled = bundled("a blue square", image=reference, strength=0.5, num_inference_steps=4, seed=1,
+                        output_type="np", progress=False).images
+        assert len(encoder_calls) == 9 and len(decoder_calls) == 9  # 3 x 3 tiles of 64 px, every 48 px
+        assert tiled.shape == untiled.shape and np.abs(tiled - untiled).mean() < 0.1
+        bundled("a blue square", height=64, width=64, num_inference_steps=2, seed=1, progress=False)
+        assert len(decoder_calls) == 10  # one tile's worth: decoded whole
+    finally:
+        bundled.disable_vae_tiling()
+    with pytest.raises(ValueError, match=r"`tile_size`: got 30; expected None or an integer multiple of 4"):
+        bundled.enable_vae_tiling(30)
+
+
+def test_model_offload_keeps_one_model_on_the_device_at_a_time(pipe):
+    """On a CPU machine the 'device' is cpu:0: torch keeps the tensors where they are, but every move the
+    hooks make is recorded, so which models would be on the GPU at each moment is known."""
+    reference_t2i = pipe("a cat", **FAST).images
+    reference_i2i = pipe("a cat", image=reference_t2i[0], strength=0.6, **FAST).images
+    models = {"text_encoder": pipe.text_encoder, "unet": pipe.unet, "vae": pipe.vae}
+    where = {}
+    for name, model in models.items():
+        def to(*args, _name=name, _to=model.to, **kwargs):
+            target = args[0] if args else kwargs.get("device")
+            if isinstance(target, (str, torch.device)):
+                where[_name] = torch.device(target)
+            return _to(*args, **kwargs)
+        model.to = to  # an instance attribute, taken off at the end
+    seen = []  # (the model that runs, the models on the device then)
+    # inner modules: they run after the hooks on the model have moved it
+    for name, module in (("text_encoder", pipe.text_encoder.get_input_embeddings()), ("unet", pipe.unet.conv_in),
+                         ("vae", pipe.vae.decoder), ("vae", pipe.vae.encoder)):
+        module.register_forward_pre_hook(lambda *_, _name=name: seen.append(
+            (_name, sorted(n for n, d in where.items() if d == torch.device("cpu", 0)))))
+    assert pipe.enable_model_cpu_offload("cpu:0") is pipe
+    assert pipe.device == torch.device("cpu", 0)
+    pipe.embedding_cache = type(pipe.embedding_cache)()  # so that the text encoder runs
+    assert np.array_equal(pipe("a cat", **FAST).images, reference_t2i)
+    assert seen[0] == ("text_encoder", ["text_encoder"]) and ("unet", ["unet"]) in seen and ("vae", ["vae"]) in seen
+    assert all(on == [running] for running, on in seen)
+    assert [n for n, d in where.items() if d == torch.device("cpu", 0)] == []  # all back on the CPU after the call
+    seen.clear()
+    pipe.embedding_cache = type(pipe.embedding_cache)()
+    image_to_image = pipe("a cat", image=reference_t2i[0], strength=0.6, **FAST).images
+    assert np.array_equal(image_to_image, reference_i2i)
+    order = [running for i, (running, _) in enumerate(seen) if i == 0 or seen[i - 1][0] != running]
+    assert order == ["text_encoder", "vae", "unet", "vae"]  # the VAE encodes, then leaves the device to the UNet
+    assert all(on == [running] for running, on in seen)
+    pipe.disable_model_cpu_offload()
+    for model in models.values():
+        vars(model).pop("to", None)
+    assert pipe.offload is None and not hasattr(pipe.unet, "_hf_hook") and pipe.device.type == "cpu"
+    assert np.array_equal(pipe("a cat", **FAST).images, reference_t2i)
+
+
+def test_model_offload_needs_a_device_and_to_takes_it_off(pipe, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"`device`: model offload moves each model to a GPU .* no GPU was found"):
+        pipe.enable_model_cpu_offload()
+    pipe.enable_model_cpu_offload("cpu")
+    pipe.to("cpu")
+    assert pipe.offload is None and not hasattr(pipe.vae, "_hf_hook")
+
+
+def test_cli_low_memory_and_tile_vae_switch_the_helpers_on(pipe, tmp_path, monkeypatch, capsys):
+    from ldm_pipeline.cli import main
+
+    model = pipe.save_pretrained(tmp_path / "model")
+    switched = []
+    for name in ("enable_attention_slicing", "enable_vae_slicing", "enable_vae_tiling", "enable_model_cpu_offload"):
+        original = getattr(LatentDiffusionPipeline, name)
+        monkeypatch.setattr(LatentDiffusionPipeline, name,
+                            lambda self, *a, _name=name, _original=original, **k: switched.append(_name)
+                            or _original(self, *a, **k))
+    common = ["generate", "a cat", "--model", str(model), "--steps", "2", "--seed", "1", "--size", "32x32"]
+    assert main([*common, "--out", str(tmp_path / "plain.png")]) == 0 and switched == []
+    assert main([*common, "--tile-vae", "--out", str(tmp_path / "tiled.png")]) == 0
+    assert switched == ["enable_vae_tiling"]
+    switched.clear()
+    assert main([*common, "--low-memory", "--out", str(tmp_path / "low.png")]) == 0
+    assert switched == ["enable_attention_slicing", "enable_vae_slicing", "enable_vae_tiling"]  # no offload on CPU
+    import PIL.Image
+    with PIL.Image.open(tmp_path / "tiled.png") as a, PIL.Image.open(tmp_path / "low.png") as b:
+        assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1  # slicing changes no pixel
+    capsys.readouterr()
+    assert main([*common, "--low-memory", "--device", "cuda", "--compile", "--out", str(tmp_path / "x.png")]) == 2
+    assert "--compile: cannot be combined with --low-memory on a GPU" in capsys.readouterr().err
+
+
+def test_the_memory_guard_counts_one_image_with_vae_slicing_and_one_tile_with_tiling(pipe):
+    from ldm_pipeline import guards
+
+    def needed():
+        return guards.memory_needed(pipe.vae, pipe.unet, 4, 256, 256, torch.float32, decode=True)
+
+    whole = needed()
+    assert pipe.enable_vae_slicing() and needed() == whole // 4
+    assert pipe.enable_vae_tiling(32) and needed() == whole // 4 // 64  # (256 / 32)**2 tiles
+    pipe.disable_vae_slicing().disable_vae_tiling()
+    assert needed() == whole
