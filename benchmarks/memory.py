@@ -175,35 +175,42 @@ def main() -> None:
 
     import numpy as np
 
-    results, outputs = {}, {}
-    with tempfile.TemporaryDirectory() as scratch:
-        for name in args.only:
-            save = str(Path(scratch) / f"{name}.npy") if name.startswith("vae-decode-1024") else None
-            results[name] = run(name, args.device, save)
-            if save:
-                outputs[name] = np.load(save)
-            r = results[name]
-            print(f"{name:32s} work peak {r['work_peak_bytes'] / 2**20:8.0f} MiB   (RSS before {r['rss_before_bytes'] / 2**20:6.0f} MiB, "
-                  f"peak {r['rss_peak_bytes'] / 2**20:6.0f} MiB)   {r['seconds']:7.2f} s"
-                  + (f"   weights on the device at once: {r['weights_on_device_peak_bytes'] / 2**20:.0f} MiB"
-                     if "weights_on_device_peak_bytes" in r else ""), flush=True)
+    # results accumulate in --out, so that configurations can be run a few at a time
+    report = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    results = report.get("results", {}) if report.get("device") == args.device else {}
+    scratch = Path(os.environ.get("LDM_CACHE_DIR", Path.home() / ".cache" / "ldm_pipeline")) / "benchmarks"
+    scratch.mkdir(parents=True, exist_ok=True)
+    for name in args.only:
+        save = str(scratch / f"{name}-{args.device}.npy") if name.startswith("vae-decode-1024") else None
+        results[name] = run(name, args.device, save)
+        r = results[name]
+        print(f"{name:32s} work peak {r['work_peak_bytes'] / 2**20:8.0f} MiB   (RSS before {r['rss_before_bytes'] / 2**20:6.0f} MiB, "
+              f"peak {r['rss_peak_bytes'] / 2**20:6.0f} MiB)   {r['seconds']:7.2f} s"
+              + (f"   weights on the device at once: {r['weights_on_device_peak_bytes'] / 2**20:.0f} MiB"
+                 if "weights_on_device_peak_bytes" in r else ""), flush=True)
+        write_report(args, results, scratch)
+
+
+def write_report(args, results: dict, scratch: Path) -> None:
+    import platform
+
+    import numpy as np
+    import torch
+
     summary = {}
     for plain, helped in PAIRS:
         if plain in results and helped in results:
             key = "weights_on_device_peak_bytes" if plain.startswith("call") else "work_peak_bytes"
             summary[helped] = {"peak_ratio": round(results[helped][key] / results[plain][key], 3),
                                "time_ratio": round(results[helped]["seconds"] / max(results[plain]["seconds"], 1e-9), 2)}
-    if len(outputs) == 2:
-        plain, tiled = (outputs[n] for n in ("vae-decode-1024", "vae-decode-1024-tiled"))
+    saved = [scratch / f"{name}-{args.device}.npy" for name in ("vae-decode-1024", "vae-decode-1024-tiled")]
+    if "vae-decode-1024-tiled" in summary and all(path.is_file() for path in saved):
+        plain, tiled = (np.load(path) for path in saved)
         to_uint8 = lambda x: np.round((np.clip(x, -1, 1) + 1) * 127.5)  # noqa: E731
         gap = np.abs(to_uint8(plain) - to_uint8(tiled))
         summary["vae-decode-1024-tiled"].update(max_uint8_gap=float(gap.max()), mean_uint8_gap=round(float(gap.mean()), 2))
     for name, figures in summary.items():
         print(f"{name}: {figures}")
-    import platform
-
-    import torch
-
     report = {"device": args.device, "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
               "threads": os.environ.get("OMP_NUM_THREADS"), "results": results, "summary": summary}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--compile", action="store_true",
                           help="run the UNet compiled (pipe.compile()): about twice as fast; the first run for a "
                                "model, size and batch compiles it (about a minute), later runs load it from the cache")
+    generate.add_argument("--prompts", type=Path, default=None, metavar="FILE",
+                          help="render a prompt file (a prompt per line, or JSON lines with prompt, seed, "
+                               "negative_prompt, steps) into the folder --out, resumably; under accelerate launch "
+                               "the prompts are split across processes. --seed, --steps and --negative-prompt are "
+                               "the defaults for lines that do not say (a line's seed: --seed plus its number)")
     generate.add_argument("--low-memory", action="store_true",
                           help="for small GPUs: attention and VAE slicing, VAE tiling and, on a GPU, model CPU "
                                "offload (each model on the GPU only while it runs); same pixels but for tiling")
@@ -107,6 +112,20 @@ _RECIPE_OPTIONS = {"prompt": [], "negative_prompt": None, "steps": None, "guidan
                    "num_images": 1, "scheduler": None, "strength": 0.8}
 
 
+def _prompt_jobs(args: argparse.Namespace):
+    from .batch import read_prompt_file
+
+    clashes = [flag for flag, given in (("prompt", bool(args.prompt)), ("--from", args.source is not None),
+                                        ("--image", args.image is not None), ("--num-images", args.num_images != 1))
+               if given]
+    if clashes:
+        raise ValueError(f"--prompts: the prompt file gives the prompts, an image each; drop {', '.join(clashes)}")
+    if args.out.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp") or args.out.is_file():
+        raise ValueError(f"--out: got {str(args.out)!r}; with --prompts it is a folder to render into")
+    return read_prompt_file(args.prompts, base_seed=args.seed or 0, steps=args.steps,
+                            negative_prompt=args.negative_prompt)
+
+
 def generate(args: argparse.Namespace) -> None:
     import torch
 
@@ -114,7 +133,9 @@ def generate(args: argparse.Namespace) -> None:
     from .pipeline import default_dtype
     from .recipes import read_recipes, write_png
 
-    if args.out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+    if args.prompts is not None:
+        jobs = _prompt_jobs(args)  # the whole file is checked before a model loads
+    elif args.out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise ValueError(f"--out: got {str(args.out)!r}; expected a .png, .jpg or .webp file name")
     if args.source is not None:
         given = [name for name, default in _RECIPE_OPTIONS.items() if getattr(args, name) != default]
@@ -122,10 +143,14 @@ def generate(args: argparse.Namespace) -> None:
             raise ValueError(f"--from: the recipe gives the settings; drop {', '.join(given)}")
         recipes, grid = read_recipes(args.source)  # before loading a model: a PNG without a recipe fails fast
         rows = grid[0] if grid else 1
-    elif not args.prompt:
+    elif not args.prompt and args.prompts is None:
         raise ValueError("prompt: give one or more prompts, or --from PNG to draw an image again")
     elif args.ignore_model_hash:
         raise ValueError("--ignore-model-hash: applies only with --from")
+    if args.prompts is not None and args.device == "cuda":
+        from accelerate import PartialState
+
+        args.device = str(PartialState().device)  # under accelerate launch: this process's own GPU
     offload = args.low_memory and torch.device(args.device).type != "cpu"
     if offload and args.compile:
         raise ValueError("--compile: cannot be combined with --low-memory on a GPU (model offload moves the UNet "
@@ -143,6 +168,13 @@ def generate(args: argparse.Namespace) -> None:
         pipe.set_scheduler(args.scheduler)
     if args.compile:
         pipe.compile(batch=None)  # built for the call's own size and batch when it runs
+    if args.prompts is not None:
+        from .batch import render
+
+        width, height = args.size or (None, None)
+        written = render(pipe, jobs, args.out, guidance_scale=args.guidance, height=height, width=width)
+        print(f"wrote {len(written)} image(s) into {args.out} ({len(jobs)} in {args.prompts.name}; see manifest.jsonl)")
+        return
     if args.source is not None:
         result = pipe.reproduce(recipes, image=args.image, ignore_model_hash=args.ignore_model_hash)
     else:
