@@ -89,7 +89,26 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--cache-dir", default=None, help="where real-image FID statistics are cached")
     evaluate.add_argument("--out", required=True, type=Path,
                           help="JSON report; the Markdown table (.md) and pictures (.png) go beside it")
+
+    serve = commands.add_parser("serve", help="serve a web page (Gradio) drawing with a model; needs the [web] extra")
+    serve.add_argument("--model", default=None, help="model folder or Hub id (default: the bundled model)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
+    serve.add_argument("--port", type=int, default=7860)
+    serve.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (fp16 on CUDA)")
     return parser
+
+
+def serve(args: argparse.Namespace) -> None:
+    from . import LatentDiffusionPipeline
+
+    if not 1 <= args.port <= 65535:
+        raise ValueError(f"--port: got {args.port}; expected 1 to 65535")
+    try:
+        from .web import serve as serve_app
+    except ImportError as error:
+        raise ValueError(f"serve: the web page needs Gradio ({error}); pip install 'ldm-pipeline[web]'") from None
+    pipe = LatentDiffusionPipeline.from_pretrained(args.model, device=args.device)
+    serve_app(pipe, host=args.host, port=args.port)
 
 
 def train(args: argparse.Namespace) -> None:
@@ -257,7 +276,7 @@ def evaluate(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        {"generate": generate, "train": train, "eval": evaluate}[args.command](args)
+        {"generate": generate, "train": train, "eval": evaluate, "serve": serve}[args.command](args)
     except (ValueError, TypeError, FileNotFoundError) as error:
         print(f"ldm: error: {error}", file=sys.stderr)
         return 2
