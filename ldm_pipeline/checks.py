@@ -119,7 +119,7 @@ def check_seed(seed, batch: int) -> None:
 def check_call(*, height, width, multiple, num_inference_steps, guidance_scale, num_images_per_prompt,
                strength, output_type, generator, seed, latents, batch: int, image_given: bool, eta=0.0,
                callback=None, latent_channels: int | None = None, max_steps: int | None = None,
-               context_dim: int | None = None, embeds: dict | None = None) -> None:
+               context_dim: int | None = None, embeds: dict | None = None, prompt_weighting=False) -> None:
     """Check the numeric and choice arguments of a call; `batch` counts the images to draw.
 
     `latent_channels`, `context_dim` and `max_steps` are the UNet's latent channels, its
@@ -144,6 +144,8 @@ def check_call(*, height, width, multiple, num_inference_steps, guidance_scale, 
         raise ValueError(f"`output_type`: got {output_type!r}; expected one of {list(OUTPUT_TYPES)}")
     if callback is not None and not callable(callback):
         raise TypeError(f"`callback`: got {type(callback).__name__}; expected a function (step, timestep, latents)")
+    if not isinstance(prompt_weighting, bool):
+        raise TypeError(f"`prompt_weighting`: got {prompt_weighting!r}; expected True or False")
     strength_value = finite_number("strength", strength, "a number in (0, 1]")
     if not 0 < strength_value <= 1:
         raise ValueError(f"`strength`: got {strength!r}; expected a number in (0, 1]")

@@ -153,6 +153,13 @@ def encode_checked(vae, pixels: torch.Tensor, count: int, generator) -> torch.Te
 
     The retry rewinds the generators first, so it draws the same posterior sample.
     """
+    # GroupNorm needs two values per group: at the encoder's deepest level that is its narrowest blocks' channels
+    # per group times the latent cells, which an image of a few pixels does not reach
+    config = vae.config
+    cells = (pixels.shape[2] // latent_ops.vae_scale_factor(vae)) * (pixels.shape[3] // latent_ops.vae_scale_factor(vae))
+    if cells * min(config.block_out_channels) // config.norm_num_groups < 2:
+        raise ValueError(f"`image`: {pixels.shape[3]}x{pixels.shape[2]} is too small for this VAE to encode; "
+                         "give a larger image or height= and width=")
     generators = generator if isinstance(generator, list) else [generator] if generator is not None else []
     states = [g.get_state() for g in generators]
     encoded = latent_ops.encode_image(vae, pixels, count, generator)

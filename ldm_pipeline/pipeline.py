@@ -215,10 +215,12 @@ class LatentDiffusionPipeline(memory.MemoryMethods):
 
     # -- generation -------------------------------------------------------------------------
 
-    def encode_prompt(self, prompt: str | list[str]) -> torch.Tensor:
-        """CLIP embeddings (B, L, D) of prompts, for `prompt_embeds=` / `negative_prompt_embeds=`."""
+    def encode_prompt(self, prompt: str | list[str], prompt_weighting: bool = False) -> torch.Tensor:
+        """CLIP embeddings (B, L, D) of prompts, for `prompt_embeds=` / `negative_prompt_embeds=`.
+
+        L is 77 times the windows the longest prompt needs (see `prompts.py`)."""
         prompts = checks.prompts_of(prompt, None)
-        return text.encode_text(self.tokenizer, self.text_encoder, prompts)
+        return text.encode_windows(self.tokenizer, self.text_encoder, prompts, None, prompt_weighting)
 
     @torch.no_grad()
     def __call__(
@@ -241,6 +243,7 @@ class LatentDiffusionPipeline(memory.MemoryMethods):
         callback: StepCallback | None = None,
         progress: bool = True,
         eta: float = 0.0,
+        prompt_weighting: bool = False,
     ) -> PipelineOutput:
         """Draw images for prompts; with `image=`, start from that picture (image-to-image).
 
@@ -248,7 +251,8 @@ class LatentDiffusionPipeline(memory.MemoryMethods):
         image i from seed S + i (or from the i-th seed of a list), so an image depends only on
         its seed; `generator=` behaves exactly as in diffusers. `strength` (image-to-image only)
         runs `int(num_inference_steps * strength)` steps. `callback(step, timestep, latents)`
-        may return False to stop early.
+        may return False to stop early. Prompts longer than the text encoder's 77 tokens are read in
+        75-token windows; `prompt_weighting=True` reads `(word:1.3)` weights (see `prompts.py`).
 
         Returns:
             `PipelineOutput` with `.images` (PIL list, np (B, H, W, 3), pt (B, 3, H, W) or
@@ -266,6 +270,7 @@ class LatentDiffusionPipeline(memory.MemoryMethods):
                           guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt,
                           strength=strength, output_type=output_type, generator=generator, seed=seed,
                           latents=latents, batch=batch, image_given=image is not None, eta=eta, callback=callback,
+                          prompt_weighting=prompt_weighting,
                           latent_channels=self.unet.config.in_channels, context_dim=self.unet.config.cross_attention_dim,
                           max_steps=self.scheduler.config.get("num_train_timesteps"),
                           embeds=dict(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds))
@@ -286,7 +291,7 @@ class LatentDiffusionPipeline(memory.MemoryMethods):
         guided = guidance_scale > 1
         cond, uncond = text.encode_prompts(self.tokenizer, self.text_encoder, prompts, negatives,
                                            num_images_per_prompt, guided, prompt_embeds, negative_prompt_embeds,
-                                           self.embedding_cache)
+                                           self.embedding_cache, prompt_weighting)
         cond = cond.to(self.device, self.dtype)
         uncond = uncond.to(self.device, self.dtype) if uncond is not None else None
 
@@ -320,5 +325,6 @@ class LatentDiffusionPipeline(memory.MemoryMethods):
             steps_run=steps_run, scheduler=schedulers.scheduler_name(scheduler), guidance_scale=guidance_scale,
             strength=strength if reference is not None else None, prompts=prompts,
             call=recipes.CallRecord.of(self, prompts, negatives, num_images_per_prompt, scheduler, eta, reference,
-                                       image, seeds is None, latents_given, prompt_embeds is not None),
+                                       image, seeds is None, latents_given, prompt_embeds is not None,
+                                       prompt_weighting),
         )

@@ -49,6 +49,7 @@ class Recipe:
     scheduler: str = "ddim"  # a `schedulers.SCHEDULERS` name, else the diffusers class name
     scheduler_config: dict | None = None  # the scheduler's whole config (None when read from A1111 text)
     eta: float = 0.0
+    prompt_weighting: bool = False  # whether `(word:1.3)` was read as a weight (see prompts.py)
     strength: float | None = None  # image-to-image only
     image_hash: str | None = None  # image-to-image: SHA-256 of the reference's RGB pixels (`image_hash`)
     image_path: str | None = None  # image-to-image: the reference's file, when it was given as a path
@@ -98,10 +99,12 @@ class CallRecord:
     image_hash: str | None
     image_path: str | None
     not_reproducible: str | None
+    prompt_weighting: bool = False
 
     @classmethod
     def of(cls, pipe, prompts, negatives, images_per_prompt: int, scheduler, eta: float, reference, image,
-           generator_given: bool, latents_given: bool, embeds_given: bool) -> "CallRecord":
+           generator_given: bool, latents_given: bool, embeds_given: bool,
+           prompt_weighting: bool = False) -> "CallRecord":
         reasons = [why for given, why in ((generator_given, "generator= was passed (give seed= instead)"),
                                           (latents_given, "latents= was passed"),
                                           (embeds_given, "prompt embeddings were passed")) if given]
@@ -112,7 +115,7 @@ class CallRecord:
                    scheduler_config=_plain({k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}),
                    eta=float(eta), image_hash=image_hash(reference) if reference is not None else None,
                    image_path=str(Path(image).resolve()) if isinstance(image, (str, os.PathLike)) else None,
-                   not_reproducible="; ".join(reasons) or None)
+                   not_reproducible="; ".join(reasons) or None, prompt_weighting=prompt_weighting)
 
 
 def _plain(value):
@@ -142,7 +145,7 @@ def recipes_of(output) -> list[Recipe]:
                   strength=output.strength, image_hash=call.image_hash, image_path=call.image_path,
                   model=pipe.identity.name, model_hash=model_hash, steps_run=output.steps_run,
                   dtype=str(pipe.dtype).removeprefix("torch."), device=pipe.device.type, versions=_versions(),
-                  not_reproducible=call.not_reproducible)
+                  not_reproducible=call.not_reproducible, prompt_weighting=call.prompt_weighting)
     recipes = []
     for i in range(count):
         row = i // call.images_per_prompt
@@ -272,7 +275,7 @@ def read_recipe(path: str | os.PathLike) -> Recipe:
 
 # fields that must agree for recipes to be drawn in one call (prompt, negative prompt and seed may differ)
 _CALL_FIELDS = ("num_inference_steps", "guidance_scale", "height", "width", "scheduler", "scheduler_config", "eta",
-                "strength", "image_hash", "image_path", "model_hash", "steps_run")
+                "prompt_weighting", "strength", "image_hash", "image_path", "model_hash", "steps_run")
 
 
 def _scheduler_for(recipe: Recipe, pipe):
@@ -355,4 +358,4 @@ def reproduce(pipe, source, image=None, ignore_model_hash: bool = False, progres
                 num_inference_steps=first.num_inference_steps, guidance_scale=first.guidance_scale,
                 height=first.height, width=first.width, seed=[r.seed for r in recipes], image=reference,
                 strength=first.strength if first.strength is not None else 0.8, eta=first.eta, callback=callback,
-                progress=progress)
+                progress=progress, prompt_weighting=first.prompt_weighting)

@@ -1,4 +1,7 @@
-"""Prompts -> CLIP text embeddings: tokenise, encode, negative prompts, images per prompt."""
+"""Prompts -> CLIP text embeddings: tokenise, encode, negative prompts, images per prompt.
+
+Long prompts and weighting are read into token windows by `prompts.py`; this module encodes them.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ from collections import OrderedDict
 
 import torch
 
+from . import prompts as windows_of
 from .fast import weights_state
 
 
@@ -40,6 +44,31 @@ def encode_text(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
     return text_encoder(tokens["input_ids"].to(text_encoder.device), attention_mask=mask)[0]
 
 
+@torch.no_grad()
+def encode_windows(tokenizer, text_encoder, prompts: list[str], chunks: int | None = None,
+                   weighting: bool = False) -> torch.Tensor:
+    """Embeddings of prompts of any length: `chunks` windows of the tokenizer's length each (see `prompts.py`).
+
+    Args:
+        chunks: windows per prompt; None: as many as the longest prompt needs. With one window
+            and no weighting this is `encode_text`, token for token.
+        weighting: read the `(text:1.3)` syntax and scale the tokens' embeddings.
+
+    Returns:
+        (B, chunks * L, D) tensor on the text encoder's device and in its dtype.
+    """
+    chunks = chunks or windows_of.chunks_needed(tokenizer, prompts, weighting)
+    if chunks == 1 and not weighting:
+        return encode_text(tokenizer, text_encoder, prompts)
+    tokens = windows_of.windows(tokenizer, prompts, chunks, weighting)
+    mask = None
+    if getattr(text_encoder.config, "use_attention_mask", False):
+        mask = tokens["attention_mask"].flatten(0, 1).to(text_encoder.device)
+    hidden = text_encoder(tokens["input_ids"].flatten(0, 1).to(text_encoder.device), attention_mask=mask)[0]
+    hidden = hidden.reshape(len(prompts), -1, hidden.shape[-1])  # the chunks of a prompt, one after another
+    return windows_of.apply_weights(hidden, tokens["weights"]) if weighting else hidden
+
+
 class EmbeddingCache:
     """The embeddings of the last few prompt lists, reused while the text encoder is unchanged.
 
@@ -53,8 +82,9 @@ class EmbeddingCache:
         self._entries: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict()
         self._owner = None
 
-    def encode(self, tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
-        """`encode_text(tokenizer, text_encoder, prompts)`, from the cache when seen before.
+    def encode(self, tokenizer, text_encoder, prompts: list[str], chunks: int | None = None,
+               weighting: bool = False) -> torch.Tensor:
+        """`encode_windows(tokenizer, text_encoder, prompts, chunks, weighting)`, from the cache when seen before.
 
         The result may be the cached tensor itself: do not change it in place.
         """
@@ -62,11 +92,11 @@ class EmbeddingCache:
         if owner != self._owner:
             self._entries.clear()
             self._owner = owner
-        key = tuple(prompts)
+        key = (tuple(prompts), chunks, weighting)
         if key in self._entries:
             self._entries.move_to_end(key)
         else:
-            self._entries[key] = encode_text(tokenizer, text_encoder, prompts)
+            self._entries[key] = encode_windows(tokenizer, text_encoder, prompts, chunks, weighting)
             if len(self._entries) > self.size:
                 self._entries.popitem(last=False)
         return self._entries[key]
@@ -82,6 +112,7 @@ def encode_prompts(
     prompt_embeds: torch.Tensor | None = None,
     negative_prompt_embeds: torch.Tensor | None = None,
     cache: EmbeddingCache | None = None,
+    weighting: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Conditional and unconditional embeddings, one row per image to draw.
 
@@ -92,19 +123,39 @@ def encode_prompts(
         guided: whether classifier-free guidance runs; without it no unconditional
             embeddings are computed and None is returned for them.
         cache: reuses the embeddings of prompts seen before (see `EmbeddingCache`).
+        weighting: read the `(text:1.3)` syntax in prompts and negative prompts (see `prompts.py`).
+
+    Prompts and negative prompts are encoded in as many windows as the longest of them needs,
+    and at least as many as given embeddings hold, so that both sides have the same length.
 
     Returns:
         `(cond, uncond)`, each (P * num_images_per_prompt, L, D); `uncond` is None when not guided.
     """
-    encode = cache.encode if cache is not None else encode_text
-    cond = prompt_embeds if prompt_embeds is not None else encode(tokenizer, text_encoder, prompts)
+    encode = cache.encode if cache is not None else encode_windows
+    count = len(prompts) if prompts is not None else prompt_embeds.shape[0]
+    negatives = None
+    if guided and negative_prompt_embeds is None:
+        negatives = negative_prompts if negative_prompts is not None else [""] * count
+    texts = (prompts or []) + (negatives or [])
+    chunks = windows_of.chunks_needed(tokenizer, texts, weighting) if texts else 1
+    given = [(name, e) for name, e in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds",
+                                                                           negative_prompt_embeds if guided else None))
+             if e is not None]
+    for name, embeds in given if texts else []:
+        length = tokenizer.model_max_length
+        if embeds.shape[1] % length:
+            raise ValueError(f"`{name}`: {embeds.shape[1]} tokens, not a multiple of the tokenizer's {length}, so "
+                             f"the other side's text cannot be encoded to the same length; give both embeddings")
+        chunks = max(chunks, embeds.shape[1] // length)
+        texts_length = chunks * length
+        if embeds.shape[1] != texts_length:
+            raise ValueError(f"`{name}`: {embeds.shape[1]} tokens, but the other side's prompts need {texts_length}; "
+                             "give both embeddings, or embeddings as long as the longest prompt")
+    cond = prompt_embeds if prompt_embeds is not None else encode(tokenizer, text_encoder, prompts, chunks, weighting)
     uncond = None
     if guided:
-        if negative_prompt_embeds is not None:
-            uncond = negative_prompt_embeds
-        else:
-            negatives = negative_prompts if negative_prompts is not None else [""] * cond.shape[0]
-            uncond = encode(tokenizer, text_encoder, negatives)
+        uncond = negative_prompt_embeds if negatives is None else encode(tokenizer, text_encoder, negatives, chunks,
+                                                                        weighting)
     dtype = text_encoder.dtype if text_encoder is not None else cond.dtype
     device = text_encoder.device if text_encoder is not None else cond.device
 

@@ -20,7 +20,9 @@ FLOATS = st.floats(allow_nan=True, allow_infinity=True)
 HUGE = st.sampled_from([10**9, 2**63, 2**70, -(2**63), 10**40])
 ODD = st.one_of(st.none(), st.booleans(), st.text(max_size=5), st.binary(max_size=3), st.just([]), st.just({}),
                 st.just(object()), st.just(torch.tensor(1.0)), st.just(np.float64(2.0)))
-PROMPT = st.text(max_size=40)  # any unicode, control characters included
+# any unicode, control characters included; weighting syntax; prompts longer than one 77-token window
+PROMPT = st.one_of(st.text(max_size=40), st.text(alphabet="ab ():.[]\\1", max_size=30),
+                   st.sampled_from(["a red circle " * 30, "(a red circle:1.2) " * 25]))
 
 
 @st.composite
@@ -97,6 +99,7 @@ ARGUMENTS = dict(
     output_type=st.one_of(st.sampled_from(["pil", "np", "pt", "latent", "PIL", ""]), ODD),
     callback=callbacks(),
     eta=st.one_of(FLOATS, st.integers(-1, 2), ODD),
+    prompt_weighting=st.one_of(st.booleans(), ODD),
 )
 
 

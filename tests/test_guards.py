@@ -135,3 +135,13 @@ def test_the_bound_leaves_real_use_alone():
     assert 2 * 2**30 < needed < 24 * 2**30
     assert guards.memory_needed(vae, unet, 1, 100_000, 100_000, torch.float32, decode=True) > 2**40
     assert guards.memory_needed(vae, unet, 10**9, 512, 512, torch.float16, decode=True) > 2**50
+
+
+def test_an_image_too_small_for_the_vae_is_refused_before_it_encodes(pipe, monkeypatch):
+    """A 2x2 reference leaves GroupNorm one value per group in the tiny VAE's encoder (found by the fuzzer)."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("vae.encode ran")
+
+    monkeypatch.setattr(pipe.vae, "encode", forbidden)
+    with pytest.raises(ValueError, match=r"`image`: 2x2 is too small for this VAE to encode"):
+        pipe("a cat", image=np.zeros((2, 2, 3), np.uint8), **FAST)
