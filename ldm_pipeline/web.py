@@ -41,6 +41,22 @@ RANDOM_SEED = -1
 KEEP_CALLS = 64  # the output folders of this many recent calls stay on disk (Gradio copies what it serves)
 
 
+class _ReferenceImage(gr.Image):
+    """`gr.Image` whose unreadable uploads (a damaged file, a text file named .png) become a readable message."""
+
+    is_template = True  # drawn by the page as a plain gr.Image
+
+    def preprocess(self, payload):
+        try:
+            return super().preprocess(payload)
+        except gr.Error:
+            raise
+        except Exception:
+            name = getattr(payload, "orig_name", None) or "the upload"
+            raise gr.Error(f"image: {name!r} is not a readable image; upload a PNG, JPEG or WebP picture",
+                           print_exception=False) from None
+
+
 class _Runner:
     """Runs calls on one pipeline, one at a time; writes their PNGs; lets a session stop its own run."""
 
@@ -52,6 +68,7 @@ class _Runner:
         self.count = 0
         self.running: str | None = None  # session of the call now running
         self.stop_requested: set[str] = set()
+        self.last_steps_run: int | None = None  # of the last call, for tests and logs
 
     def stop(self, request: gr.Request | None = None):
         session = getattr(request, "session_hash", None)
@@ -80,6 +97,7 @@ class _Runner:
                 self.pipe.scheduler = original
                 self.running = None
                 self.stop_requested.discard(session)
+            self.last_steps_run = result.steps_run
             self.count += 1
             out = self.folder / f"{self.count:06d}"
             paths = result.save(out)
@@ -175,7 +193,7 @@ def build_app(pipe, title: str = "ldm-pipeline") -> gr.Blocks:
                 with gr.Tab("Text to image"):
                     go = gr.Button("Generate", variant="primary", elem_id="generate")
                 with gr.Tab("Image to image"):
-                    reference = gr.Image(label="Reference picture", type="filepath", image_mode=None,
+                    reference = _ReferenceImage(label="Reference picture", type="filepath", image_mode=None,
                                          sources=["upload", "clipboard"],
                                          elem_id="reference")
                     strength = gr.Slider(0.05, 1, value=0.8, step=0.05, label="Strength", elem_id="strength")
@@ -196,7 +214,7 @@ def build_app(pipe, title: str = "ldm-pipeline") -> gr.Blocks:
                                    concurrency_id="model", concurrency_limit=1)
         stop.click(runner.stop, None, None, cancels=[text_run, submit_run, image_run], queue=False, api_visibility="private")
     demo.queue(default_concurrency_limit=1)
-    demo.ldm_folder = runner.folder  # where the served PNGs are written (removed at exit)
+    demo.ldm_runner = runner  # its folder holds the served PNGs (removed at exit)
     return demo
 
 

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -176,3 +177,102 @@ def test_ldm_serve_bad_port_is_an_error(capsys):
 
     assert main(["serve", "--port", "70000"]) == 2
     assert "--port" in capsys.readouterr().err
+
+
+# -- the real page in headless Chromium ---------------------------------------------------------
+
+
+def _chromium():
+    """(browser, driver) executables of the system's Chromium, or (None, reason)."""
+    browser = next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome")
+                    if shutil.which(name)), None)
+    driver = shutil.which("chromedriver")
+    if browser is None or driver is None:
+        return None, ("no Chromium with chromedriver on PATH (Debian: apt-get install chromium chromium-driver; "
+                      ".ci/run installs them)")
+    return browser, driver
+
+
+@pytest.fixture(scope="module")
+def browser():
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    executable, driver = _chromium()
+    if executable is None:
+        pytest.skip(driver)
+    os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager: never look for a browser or driver online
+    options = webdriver.ChromeOptions()
+    options.binary_location = executable
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                     "--window-size=1280,900", "--lang=en-US"):
+        options.add_argument(argument)
+    session = webdriver.Chrome(service=Service(driver), options=options)
+    yield session
+    session.quit()
+
+
+def _set(element, value):
+    element.clear()
+    element.send_keys(str(value))
+
+
+def test_browser_generate_errors_and_image_to_image(pipe, server, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, demo = server
+    wait = WebDriverWait(browser, 60)
+    page = lambda: browser.find_element(By.TAG_NAME, "body").text  # noqa: E731
+    browser.get(url)
+    prompt = wait.until(lambda b: b.find_element(By.CSS_SELECTOR, "#prompt textarea"))
+
+    # text to image: type a prompt and settings, press Generate, read the gallery's images back
+    prompt.send_keys("a red circle in the top left")
+    _set(browser.find_element(By.CSS_SELECTOR, "#steps input[type=number]"), 10)
+    _set(browser.find_element(By.CSS_SELECTOR, "#seed input"), 3)
+    _set(browser.find_element(By.CSS_SELECTOR, "#num-images input"), 4)
+    browser.find_element(By.CSS_SELECTOR, "#generate").click()
+    wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#gallery img")) == 4)
+    wait.until(lambda b: b.find_element(By.CSS_SELECTOR, "#seed-used input").get_attribute("value") == "3")
+    expected = pipe("a red circle in the top left", num_inference_steps=10, seed=3, num_images_per_prompt=4,
+                    progress=False).images
+    sources = [img.get_attribute("src") for img in browser.find_elements(By.CSS_SELECTOR, "#gallery img")]
+    for i, (source, picture) in enumerate(zip(sources, expected)):
+        assert source.endswith(f"{i:03d}-seed{3 + i}.png")
+        data = urllib.request.urlopen(source, timeout=30).read()  # what the page's download gives
+        (tmp_path / f"{i}.png").write_bytes(data)
+        np.testing.assert_array_equal(_pixels(tmp_path / f"{i}.png"), np.asarray(picture))
+        recipe = read_recipe(tmp_path / f"{i}.png")
+        assert (recipe.prompt, recipe.seed, recipe.num_inference_steps) == ("a red circle in the top left", 3 + i, 10)
+    shot = tmp_path / "web.png"
+    browser.save_screenshot(str(shot))
+    assert PIL.Image.open(shot).size[0] > 0
+    if os.environ.get("LDM_WEB_SCREENSHOT"):  # the README's figure: LDM_WEB_SCREENSHOT=docs/figures/web.png
+        shutil.copyfile(shot, os.environ["LDM_WEB_SCREENSHOT"])
+
+    # image to image: a file that is not an image, then a damaged PNG, each a message in the page
+    next(tab for tab in browser.find_elements(By.CSS_SELECTOR, "button[role=tab]") if tab.text == "Image to image").click()
+    upload = lambda path: wait.until(  # noqa: E731
+        lambda b: b.find_element(By.CSS_SELECTOR, "#reference input[type=file]")).send_keys(str(path))
+    (tmp_path / "notes.txt").write_text("not a picture\n")
+    upload(tmp_path / "notes.txt")
+    wait.until(lambda b: "Invalid file type: notes.txt" in page())
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"no image here" * 10)
+    upload(tmp_path / "broken.png")
+    browser.find_element(By.CSS_SELECTOR, "#transform").click()
+    wait.until(lambda b: "'broken.png' is not a readable image" in page())
+    # a real picture: the page goes on serving and draws what pipe(...) draws
+    for clear in browser.find_elements(By.CSS_SELECTOR, "#reference button[aria-label='Clear']"):
+        clear.click()
+    expected[0].save(tmp_path / "reference.png")
+    upload(tmp_path / "reference.png")
+    _set(browser.find_element(By.CSS_SELECTOR, "#num-images input"), 1)
+    browser.find_element(By.CSS_SELECTOR, "#transform").click()
+    wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#gallery img")) == 1)
+    source = browser.find_element(By.CSS_SELECTOR, "#gallery img").get_attribute("src")
+    (tmp_path / "img2img.png").write_bytes(urllib.request.urlopen(source, timeout=30).read())
+    again = pipe("a red circle in the top left", image=tmp_path / "reference.png", strength=0.8,
+                 num_inference_steps=10, seed=3, progress=False).images[0]
+    np.testing.assert_array_equal(_pixels(tmp_path / "img2img.png"), np.asarray(again))
+    assert read_recipe(tmp_path / "img2img.png").strength == 0.8
