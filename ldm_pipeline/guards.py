@@ -47,13 +47,14 @@ def memory_needed(vae, unet, batch: int, height: int, width: int, dtype: torch.d
     """
     itemsize = torch.empty((), dtype=dtype).element_size()
     if decode:
+        pixels = batch * 3 * height * width * itemsize  # the decoded images themselves, however they are decoded
         # with VAE slicing one image decodes at a time; with tiling one tile (pipe.enable_vae_tiling)
         batch = 1 if getattr(vae, "use_slicing", False) else batch
         if getattr(vae, "use_tiling", False):
             height, width = min(height, vae.tile_sample_min_size), min(width, vae.tile_sample_min_size)
         channels = list(vae.config.block_out_channels)
         full_resolution = channels[0] + (channels[1] if len(channels) > 1 else channels[0])
-        return batch * full_resolution * height * width * itemsize
+        return max(pixels, batch * full_resolution * height * width * itemsize)
     factor = latent_ops.vae_scale_factor(vae)
     return 2 * batch * 2 * unet.config.block_out_channels[0] * (height // factor) * (width // factor) * itemsize
 

@@ -145,3 +145,12 @@ def test_an_image_too_small_for_the_vae_is_refused_before_it_encodes(pipe, monke
     monkeypatch.setattr(pipe.vae, "encode", forbidden)
     with pytest.raises(ValueError, match=r"`image`: 2x2 is too small for this VAE to encode"):
         pipe("a cat", image=np.zeros((2, 2, 3), np.uint8), **FAST)
+
+
+def test_vae_tiling_and_slicing_do_not_lift_the_bound_on_the_images_themselves(pipe):
+    pipe.enable_vae_tiling()
+    pipe.enable_vae_slicing()
+    with pytest.raises(ValueError, match=r"1 image\(s\) of 100000x100000 in torch.float32 need at least 112 GiB"):
+        pipe("a cat", height=100_000, width=100_000, **FAST)
+    with pytest.raises(ValueError, match=r"1000000000 image\(s\) of 16x16"):
+        pipe("a cat", num_images_per_prompt=10**9, **FAST)
