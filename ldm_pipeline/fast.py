@@ -49,9 +49,21 @@ def weights_digest(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def module_tensors(module: torch.nn.Module):
+    """Every parameter and buffer of the module and its children, in order (a shared one once per owner).
+
+    Walks the modules once; `parameters()` and `buffers()` walk twice and de-duplicate (3 ms
+    against 1.3 ms on the bundled UNet, and it runs before every call).
+    """
+    for child in module.modules():
+        for tensor in (*child._parameters.values(), *child._buffers.values()):
+            if tensor is not None:
+                yield tensor
+
+
 def weights_state(module: torch.nn.Module) -> tuple:
     """A cheap fingerprint that changes when a weight is replaced, moved, cast or changed in place."""
-    return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in (*module.parameters(), *module.buffers()))
+    return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in module_tensors(module))
 
 
 def package_key(unet, digest: str, sample_shape: tuple, context_shape: tuple, batch: int) -> str:
@@ -65,8 +77,9 @@ def package_key(unet, digest: str, sample_shape: tuple, context_shape: tuple, ba
     # diffusers' private config entries ("_use_default_values", "_name_or_path") say nothing of the
     # network, and one of them is a list in set order, which changes from process to process.
     config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_") or k == "_class_name"}
+    weight = next(unet.parameters())  # diffusers' `unet.dtype` and `unet.device` walk every module
     parts = dict(format=FORMAT, weights=digest, config=config, sample=list(sample_shape),
-                 context=list(context_shape), batch=batch, dtype=str(unet.dtype), device=unet.device.type,
+                 context=list(context_shape), batch=batch, dtype=str(weight.dtype), device=weight.device.type,
                  torch=torch.__version__, cpu=torch.backends.cpu.get_cpu_capability())
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
@@ -168,6 +181,7 @@ class CompiledUNet:
         self._state = None  # weights_state of the UNet when `_digest` was taken
         self._digest = None
         self._packages: dict[str, object] = {}  # key -> loaded AOTInductor runner
+        self._keys: dict[tuple, str] = {}  # (unet, digest, shapes, batch, dtype, device) -> key
         self._in_process = None  # (unet, torch.compile'd unet) for the other modes
 
     def runner_for(self, unet, sample_shape: tuple, context_shape: tuple):
@@ -199,7 +213,11 @@ class CompiledUNet:
         With `fall_back`, a package that cannot be built (no C++ compiler, a UNet that torch.export
         does not take, a full disk) gives a warning and None, once: the caller runs the UNet eagerly.
         """
-        key = package_key(unet, self._digest, sample_shape, context_shape, batch)
+        weight = next(unet.parameters())
+        inputs = (id(unet), self._digest, tuple(sample_shape), tuple(context_shape), batch, weight.dtype, weight.device)
+        if inputs not in self._keys:  # the key is a digest of the config: worth computing once
+            self._keys[inputs] = package_key(unet, self._digest, sample_shape, context_shape, batch)
+        key = self._keys[inputs]
         if key not in self._packages:
             try:
                 self._packages[key] = self._load_or_build(unet, key, sample_shape, context_shape, batch)

@@ -66,7 +66,8 @@ def encode_image(vae, pixels: torch.Tensor, count: int, generator: Generators) -
 @torch.no_grad()
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     """(B, C, h, w) diffusion latents -> (B, 3, h * f, w * f) pixels in about [-1, 1]."""
-    return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    dtype = next(vae.parameters()).dtype  # diffusers' `vae.dtype` walks every module
+    return vae.decode(latents.to(dtype) / vae.config.scaling_factor).sample
 
 
 def img2img_timesteps(scheduler, num_inference_steps: int, strength: float) -> torch.Tensor:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .fast import module_tensors
 from .infotext import HASH_SHOWN
 
 
@@ -26,7 +27,7 @@ def _models(pipe) -> list[tuple[str, torch.nn.Module]]:
 
 def fingerprint(pipe) -> tuple:
     """A cheap key that changes when a weight is changed in place, replaced or cast (not when moved)."""
-    return tuple((id(p), p._version, p.dtype) for _, model in _models(pipe) for p in model.parameters())
+    return tuple((id(t), t._version, t.dtype) for _, model in _models(pipe) for t in module_tensors(model))
 
 
 def weights_digest(pipe) -> str:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
+import json
 
 import torch
 from diffusers import (
@@ -52,8 +54,20 @@ def make_scheduler(name: str, config) -> SchedulerMixin:
 
 
 def fresh_copy(scheduler: SchedulerMixin) -> SchedulerMixin:
-    """A scheduler of the same class and config with no state, so a call never changes the user's object."""
-    return type(scheduler).from_config(scheduler.config)
+    """A scheduler of the same class and config with no state, so a call never changes the user's object.
+
+    `from_config` inspects signatures and checks every entry (a few ms); it runs once per class
+    and config, and each call gets a deep copy of that pristine scheduler.
+    """
+    key = (type(scheduler), json.dumps(dict(scheduler.config), sort_keys=True, default=str))
+    if key not in _PRISTINE:
+        if len(_PRISTINE) >= 32:
+            _PRISTINE.clear()
+        _PRISTINE[key] = type(scheduler).from_config(scheduler.config)
+    return copy.deepcopy(_PRISTINE[key])
+
+
+_PRISTINE: dict[tuple, SchedulerMixin] = {}  # (class, config) -> a scheduler that was never used
 
 
 def scheduler_name(scheduler: SchedulerMixin) -> str:
