@@ -2,6 +2,7 @@
 gradio_client, concurrently, and driven in a real headless Chromium."""
 
 import concurrent.futures
+import json
 import os
 import shutil
 import socket
@@ -46,11 +47,6 @@ def server(pipe):
     demo.close()
 
 
-@pytest.fixture(scope="module")
-def client(server):
-    return gradio_client.Client(server[0], verbose=False, download_files=False)
-
-
 def _pixels(path) -> np.ndarray:
     with PIL.Image.open(path) as image:
         return np.asarray(image.convert("RGB"))
@@ -62,10 +58,6 @@ def _file(item) -> Path:
     if isinstance(image, dict):
         image = image.get("path") or image.get("url")
     return Path(image)
-
-
-def _download(client, item, tmp_path) -> Path:
-    return Path(gradio_client.utils.download_file(item, str(tmp_path))) if False else _file(item)
 
 
 def test_generate_prompt_alone_same_pixels_with_recipe(pipe, server, tmp_path):
@@ -142,16 +134,39 @@ def test_eight_concurrent_generate_calls(pipe, server, tmp_path):
     assert len(gallery) == 1
 
 
-def test_import_ldm_pipeline_does_not_import_gradio():
-    code = "import sys, ldm_pipeline, ldm_pipeline.cli; assert 'gradio' not in sys.modules, 'gradio imported'"
-    subprocess.run([sys.executable, "-c", code], check=True)
+# `ldm serve` as a user starts it, with every connection beyond this machine refused and recorded
+SERVE = r"""
+import atexit, socket, sys
+attempts = []
+local = ("127.0.0.1", "::1", "localhost", "0.0.0.0")
+real_connect, real_getaddrinfo = socket.socket.connect, socket.getaddrinfo
+def connect(self, address):
+    if isinstance(address, tuple) and address[0] not in local:
+        attempts.append(address)
+        raise OSError("network refused by the test")
+    return real_connect(self, address)
+def getaddrinfo(host, *args, **kwargs):
+    if host is not None and host not in local:
+        attempts.append(host)
+        raise socket.gaierror("network refused by the test")
+    return real_getaddrinfo(host, *args, **kwargs)
+socket.socket.connect, socket.getaddrinfo = connect, getaddrinfo
+atexit.register(lambda: print("OUTSIDE CONNECTIONS", attempts, flush=True))
+
+import ldm_pipeline, ldm_pipeline.cli
+print("GRADIO IMPORTED BY ldm_pipeline", "gradio" in sys.modules, flush=True)
+sys.exit(ldm_pipeline.cli.main(["serve", "--port", sys.argv[1]]))
+"""
 
 
-def test_ldm_serve_starts_and_draws(pipe, tmp_path):
+def test_ldm_serve_draws_offline_and_cleans_up(pipe, tmp_path):
     port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    server = subprocess.Popen([sys.executable, "-m", "ldm_pipeline.cli", "serve", "--port", str(port)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GRADIO_", "HF_HUB_OFFLINE"))}
+    env.update(OMP_NUM_THREADS="1", TMPDIR=str(temporary))
+    server = subprocess.Popen([sys.executable, "-c", SERVE, str(port)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, env=env, text=True)
     try:
         client = None
         deadline = time.monotonic() + 90
@@ -159,7 +174,7 @@ def test_ldm_serve_starts_and_draws(pipe, tmp_path):
             assert server.poll() is None, server.stdout.read()
             try:
                 client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False,
-                                              download_files=str(tmp_path))
+                                              download_files=str(tmp_path / "downloads"))
             except Exception:
                 if time.monotonic() > deadline:
                     raise
@@ -167,9 +182,13 @@ def test_ldm_serve_starts_and_draws(pipe, tmp_path):
         gallery, seed_used = client.predict("a red circle", steps=STEPS, seed=5, api_name="/generate")
         expected = pipe("a red circle", num_inference_steps=STEPS, seed=5, progress=False).images[0]
         np.testing.assert_array_equal(_pixels(_file(gallery[0])), np.asarray(expected))
+        assert list(temporary.iterdir())  # uploads and images went into the server's temporary folders
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        server.terminate()  # a plain kill: the server stops as on Ctrl-C
+        output = server.communicate(timeout=60)[0]
+    assert "GRADIO IMPORTED BY ldm_pipeline False" in output, output[-3000:]
+    assert "OUTSIDE CONNECTIONS []" in output, output[-3000:]  # Gradio's usage reports are off
+    assert list(temporary.iterdir()) == []  # and its temporary folders are gone
 
 
 def test_ldm_serve_bad_port_is_an_error(capsys):
@@ -276,3 +295,50 @@ def test_browser_generate_errors_and_image_to_image(pipe, server, browser, tmp_p
                  num_inference_steps=10, seed=3, progress=False).images[0]
     np.testing.assert_array_equal(_pixels(tmp_path / "img2img.png"), np.asarray(again))
     assert read_recipe(tmp_path / "img2img.png").strength == 0.8
+
+
+def test_browser_progress_and_stop(server, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, demo = server
+    runner = demo.ldm_runner
+    wait = WebDriverWait(browser, 60)
+    browser.get(url)
+    prompt = wait.until(lambda b: b.find_element(By.CSS_SELECTOR, "#prompt textarea"))
+    prompt.send_keys("a small blue square in the center")
+    _set(browser.find_element(By.CSS_SELECTOR, "#steps input[type=number]"), 150)
+    for size in ("#width input", "#height input"):
+        _set(browser.find_element(By.CSS_SELECTOR, size), 128)
+    runner.last_steps_run = None
+    browser.find_element(By.CSS_SELECTOR, "#generate").click()
+    # the progress bar follows the denoising steps: "denoising", then "k/150"
+    wait.until(lambda b: "/150" in b.find_element(By.TAG_NAME, "body").text)
+    assert runner.running is not None
+    browser.find_element(By.CSS_SELECTOR, "#stop").click()
+    wait.until(lambda b: runner.last_steps_run is not None)
+    assert 1 <= runner.last_steps_run < 150  # the loop itself stopped, not only the page
+    # and the next run is served in full
+    _set(browser.find_element(By.CSS_SELECTOR, "#steps input[type=number]"), 4)
+    browser.find_element(By.CSS_SELECTOR, "#generate").click()
+    wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#gallery img")) == 1)
+    assert runner.last_steps_run == 4
+
+
+def test_page_loads_during_a_long_run(server, tmp_path):
+    url, demo = server
+    runner = demo.ldm_runner
+    client = gradio_client.Client(url, verbose=False, download_files=str(tmp_path))
+    runner.last_steps_run = None
+    job = client.submit("a small blue square in the center", steps=60, width=128, height=128, seed=0,
+                        api_name="/generate")
+    deadline = time.monotonic() + 60
+    while runner.running is None and not job.done():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    page = urllib.request.urlopen(url, timeout=30).read().decode()
+    config = json.loads(urllib.request.urlopen(url + "config", timeout=30).read())
+    assert runner.last_steps_run is None and not job.done()  # both answered while the run went on
+    assert "<html" in page.lower() and config["title"] == "ldm-pipeline"
+    gallery, seed_used = job.result(timeout=120)
+    assert seed_used == 0 and runner.last_steps_run == 60
