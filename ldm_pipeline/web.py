@@ -33,6 +33,7 @@ if "gradio" not in sys.modules and "GRADIO_TEMP_DIR" not in os.environ:
     os.environ["GRADIO_TEMP_DIR"] = str(_private_folder("ldm-web-uploads-"))
 
 import gradio as gr  # noqa: E402
+import PIL.Image  # noqa: E402
 
 from .schedulers import SCHEDULERS  # noqa: E402
 
@@ -107,6 +108,15 @@ class _Runner:
         return [str(path) for path in paths], result.seeds[0]
 
 
+def _drawn(drawing) -> PIL.Image.Image | None:
+    """The sketchpad's picture, or None when nothing was drawn on it (a canvas of one colour)."""
+    picture = drawing.get("composite") if isinstance(drawing, dict) else None
+    if picture is None:
+        return None
+    low, high = zip(*picture.convert("RGB").getextrema())
+    return None if low == high else picture
+
+
 def _settings(pipe):
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     return dict(steps=int(pipe.defaults["num_inference_steps"]), guidance=float(pipe.defaults["guidance_scale"]),
@@ -146,10 +156,12 @@ def build_app(pipe, title: str = "ldm-pipeline") -> gr.Blocks:
                      None, None, request, progress)
 
     def transform(reference, strength: float, prompt: str, negative_prompt: str, steps: float, guidance: float,
-                  scheduler: str, width: float, height: float, seed: float, num_images: float,
+                  scheduler: str, width: float, height: float, seed: float, num_images: float, drawing=None,
                   request: gr.Request = None, progress=gr.Progress()):
+        if reference is None:  # then the drawing, if anything was drawn
+            reference = _drawn(drawing)
         if reference is None:
-            raise gr.Error("image: upload a reference picture for image-to-image", print_exception=False)
+            raise gr.Error("image: upload or draw a reference picture for image-to-image", print_exception=False)
         return _draw(prompt, negative_prompt, steps, guidance, scheduler, width, height, seed, num_images,
                      reference, strength, request, progress)
 
@@ -193,9 +205,14 @@ def build_app(pipe, title: str = "ldm-pipeline") -> gr.Blocks:
                 with gr.Tab("Text to image"):
                     go = gr.Button("Generate", variant="primary", elem_id="generate")
                 with gr.Tab("Image to image"):
-                    reference = _ReferenceImage(label="Reference picture", type="filepath", image_mode=None,
-                                         sources=["upload", "clipboard"],
-                                         elem_id="reference")
+                    with gr.Tab("Upload"):
+                        reference = _ReferenceImage(label="Reference picture", type="filepath", image_mode=None,
+                                                    sources=["upload", "clipboard"], elem_id="reference")
+                    with gr.Tab("Draw"):
+                        canvas = max(s["size"], 256)
+                        drawing = gr.Sketchpad(PIL.Image.new("RGB", (canvas, canvas), "white"), type="pil",
+                                               canvas_size=(canvas, canvas), label="Draw a reference (used when "
+                                               "no picture is uploaded)", elem_id="drawing")
                     strength = gr.Slider(0.05, 1, value=0.8, step=0.05, label="Strength", elem_id="strength")
                     go_image = gr.Button("Transform", variant="primary", elem_id="transform")
                 stop = gr.Button("Stop", variant="stop", elem_id="stop")
@@ -210,7 +227,7 @@ def build_app(pipe, title: str = "ldm-pipeline") -> gr.Blocks:
                             concurrency_limit=1)
         submit_run = prompt.submit(generate, settings, [gallery, used], api_visibility="private", concurrency_id="model",
                                    concurrency_limit=1)
-        image_run = go_image.click(transform, [reference, strength, *settings], [gallery, used], api_name="transform",
+        image_run = go_image.click(transform, [reference, strength, *settings, drawing], [gallery, used], api_name="transform",
                                    concurrency_id="model", concurrency_limit=1)
         stop.click(runner.stop, None, None, cancels=[text_run, submit_run, image_run], queue=False, api_visibility="private")
     demo.queue(default_concurrency_limit=1)

@@ -342,3 +342,33 @@ def test_page_loads_during_a_long_run(server, tmp_path):
     assert "<html" in page.lower() and config["title"] == "ldm-pipeline"
     gallery, seed_used = job.result(timeout=120)
     assert seed_used == 0 and runner.last_steps_run == 60
+
+
+def test_browser_draw_a_reference(pipe, server, browser, tmp_path):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from ldm_pipeline.recipes import image_hash
+
+    wait = WebDriverWait(browser, 60)
+    browser.get(server[0])
+    wait.until(lambda b: b.find_element(By.CSS_SELECTOR, "#prompt textarea")).send_keys("a red circle")
+    _set(browser.find_element(By.CSS_SELECTOR, "#steps input[type=number]"), STEPS)
+    _set(browser.find_element(By.CSS_SELECTOR, "#seed input"), 2)
+    tab = lambda name: next(t for t in browser.find_elements(By.CSS_SELECTOR, "button[role=tab]")  # noqa: E731
+                            if t.text == name)
+    tab("Image to image").click()
+    wait.until(lambda b: tab("Draw")).click()
+    canvas = wait.until(lambda b: b.find_element(By.CSS_SELECTOR, "#drawing canvas"))
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", canvas)
+    ActionChains(browser).move_to_element_with_offset(canvas, -40, -40).click_and_hold().move_by_offset(30, 10) \
+        .move_by_offset(30, 30).move_by_offset(10, 40).release().perform()
+    browser.find_element(By.CSS_SELECTOR, "#transform").click()
+    wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#gallery img")) == 1)
+    source = browser.find_element(By.CSS_SELECTOR, "#gallery img").get_attribute("src")
+    (tmp_path / "drawn.png").write_bytes(urllib.request.urlopen(source, timeout=30).read())
+    recipe = read_recipe(tmp_path / "drawn.png")
+    blank = PIL.Image.new("RGB", (256, 256), "white")
+    assert (recipe.seed, recipe.strength) == (2, 0.8)
+    assert recipe.image_hash is not None and recipe.image_hash != image_hash(blank)  # the strokes were drawn from
