@@ -176,3 +176,14 @@ def test_weighted_and_long_prompts_round_trip_through_recipes(pipe, tmp_path):
         assert read_recipe(path).prompt_weighting is weighting and read_recipe(path).prompt == prompt
         again = pipe.reproduce(path, progress=False)
         assert np.array_equal(np.asarray(again.images[0]), np.asarray(result.images[0]))
+
+
+def test_embedding_length_errors_come_before_the_text_encoder_runs(pipe, monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the text encoder ran")
+
+    monkeypatch.setattr(pipe.text_encoder, "forward", forbidden)
+    with pytest.raises(ValueError, match=r"`negative_prompt_embeds`: 77 tokens, but the other side's prompts need 154"):
+        pipe(LONG, negative_prompt_embeds=torch.zeros(1, 77, 32), **FAST)
+    with pytest.raises(ValueError, match=r"`prompt_embeds`: 100 tokens, not a multiple"):
+        pipe(prompt_embeds=torch.zeros(1, 100, 32), negative_prompt="blurry", **FAST)
