@@ -16,8 +16,8 @@ import signal
 import sys
 import tempfile
 import threading
-from collections import deque  # noqa: E402
-from pathlib import Path  # noqa: E402
+from collections import deque
+from pathlib import Path
 
 
 def _private_folder(prefix: str) -> Path:
@@ -148,10 +148,9 @@ def build_app(pipe, title: str = "ldm-pipeline") -> gr.Blocks:
     s = _settings(pipe)
     scheduler_names = [MODEL_SCHEDULER, *SCHEDULERS]
 
-    def generate(prompt: str, negative_prompt: str = "", steps: float = s["steps"],
-                 guidance: float = s["guidance"], scheduler: str = MODEL_SCHEDULER, width: float = s["size"],
-                 height: float = s["size"], seed: float = RANDOM_SEED, num_images: float = 1,
-                 request: gr.Request = None, progress=gr.Progress()):
+    # The inputs' defaults are the components' values (shown by `Client.view_api()`), not Python defaults.
+    def generate(prompt: str, negative_prompt: str, steps: float, guidance: float, scheduler: str, width: float,
+                 height: float, seed: float, num_images: float, request: gr.Request = None, progress=gr.Progress()):
         return _draw(prompt, negative_prompt, steps, guidance, scheduler, width, height, seed, num_images,
                      None, None, request, progress)
 
@@ -217,19 +216,19 @@ def build_app(pipe, title: str = "ldm-pipeline") -> gr.Blocks:
                     go_image = gr.Button("Transform", variant="primary", elem_id="transform")
                 stop = gr.Button("Stop", variant="stop", elem_id="stop")
             with gr.Column(scale=1):
-                gallery = gr.Gallery(label="Images",  columns=4, format="png", elem_id="gallery",
+                gallery = gr.Gallery(label="Images", columns=4, format="png", elem_id="gallery",
                                      buttons=["download", "fullscreen"])
                 used = gr.Number(label="Seed used", info="image i of the call drew from this seed + i; each image "
                                  "downloads as a PNG carrying its recipe", precision=0, interactive=False,
                                  elem_id="seed-used")
         settings = [prompt, negative, steps, guidance, scheduler, width, height, seed, num_images]
-        text_run = go.click(generate, settings, [gallery, used], api_name="generate", concurrency_id="model",
-                            concurrency_limit=1)
-        submit_run = prompt.submit(generate, settings, [gallery, used], api_visibility="private", concurrency_id="model",
-                                   concurrency_limit=1)
-        image_run = go_image.click(transform, [reference, strength, *settings, drawing], [gallery, used], api_name="transform",
-                                   concurrency_id="model", concurrency_limit=1)
-        stop.click(runner.stop, None, None, cancels=[text_run, submit_run, image_run], queue=False, api_visibility="private")
+        one_model = dict(concurrency_id="model", concurrency_limit=1)  # every drawing event waits in one line
+        text_run = go.click(generate, settings, [gallery, used], api_name="generate", **one_model)
+        submit_run = prompt.submit(generate, settings, [gallery, used], api_visibility="private", **one_model)
+        image_run = go_image.click(transform, [reference, strength, *settings, drawing], [gallery, used],
+                                   api_name="transform", **one_model)
+        stop.click(runner.stop, None, None, cancels=[text_run, submit_run, image_run], queue=False,
+                   api_visibility="private")
     demo.queue(default_concurrency_limit=1)
     demo.ldm_runner = runner  # its folder holds the served PNGs (removed at exit)
     return demo

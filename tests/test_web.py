@@ -271,7 +271,8 @@ def test_browser_generate_errors_and_image_to_image(pipe, server, browser, tmp_p
         shutil.copyfile(shot, os.environ["LDM_WEB_SCREENSHOT"])
 
     # image to image: a file that is not an image, then a damaged PNG, each a message in the page
-    next(tab for tab in browser.find_elements(By.CSS_SELECTOR, "button[role=tab]") if tab.text == "Image to image").click()
+    tabs = browser.find_elements(By.CSS_SELECTOR, "button[role=tab]")
+    next(tab for tab in tabs if tab.text == "Image to image").click()
     upload = lambda path: wait.until(  # noqa: E731
         lambda b: b.find_element(By.CSS_SELECTOR, "#reference input[type=file]")).send_keys(str(path))
     (tmp_path / "notes.txt").write_text("not a picture\n")
