@@ -191,11 +191,13 @@ def test_ldm_serve_draws_offline_and_cleans_up(pipe, tmp_path):
     assert list(temporary.iterdir()) == []  # and its temporary folders are gone
 
 
-def test_ldm_serve_bad_port_is_an_error(capsys):
+def test_ldm_serve_bad_arguments_are_errors(capsys, tmp_path):
     from ldm_pipeline.cli import main
 
     assert main(["serve", "--port", "70000"]) == 2
     assert "--port" in capsys.readouterr().err
+    assert main(["serve", "--model", str(tmp_path / "missing")]) == 2
+    assert "missing" in capsys.readouterr().err
 
 
 # -- the real page in headless Chromium ---------------------------------------------------------
