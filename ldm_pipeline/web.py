@@ -42,20 +42,43 @@ RANDOM_SEED = -1
 KEEP_CALLS = 64  # the output folders of this many recent calls stay on disk (Gradio copies what it serves)
 
 
-class _ReferenceImage(gr.Image):
-    """`gr.Image` whose unreadable uploads (a damaged file, a text file named .png) become a readable message."""
+def _without_type_stubs(define):
+    """Define a Gradio component class without Gradio writing a `.pyi` stub beside this module.
 
-    is_template = True  # drawn by the page as a plain gr.Image
+    Gradio's component metaclass writes `<module>.pyi` next to the source of every component
+    subclass: into site-packages for an installed package (an error where that is read-only).
+    """
+    from gradio import component_meta
 
-    def preprocess(self, payload):
-        try:
-            return super().preprocess(payload)
-        except gr.Error:
-            raise
-        except Exception:
-            name = getattr(payload, "orig_name", None) or "the upload"
-            raise gr.Error(f"image: {name!r} is not a readable image; upload a PNG, JPEG or WebP picture",
-                           print_exception=False) from None
+    write = getattr(component_meta, "create_or_modify_pyi", None)
+    component_meta.create_or_modify_pyi = lambda *args, **kwargs: None
+    try:
+        return define()
+    finally:
+        if write is not None:
+            component_meta.create_or_modify_pyi = write
+
+
+def _define_reference_image():
+    class _ReferenceImage(gr.Image):
+        """`gr.Image` whose unreadable uploads (a damaged file, a text file named .png) become a readable message."""
+
+        is_template = True  # drawn by the page as a plain gr.Image
+
+        def preprocess(self, payload):
+            try:
+                return super().preprocess(payload)
+            except gr.Error:
+                raise
+            except Exception:
+                name = getattr(payload, "orig_name", None) or "the upload"
+                raise gr.Error(f"image: {name!r} is not a readable image; upload a PNG, JPEG or WebP picture",
+                               print_exception=False) from None
+
+    return _ReferenceImage
+
+
+_ReferenceImage = _without_type_stubs(_define_reference_image)
 
 
 class _Runner:
