@@ -181,7 +181,6 @@ class CompiledUNet:
         self._state = None  # weights_state of the UNet when `_digest` was taken
         self._digest = None
         self._packages: dict[str, object] = {}  # key -> loaded AOTInductor runner
-        self._keys: dict[tuple, str] = {}  # (unet, digest, shapes, batch, dtype, device) -> key
         self._in_process = None  # (unet, torch.compile'd unet) for the other modes
 
     def runner_for(self, unet, sample_shape: tuple, context_shape: tuple):
@@ -213,11 +212,7 @@ class CompiledUNet:
         With `fall_back`, a package that cannot be built (no C++ compiler, a UNet that torch.export
         does not take, a full disk) gives a warning and None, once: the caller runs the UNet eagerly.
         """
-        weight = next(unet.parameters())
-        inputs = (id(unet), self._digest, tuple(sample_shape), tuple(context_shape), batch, weight.dtype, weight.device)
-        if inputs not in self._keys:  # the key is a digest of the config: worth computing once
-            self._keys[inputs] = package_key(unet, self._digest, sample_shape, context_shape, batch)
-        key = self._keys[inputs]
+        key = package_key(unet, self._digest, sample_shape, context_shape, batch)  # 0.05 ms, once per call
         if key not in self._packages:
             try:
                 self._packages[key] = self._load_or_build(unet, key, sample_shape, context_shape, batch)
