@@ -3,6 +3,10 @@
 A model folder is what diffusers writes: `model_index.json` naming each component's class,
 and one subfolder per component (`tokenizer/`, `text_encoder/`, `vae/`, `unet/`,
 `scheduler/`) with its config and safetensors weights.
+
+Over 400 lines, kept whole for now: folders and single files share the file checks and the
+errors (`ModelFileError`, `read_json`, `check_safetensors`, `load_part`) that name the file at
+fault. The single-file half (from `config_root` down) is the piece to split into its own module.
 """
 
 from __future__ import annotations
