@@ -95,10 +95,10 @@ class StepWatch:
         self.callback = callback
         self._finite: list[torch.Tensor] = []
 
-    def __call__(self, step: int, timestep, latents: torch.Tensor):
-        self._finite.append(torch.isfinite(latents).all())
+    def __call__(self, state) -> bool | None:  # a `sampling.StepState`, after the step
+        self._finite.append(torch.isfinite(state.latents).all())
         if self.callback is not None:
-            return self.callback(step, timestep, latents)
+            return self.callback(state.step, state.timestep, state.latents)
         return None
 
     def first_bad_step(self) -> int | None:

@@ -14,7 +14,7 @@ import torch
 
 from . import checks, fast, guards, images, latents as latent_ops, loading, memory, recipes, schedulers, text
 from .model_hash import ModelIdentity
-from .sampling import StepCallback, denoise
+from .sampling import ClassifierFree, StepCallback, denoise
 
 DEFAULT_MODEL = Path(__file__).parent / "models" / "shapes"
 FALLBACK_DEFAULTS = {"guidance_scale": 7.5, "num_inference_steps": 50}
@@ -310,9 +310,10 @@ class LatentDiffusionPipeline(memory.MemoryMethods):
             start = latent_ops.img2img_start(scheduler, encoded.to(self.dtype), timesteps[:1], generator)
 
         unet = self.compiled.runner_for(self.unet, start.shape[1:], cond.shape[1:]) if self.compiled else self.unet
+        guidances = [ClassifierFree(uncond, guidance_scale)] if uncond is not None else []
         watch = guards.StepWatch(callback)  # notes where NaN or infinity first appear
-        final, steps_run = denoise(unet, scheduler, start, timesteps, cond, uncond, guidance_scale,
-                                   schedulers.step_kwargs(scheduler, generator, eta), watch, progress)
+        final, steps_run = denoise(unet, scheduler, start, timesteps, cond, guidances,
+                                   schedulers.step_kwargs(scheduler, generator, eta), [watch], progress)
         guards.check_latents(final, watch, steps_run)
         if output_type == "latent":
             result = final

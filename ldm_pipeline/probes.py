@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
-from .sampling import guide
+from .sampling import guide, x0_from_prediction  # noqa: F401  (x0_from_prediction: part of this module's API)
 
 
 def prompt_tokens(tokenizer, prompt: str) -> list[str]:
@@ -173,34 +173,6 @@ def record_cross_attention(unet) -> Iterator[CrossAttentionRecord]:
     finally:
         for handle in handles:
             handle.remove()
-
-
-def x0_from_prediction(sample: torch.Tensor, model_output: torch.Tensor, alpha_cumprod: torch.Tensor | float,
-                       prediction_type: str) -> torch.Tensor:
-    """The clean latents x_0 implied by one model output at x_t = sqrt(a) x_0 + sqrt(1 - a) noise.
-
-    epsilon: x_0 = (x_t - sqrt(1 - a) eps) / sqrt(a) (Song et al. 2021, eq. 12);
-    v_prediction: x_0 = sqrt(a) x_t - sqrt(1 - a) v (Salimans & Ho 2022); sample: the output.
-
-    Args:
-        sample: (B, C, h, w) noisy latents x_t in the variance-preserving scale (what the
-            UNet receives after `scheduler.scale_model_input`).
-        model_output: (B, C, h, w) the (guided) UNet output.
-        alpha_cumprod: a = alpha-bar at the step's timestep. Epsilon prediction at a = 0
-            (the first step of a zero-terminal-SNR schedule) has no x_0: the result is inf.
-
-    Returns:
-        (B, C, h, w) predicted x_0.
-    """
-    a = torch.as_tensor(alpha_cumprod, dtype=torch.float32, device=sample.device)
-    sample, model_output = sample.float(), model_output.float()
-    if prediction_type == "epsilon":
-        return (sample - (1 - a).sqrt() * model_output) / a.sqrt()
-    if prediction_type == "v_prediction":
-        return a.sqrt() * sample - (1 - a).sqrt() * model_output
-    if prediction_type == "sample":
-        return model_output
-    raise ValueError(f"`prediction_type`: got {prediction_type!r}; expected 'epsilon', 'v_prediction' or 'sample'")
 
 
 @dataclass

@@ -9,7 +9,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from ldm_pipeline import LatentDiffusionPipeline
-from ldm_pipeline.sampling import denoise
+from ldm_pipeline.sampling import ClassifierFree, denoise
 from ldm_pipeline.schedulers import fresh_copy
 
 FAST = dict(num_inference_steps=4, progress=False)
@@ -78,7 +78,8 @@ def test_guidance_one_equals_no_guidance(pipe):
     def run(negative):
         scheduler = fresh_copy(pipe.scheduler)
         scheduler.set_timesteps(5)
-        return denoise(pipe.unet, scheduler, start, scheduler.timesteps, cond, negative, 1.0, {}, progress=False)[0]
+        guidances = [ClassifierFree(negative, 1.0)] if negative is not None else []
+        return denoise(pipe.unet, scheduler, start, scheduler.timesteps, cond, guidances, progress=False)[0]
 
     assert torch.allclose(run(uncond), run(None), atol=1e-5)
 
