@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--sweep-steps", type=int, nargs="+", default=None)
     evaluate.add_argument("--sweep-schedulers", nargs="+", choices=sorted(SCHEDULERS), default=None)
     evaluate.add_argument("--sweep-guidance", type=float, nargs="+", default=None)
+    evaluate.add_argument("--clip-guidance", type=float, default=0.0,
+                          help="CLIP guidance scale (steers with the --clip CLIP; default 0: off)")
+    evaluate.add_argument("--sweep-clip-guidance", type=float, nargs="+", default=None)
     evaluate.add_argument("--batch-size", type=int, default=25)
     evaluate.add_argument("--device", default="cpu")
     evaluate.add_argument("--cache-dir", default=None, help="where real-image FID statistics are cached")
@@ -255,7 +258,8 @@ def evaluate(args: argparse.Namespace) -> None:
              "real": args.real or ("shapes renders" if real else None)}
     if args.sweep:
         axes = {"steps": args.sweep_steps or rep.SWEEP_STEPS, "schedulers": args.sweep_schedulers or rep.SWEEP_SCHEDULERS,
-                "guidance": args.sweep_guidance or rep.SWEEP_GUIDANCE}
+                "guidance": args.sweep_guidance or rep.SWEEP_GUIDANCE,
+                "clip_guidance": args.sweep_clip_guidance or (args.clip_guidance,)}
         reports = [{**about, **r} for r in rep.sweep(pipe, sets, seeds, clip, extractor, references,
                                                     batch_size=args.batch_size, **axes)]
         args.out.write_text(json.dumps(reports, indent=2))
@@ -264,7 +268,8 @@ def evaluate(args: argparse.Namespace) -> None:
         print(rep.sweep_markdown(reports))
     else:
         report = {**about, **rep.evaluate(pipe, sets, seeds, clip, extractor, references, args.batch_size,
-                                          num_inference_steps=args.steps, guidance_scale=args.guidance)}
+                                          num_inference_steps=args.steps, guidance_scale=args.guidance,
+                                          clip_guidance_scale=args.clip_guidance, clip_model=clip)}
         for name, images in report.pop("images").items():
             make_grid(images, cols=8).save(args.out.with_name(f"{args.out.stem}-{name}.png"))
         args.out.write_text(json.dumps(report, indent=2))

@@ -12,7 +12,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from . import checks, fast, guards, images, latents as latent_ops, loading, memory, recipes, schedulers, text
+from . import checks, fast, guards, guidance, images, latents as latent_ops, loading, memory, recipes, schedulers, text
 from .model_hash import ModelIdentity
 from .sampling import ClassifierFree, StepCallback, denoise
 
@@ -244,6 +244,9 @@ class LatentDiffusionPipeline(memory.MemoryMethods):
         progress: bool = True,
         eta: float = 0.0,
         prompt_weighting: bool = False,
+        clip_guidance_scale: float = 0.0,
+        clip_model=None,
+        clip_guidance_every: int = 1,
     ) -> PipelineOutput:
         """Draw images for prompts; with `image=`, start from that picture (image-to-image).
 
@@ -251,7 +254,8 @@ class LatentDiffusionPipeline(memory.MemoryMethods):
         image i from seed S + i (or from the i-th seed of a list), so an image depends only on
         its seed; `generator=` behaves exactly as in diffusers. `strength` (image-to-image only)
         runs `int(num_inference_steps * strength)` steps. `callback(step, timestep, latents)`
-        may return False to stop early. Prompts longer than the text encoder's 77 tokens are read in
+        may return False to stop early. `clip_guidance_scale > 0` steers each step with a CLIP's gradient
+        (`clip_model`: default the bundled shapes CLIP; see `guidance.py`). Prompts longer than the text encoder's 77 tokens are read in
         75-token windows; `prompt_weighting=True` reads `(word:1.3)` weights (see `prompts.py`).
 
         Returns:
@@ -274,6 +278,7 @@ class LatentDiffusionPipeline(memory.MemoryMethods):
                           latent_channels=self.unet.config.in_channels, context_dim=self.unet.config.cross_attention_dim,
                           max_steps=self.scheduler.config.get("num_train_timesteps"),
                           embeds=dict(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds))
+        guidance.check_clip_guidance(clip_guidance_scale, clip_model, prompts, clip_guidance_every)
         reference = images.load_image(image) if image is not None else None
         latents_given = latents is not None  # for the recipe: such images cannot be drawn again from it
         if reference is not None:
@@ -311,6 +316,10 @@ class LatentDiffusionPipeline(memory.MemoryMethods):
 
         unet = self.compiled.runner_for(self.unet, start.shape[1:], cond.shape[1:]) if self.compiled else self.unet
         guidances = [ClassifierFree(uncond, guidance_scale)] if uncond is not None else []
+        if clip_guidance_scale > 0:
+            texts = [p for p in prompts for _ in range(num_images_per_prompt)]
+            guidances.append(guidance.ClipGuidance(guidance.clip_for(clip_model, self.device), self.vae, texts,
+                                                   clip_guidance_scale, clip_guidance_every))
         watch = guards.StepWatch(callback)  # notes where NaN or infinity first appear
         final, steps_run = denoise(unet, scheduler, start, timesteps, cond, guidances,
                                    schedulers.step_kwargs(scheduler, generator, eta), [watch], progress)

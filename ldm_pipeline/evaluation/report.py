@@ -186,7 +186,8 @@ def evaluate(pipe, sets: list[PromptSet], seeds: list[int], clip: Clip, extracto
         generated.append(features)
         samples[prompt_set.name] = images[:32]
     report["settings"] = {"num_inference_steps": last.num_inference_steps, "scheduler": last.scheduler,
-                          "guidance_scale": last.guidance_scale}
+                          "guidance_scale": last.guidance_scale,
+                          "clip_guidance_scale": float(call_kwargs.get("clip_guidance_scale", 0.0))}
     if len(sets) > 1:
         real_features = [real[s.name][1] for s in sets if s.name in real]
         report["all"] = _pooled(report["sets"], generated, real_features, references.get("all"))
@@ -230,7 +231,9 @@ def markdown(report: dict) -> str:
     columns = [c for c in COLUMNS if any(c[0] in scores for scores in rows.values())]
     settings = report["settings"]
     lines = [f"Model `{report.get('model', '?')}`, {settings['scheduler']}, {settings['num_inference_steps']} steps, "
-             f"guidance {settings['guidance_scale']}, seeds {report['seeds']}. "
+             f"guidance {settings['guidance_scale']}"
+             + (f", CLIP guidance {settings['clip_guidance_scale']:g}" if settings.get("clip_guidance_scale") else "")
+             + f", seeds {report['seeds']}. "
              f"FID features: `{report['features']}`; CLIP score: `{report['clip']}`.", "",
              "| prompts | " + " | ".join(title for _, title, _ in columns) + " |",
              "|---|" + "---:|" * len(columns)]
@@ -249,15 +252,18 @@ SWEEP_GUIDANCE = (2.0, 4.0, 7.5)
 def sweep(pipe, sets: list[PromptSet], seeds: list[int], clip: Clip, extractor,
           references: dict[str, FeatureStats] | None,
           steps=SWEEP_STEPS, schedulers=SWEEP_SCHEDULERS, guidance=SWEEP_GUIDANCE, batch_size: int = 25,
-          progress=print) -> list[dict]:
-    """`evaluate` for every (scheduler, steps, guidance); the pipeline's own scheduler is restored after."""
+          progress=print, clip_guidance=(0.0,)) -> list[dict]:
+    """`evaluate` for every (scheduler, steps, guidance, CLIP guidance); the pipeline's own scheduler is
+    restored after. CLIP guidance steers with `clip`, the CLIP that also scores: read its CLIP score
+    as optimised, not measured (the judge and FID are independent of it)."""
     original, reports = pipe.scheduler, []
     real = real_scores(sets, clip, extractor, references)
     try:
-        for scheduler, count, scale in itertools.product(schedulers, steps, guidance):
+        for scheduler, count, scale, clip_scale in itertools.product(schedulers, steps, guidance, clip_guidance):
             pipe.set_scheduler(scheduler)
             report = evaluate(pipe, sets, seeds, clip, extractor, references, batch_size, real,
-                              num_inference_steps=count, guidance_scale=scale)
+                              num_inference_steps=count, guidance_scale=scale, clip_guidance_scale=clip_scale,
+                              clip_model=clip)
             report.pop("images")
             reports.append(report)
             if progress:
@@ -274,7 +280,8 @@ def _summary(report: dict) -> dict:
 def sweep_row(report: dict) -> str:
     """One Markdown row of a sweep table."""
     settings, scores = report["settings"], _summary(report)
-    cells = [settings["scheduler"], str(settings["num_inference_steps"]), f"{settings['guidance_scale']:g}"]
+    cells = [settings["scheduler"], str(settings["num_inference_steps"]), f"{settings['guidance_scale']:g}",
+             f"{settings.get('clip_guidance_scale', 0.0):g}"]
     cells += [_cell(scores.get("correct"), "{:.1%}"),
               *(_cell(report["sets"].get(kind, {}).get("correct"), "{:.1%}") for kind in KINDS),
               _cell(scores.get("clip_score"), "{:.2f}"), _cell(scores.get("fid"), "{:.2f}"),
@@ -284,8 +291,8 @@ def sweep_row(report: dict) -> str:
 
 def sweep_markdown(reports: list[dict]) -> str:
     """A sweep as a Markdown table, a row per setting."""
-    header = ("| scheduler | steps | guidance | correct | seen | held-out | two | CLIP score | FID | s/image |\n"
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+    header = ("| scheduler | steps | guidance | CLIP guidance | correct | seen | held-out | two | CLIP score | FID "
+              "| s/image |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
     return header + "\n".join(sweep_row(report) for report in reports) + "\n"
 
 
