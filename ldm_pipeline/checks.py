@@ -189,6 +189,17 @@ def check_latents(latents, batch: int, multiple: int, channels: int | None, heig
                              f"is {value}; leave `{name}` out or make them agree")
 
 
+def output_size(height, width, multiple: int, sample_size: int, latents: torch.Tensor | None,
+                reference_size: tuple[int, int] | None) -> tuple[int, int]:
+    """The (height, width) a call draws at: given latents' size, else an image-to-image reference's
+    (`images.image_size`), else `height`/`width`, else the UNet's sample size times the VAE factor."""
+    if reference_size is not None:
+        height, width = reference_size
+    if latents is not None:
+        height, width = latent_size(latents, multiple)
+    return height or sample_size * multiple, width or sample_size * multiple
+
+
 def latent_size(latents: torch.Tensor | None, multiple: int) -> tuple[int | None, int | None]:
     """The (height, width) in pixels that given latents stand for, or (None, None)."""
     if latents is None:

@@ -33,6 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--image", default=None, help="reference picture for image-to-image")
     generate.add_argument("--strength", type=float, default=0.8, help="image-to-image strength in (0, 1]")
     generate.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (fp16 on CUDA)")
+    generate.add_argument("--clip-guidance", type=float, default=0.0, metavar="SCALE",
+                          help="steer each step with a CLIP's gradient (default 0: off; about 0.2-0.5 on the "
+                               "bundled model; costs a VAE decode and a CLIP pass per step)")
+    generate.add_argument("--clip-model", default=None,
+                          help="the CLIP for --clip-guidance: a CLIPModel folder or Hub id (default: the bundled one)")
     generate.add_argument("--compile", action="store_true",
                           help="run the UNet compiled (pipe.compile()): about twice as fast; the first run for a "
                                "model, size and batch compiles it (about a minute), later runs load it from the cache")
@@ -131,7 +136,7 @@ def train(args: argparse.Namespace) -> None:
 
 # generation settings that --from takes from the recipe instead (and their defaults, to notice them given)
 _RECIPE_OPTIONS = {"prompt": [], "negative_prompt": None, "steps": None, "guidance": None, "seed": None, "size": None,
-                   "num_images": 1, "scheduler": None, "strength": 0.8}
+                   "num_images": 1, "scheduler": None, "strength": 0.8, "clip_guidance": 0.0, "clip_model": None}
 
 
 def _prompt_jobs(args: argparse.Namespace):
@@ -204,7 +209,7 @@ def generate(args: argparse.Namespace) -> None:
         result = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
                       guidance_scale=args.guidance, height=height, width=width,
                       num_images_per_prompt=args.num_images, seed=args.seed, image=args.image,
-                      strength=args.strength)
+                      strength=args.strength, clip_guidance_scale=args.clip_guidance, clip_model=args.clip_model)
         rows = len(args.prompt)
     single = len(result.images) == 1
     picture = result.images[0] if single else make_grid(result.images, rows=rows)

@@ -239,3 +239,15 @@ class CompiledUNet:
     def _say(self, message: str) -> None:
         if self.verbose:
             print(f"ldm_pipeline: {message}", flush=True)
+
+
+def compile_unet(unet, mode: str, cache_dir, verbose: bool, batch: int | None, height: int | None,
+                 width: int | None, factor: int, text_length: int) -> "CompiledUNet":
+    """`LatentDiffusionPipeline.compile`'s work: a `CompiledUNet`, with the "aot" package for
+    (height, width, batch) built now unless `batch` is None (the model's own size by default)."""
+    compiled = CompiledUNet(mode, cache_dir, verbose)
+    if mode == "aot" and batch is not None:
+        side = unet.config.sample_size
+        size = (unet.config.in_channels, height // factor if height else side, width // factor if width else side)
+        compiled.build(unet, size, (text_length, unet.config.cross_attention_dim), batch)
+    return compiled

@@ -62,6 +62,10 @@ class ClipGuidance(Guidance):
         self.text = F.normalize(text, dim=-1)
         self.similarities: list[torch.Tensor] = []  # mean cosine similarity at each guided step, for reports
 
+    def recipe(self) -> dict:
+        """What an image's recipe records of this guidance (`recipes.Recipe` fields)."""
+        return {"clip_guidance_scale": self.scale, "clip_guidance_every": self.every, "clip_model": self.clip.name}
+
     def __call__(self, prediction: torch.Tensor, outputs, state: StepState) -> torch.Tensor:
         if state.step % self.every:
             return prediction
@@ -113,3 +117,8 @@ def check_clip_guidance(scale, clip_model, prompts: list[str] | None, every) -> 
     if value > 0 and prompts is None:
         raise ValueError("`clip_guidance_scale`: CLIP guidance compares images with the prompt's text; "
                          "it needs `prompt`, not only `prompt_embeds`")
+
+
+def recipe_of(guidances) -> dict:
+    """The recipe fields of a call's guidances (classifier-free guidance is recorded as guidance_scale)."""
+    return {key: value for g in guidances if hasattr(g, "recipe") for key, value in g.recipe().items()}

@@ -128,18 +128,11 @@ class LatentDiffusionPipeline(memory.MemoryMethods):
                 other sizes and batches compile when first drawn. Weights, device or dtype that
                 change later are noticed before each call and compiled for.
         """
-        factor = self.vae_scale_factor
-        checks.check_size(height, width, factor)
+        checks.check_size(height, width, self.vae_scale_factor)
         if batch is not None and (not checks._is_int(batch) or batch < 1):
             raise ValueError(f"`batch`: got {batch!r}; expected an integer >= 1 (the UNet's batch) or None")
-        compiled = fast.CompiledUNet(mode, cache_dir, verbose)
-        if mode == "aot" and batch is not None:
-            side = self.unet.config.sample_size
-            size = (self.unet.config.in_channels, height // factor if height else side,
-                    width // factor if width else side)
-            context = (self.tokenizer.model_max_length, self.unet.config.cross_attention_dim)
-            compiled.build(self.unet, size, context, batch)
-        self.compiled = compiled
+        self.compiled = fast.compile_unet(self.unet, mode, cache_dir, verbose, batch, height, width,
+                                          self.vae_scale_factor, self.tokenizer.model_max_length)
         return self
 
     def model_hash(self) -> str:
@@ -254,9 +247,10 @@ class LatentDiffusionPipeline(memory.MemoryMethods):
         image i from seed S + i (or from the i-th seed of a list), so an image depends only on
         its seed; `generator=` behaves exactly as in diffusers. `strength` (image-to-image only)
         runs `int(num_inference_steps * strength)` steps. `callback(step, timestep, latents)`
-        may return False to stop early. `clip_guidance_scale > 0` steers each step with a CLIP's gradient
-        (`clip_model`: default the bundled shapes CLIP; see `guidance.py`). Prompts longer than the text encoder's 77 tokens are read in
+        may return False to stop early. Prompts longer than the text encoder's 77 tokens are read in
         75-token windows; `prompt_weighting=True` reads `(word:1.3)` weights (see `prompts.py`).
+        `clip_guidance_scale > 0` steers every `clip_guidance_every`-th step up a CLIP's gradient
+        (`clip_model`: default the bundled shapes CLIP; see `guidance.py`).
 
         Returns:
             `PipelineOutput` with `.images` (PIL list, np (B, H, W, 3), pt (B, 3, H, W) or
@@ -281,12 +275,9 @@ class LatentDiffusionPipeline(memory.MemoryMethods):
         guidance.check_clip_guidance(clip_guidance_scale, clip_model, prompts, clip_guidance_every)
         reference = images.load_image(image) if image is not None else None
         latents_given = latents is not None  # for the recipe: such images cannot be drawn again from it
-        if reference is not None:
-            height, width = images.image_size(reference, height, width, factor)
-        if latents is not None:
-            height, width = checks.latent_size(latents, factor)
-        height = height or self.unet.config.sample_size * factor
-        width = width or self.unet.config.sample_size * factor
+        reference_size = images.image_size(reference, height, width, factor) if reference is not None else None
+        height, width = checks.output_size(height, width, factor, self.unet.config.sample_size, latents,
+                                           reference_size)
         guards.check_fits(self.vae, self.unet, batch, height, width, self.dtype, self.device, output_type != "latent")
 
         seeds = None
@@ -336,5 +327,5 @@ class LatentDiffusionPipeline(memory.MemoryMethods):
             strength=strength if reference is not None else None, prompts=prompts,
             call=recipes.CallRecord.of(self, prompts, negatives, num_images_per_prompt, scheduler, eta, reference,
                                        image, seeds is None, latents_given, prompt_embeds is not None,
-                                       prompt_weighting),
+                                       prompt_weighting, guidance.recipe_of(guidances)),
         )

@@ -51,6 +51,9 @@ class Recipe:
     eta: float = 0.0
     prompt_weighting: bool = False  # whether `(word:1.3)` was read as a weight (see prompts.py)
     strength: float | None = None  # image-to-image only
+    clip_guidance_scale: float = 0.0  # CLIP guidance (guidance.py); 0 = off
+    clip_guidance_every: int = 1
+    clip_model: str | None = None  # the steering CLIP's name@weights-digest ("shapes_clip@..." = the bundled one)
     image_hash: str | None = None  # image-to-image: SHA-256 of the reference's RGB pixels (`image_hash`)
     image_path: str | None = None  # image-to-image: the reference's file, when it was given as a path
     model: str | None = None  # the model's name (its folder, Hub id or file name)
@@ -100,11 +103,12 @@ class CallRecord:
     image_path: str | None
     not_reproducible: str | None
     prompt_weighting: bool = False
+    settings: dict = field(default_factory=dict)  # more `Recipe` fields, as the guidances report them
 
     @classmethod
     def of(cls, pipe, prompts, negatives, images_per_prompt: int, scheduler, eta: float, reference, image,
            generator_given: bool, latents_given: bool, embeds_given: bool,
-           prompt_weighting: bool = False) -> "CallRecord":
+           prompt_weighting: bool = False, settings: dict | None = None) -> "CallRecord":
         reasons = [why for given, why in ((generator_given, "generator= was passed (give seed= instead)"),
                                           (latents_given, "latents= was passed"),
                                           (embeds_given, "prompt embeddings were passed")) if given]
@@ -115,7 +119,8 @@ class CallRecord:
                    scheduler_config=_plain({k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}),
                    eta=float(eta), image_hash=image_hash(reference) if reference is not None else None,
                    image_path=str(Path(image).resolve()) if isinstance(image, (str, os.PathLike)) else None,
-                   not_reproducible="; ".join(reasons) or None, prompt_weighting=prompt_weighting)
+                   not_reproducible="; ".join(reasons) or None, prompt_weighting=prompt_weighting,
+                   settings=dict(settings or {}))
 
 
 def _plain(value):
@@ -145,7 +150,7 @@ def recipes_of(output) -> list[Recipe]:
                   strength=output.strength, image_hash=call.image_hash, image_path=call.image_path,
                   model=pipe.identity.name, model_hash=model_hash, steps_run=output.steps_run,
                   dtype=str(pipe.dtype).removeprefix("torch."), device=pipe.device.type, versions=_versions(),
-                  not_reproducible=call.not_reproducible, prompt_weighting=call.prompt_weighting)
+                  not_reproducible=call.not_reproducible, prompt_weighting=call.prompt_weighting, **call.settings)
     recipes = []
     for i in range(count):
         row = i // call.images_per_prompt
@@ -275,7 +280,8 @@ def read_recipe(path: str | os.PathLike) -> Recipe:
 
 # fields that must agree for recipes to be drawn in one call (prompt, negative prompt and seed may differ)
 _CALL_FIELDS = ("num_inference_steps", "guidance_scale", "height", "width", "scheduler", "scheduler_config", "eta",
-                "prompt_weighting", "strength", "image_hash", "image_path", "model_hash", "steps_run")
+                "prompt_weighting", "strength", "image_hash", "image_path", "model_hash", "steps_run",
+                "clip_guidance_scale", "clip_guidance_every", "clip_model")
 
 
 def _scheduler_for(recipe: Recipe, pipe):
@@ -354,8 +360,23 @@ def reproduce(pipe, source, image=None, ignore_model_hash: bool = False, progres
     if first.steps_run is not None:  # the original loop was stopped after this many steps (or ran them all)
         callback = lambda step, timestep, latents: step + 1 < first.steps_run  # noqa: E731
     negatives = [r.negative_prompt for r in recipes]
+    clip = _clip_for(first, pipe) if first.clip_guidance_scale else None
     return twin([r.prompt for r in recipes], negative_prompt=negatives if any(negatives) else None,
                 num_inference_steps=first.num_inference_steps, guidance_scale=first.guidance_scale,
                 height=first.height, width=first.width, seed=[r.seed for r in recipes], image=reference,
                 strength=first.strength if first.strength is not None else 0.8, eta=first.eta, callback=callback,
-                progress=progress, prompt_weighting=first.prompt_weighting)
+                progress=progress, prompt_weighting=first.prompt_weighting,
+                clip_guidance_scale=first.clip_guidance_scale, clip_guidance_every=first.clip_guidance_every,
+                clip_model=clip)
+
+
+def _clip_for(recipe: Recipe, pipe):
+    """The CLIP a CLIP-guided image was steered with, loaded from the name it recorded, weights checked."""
+    from .guidance import clip_for
+
+    name, _, digest = (recipe.clip_model or "").rpartition("@")
+    clip = clip_for(None if name == "shapes_clip" else name, pipe.device)
+    if not clip.name.endswith(f"@{digest}"):
+        raise ValueError(f"`source`: the image was steered by CLIP {recipe.clip_model!r}, but the CLIP found there "
+                         f"has weights {clip.name.rpartition('@')[2]}; draw it with that CLIP's recipe fields by hand")
+    return clip
