@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--image", default=None, help="reference picture for image-to-image")
     generate.add_argument("--strength", type=float, default=0.8, help="image-to-image strength in (0, 1]")
     generate.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (fp16 on CUDA)")
+    generate.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                          help="load a LoRA (a .safetensors file or a folder; diffusers or kohya keys) at SCALE "
+                               "(default 1); repeat for several")
     generate.add_argument("--clip-guidance", type=float, default=0.0, metavar="SCALE",
                           help="steer each step with a CLIP's gradient (default 0: off; about 0.2-0.5 on the "
                                "bundled model; costs a VAE decode and a CLIP pass per step)")
@@ -139,6 +142,18 @@ _RECIPE_OPTIONS = {"prompt": [], "negative_prompt": None, "steps": None, "guidan
                    "num_images": 1, "scheduler": None, "strength": 0.8, "clip_guidance": 0.0, "clip_model": None}
 
 
+def _lora_spec(spec: str) -> tuple[str, float]:
+    """`PATH` or `PATH:SCALE` -> (path, scale); checked before a model loads."""
+    path, _, scale = spec.rpartition(":") if ":" in spec and not Path(spec).exists() else (spec, "", "1")
+    try:
+        value = float(scale)
+    except ValueError:
+        raise ValueError(f"--lora: got {spec!r}; expected PATH or PATH:SCALE with a number SCALE") from None
+    if not Path(path).exists():
+        raise ValueError(f"--lora: {path!r} does not exist (expected a LoRA .safetensors file or folder)")
+    return path, value
+
+
 def _prompt_jobs(args: argparse.Namespace):
     from .batch import read_prompt_file
 
@@ -160,6 +175,8 @@ def generate(args: argparse.Namespace) -> None:
     from .pipeline import default_dtype
     from .recipes import read_recipes, write_png
 
+    for spec in args.lora:
+        _lora_spec(spec)  # before a model loads
     if args.prompts is not None:
         jobs = _prompt_jobs(args)  # the whole file is checked before a model loads
     elif args.out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
@@ -193,6 +210,9 @@ def generate(args: argparse.Namespace) -> None:
         pipe.enable_vae_tiling()
     if args.scheduler:
         pipe.set_scheduler(args.scheduler)
+    for spec in args.lora:
+        path, scale = _lora_spec(spec)
+        pipe.load_lora_weights(path, adapter_name=Path(path).stem, scale=scale)
     if args.compile:
         pipe.compile(batch=None)  # built for the call's own size and batch when it runs
     if args.prompts is not None:

@@ -44,6 +44,8 @@ def format_parameters(recipe, version: str = "") -> str:
         settings["Denoising strength"] = _number(recipe.strength)
     if recipe.eta:
         settings["Eta"] = _number(recipe.eta)
+    if getattr(recipe, "loras", None):  # A1111's field: name and the first 12 hex digits of the file's SHA-256
+        settings["Lora hashes"] = ", ".join(f"{l['name']}: {(l.get('sha256') or '')[:12]}" for l in recipe.loras)
     settings["Version"] = f"ldm-pipeline {version}".strip()
     line = ", ".join(f"{key}: {_quote(value)}" for key, value in settings.items() if value is not None)
     negative = f"\nNegative prompt: {recipe.negative_prompt}" if recipe.negative_prompt else ""

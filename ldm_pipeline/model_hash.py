@@ -25,20 +25,43 @@ def _models(pipe) -> list[tuple[str, torch.nn.Module]]:
     return [("text_encoder", pipe.text_encoder), ("vae", pipe.vae), ("unet", pipe.unet)]
 
 
+def _base_tensors(model: torch.nn.Module):
+    """The model's own tensors: LoRA adapters' layers (peft's `lora_A`, `lora_B`, ...) left out."""
+    if not getattr(model, "peft_config", None):
+        yield from module_tensors(model)
+        return
+    for name, child in model.named_modules():
+        if ".lora_" not in f".{name}":
+            yield from (t for t in (*child._parameters.values(), *child._buffers.values()) if t is not None)
+
+
 def fingerprint(pipe) -> tuple:
-    """A cheap key that changes when a weight is changed in place, replaced or cast (not when moved)."""
-    return tuple((id(t), t._version, t.dtype) for _, model in _models(pipe) for t in module_tensors(model))
+    """A cheap key that changes when a weight is changed in place, replaced or cast (not when moved).
+
+    Unfused LoRA adapters are not part of the model (recipes list them apart); fusing one changes
+    the weights, and so the key."""
+    return tuple((id(t), t._version, t.dtype) for _, model in _models(pipe) for t in _base_tensors(model))
+
+
+def _base_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict without LoRA tensors, under the names the layers have without peft's wrapping."""
+    state = model.state_dict()
+    if not getattr(model, "peft_config", None):
+        return state
+    return {name.replace(".base_layer.", "."): tensor for name, tensor in state.items()
+            if ".lora_" not in f".{name}"}
 
 
 def weights_digest(pipe) -> str:
-    """A digest (32 hex) of the text encoder's, VAE's and UNet's state dicts: names, shapes and values.
+    """A digest (32 hex) of the text encoder's, VAE's and UNet's state dicts: names, shapes and values
+    (LoRA adapters left out: see `fingerprint`).
 
     Floating-point tensors are hashed as fp32, which holds fp16 and bf16 values exactly, so the
     digest does not depend on the device or on casting up.
     """
     digest = hashlib.blake2b(digest_size=16)
     for label, model in _models(pipe):
-        for name, tensor in sorted(model.state_dict().items()):
+        for name, tensor in sorted(_base_state(model).items()):
             value = tensor.detach()
             value = value.to("cpu", torch.float32 if value.is_floating_point() else value.dtype).contiguous()
             digest.update(f"{label}.{name}:{tuple(value.shape)};".encode())

@@ -12,7 +12,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from . import checks, fast, guards, guidance, images, latents as latent_ops, loading, memory, recipes, schedulers, text
+from . import adapters, checks, fast, guards, guidance, images, latents as latent_ops, loading, memory, recipes, schedulers, text
 from .model_hash import ModelIdentity
 from .sampling import ClassifierFree, StepCallback, denoise
 
@@ -51,7 +51,7 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
     return torch.float16 if torch.device(device).type == "cuda" else torch.float32
 
 
-class LatentDiffusionPipeline(memory.MemoryMethods):
+class LatentDiffusionPipeline(memory.MemoryMethods, adapters.AdapterMethods):
     """Text-to-image and image-to-image with a CLIP text encoder, a VAE and a conditional UNet.
 
     Args:
@@ -74,6 +74,7 @@ class LatentDiffusionPipeline(memory.MemoryMethods):
         self.identity = ModelIdentity()  # the model's name and hash, for recipes
         self.offload: memory.ModelOffload | None = None  # the memory helpers' state (memory.MemoryMethods)
         self._attention_processors: dict | None = None
+        self.loras, self.active_loras, self.fused_scale = {}, [], 1.0  # LoRA adapters (adapters.AdapterMethods)
 
     # -- components -------------------------------------------------------------------------
 
@@ -305,7 +306,8 @@ class LatentDiffusionPipeline(memory.MemoryMethods):
             encoded = guards.encode_checked(self.vae, pixels, batch, generator)
             start = latent_ops.img2img_start(scheduler, encoded.to(self.dtype), timesteps[:1], generator)
 
-        unet = self.compiled.runner_for(self.unet, start.shape[1:], cond.shape[1:]) if self.compiled else self.unet
+        compiled = self.compiled and not adapters.unfused(self)  # a package holds no unfused LoRA layers
+        unet = self.compiled.runner_for(self.unet, start.shape[1:], cond.shape[1:]) if compiled else self.unet
         guidances = [ClassifierFree(uncond, guidance_scale)] if uncond is not None else []
         if clip_guidance_scale > 0:
             texts = [p for p in prompts for _ in range(num_images_per_prompt)]
@@ -327,5 +329,5 @@ class LatentDiffusionPipeline(memory.MemoryMethods):
             strength=strength if reference is not None else None, prompts=prompts,
             call=recipes.CallRecord.of(self, prompts, negatives, num_images_per_prompt, scheduler, eta, reference,
                                        image, seeds is None, latents_given, prompt_embeds is not None,
-                                       prompt_weighting, guidance.recipe_of(guidances)),
+                                       prompt_weighting, {**guidance.recipe_of(guidances), **adapters.recipe_of(self)}),
         )

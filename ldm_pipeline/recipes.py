@@ -54,6 +54,7 @@ class Recipe:
     clip_guidance_scale: float = 0.0  # CLIP guidance (guidance.py); 0 = off
     clip_guidance_every: int = 1
     clip_model: str | None = None  # the steering CLIP's name@weights-digest ("shapes_clip@..." = the bundled one)
+    loras: list[dict] | None = None  # acting LoRA adapters: name, scale, sha256 of the file, fused
     image_hash: str | None = None  # image-to-image: SHA-256 of the reference's RGB pixels (`image_hash`)
     image_path: str | None = None  # image-to-image: the reference's file, when it was given as a path
     model: str | None = None  # the model's name (its folder, Hub id or file name)
@@ -281,7 +282,7 @@ def read_recipe(path: str | os.PathLike) -> Recipe:
 # fields that must agree for recipes to be drawn in one call (prompt, negative prompt and seed may differ)
 _CALL_FIELDS = ("num_inference_steps", "guidance_scale", "height", "width", "scheduler", "scheduler_config", "eta",
                 "prompt_weighting", "strength", "image_hash", "image_path", "model_hash", "steps_run",
-                "clip_guidance_scale", "clip_guidance_every", "clip_model")
+                "clip_guidance_scale", "clip_guidance_every", "clip_model", "loras")
 
 
 def _scheduler_for(recipe: Recipe, pipe):
@@ -338,6 +339,7 @@ def reproduce(pipe, source, image=None, ignore_model_hash: bool = False, progres
             raise ValueError("`source`: the recipe has no seed, so its starting noise is unknown")
         if any(getattr(recipe, name) != getattr(first, name) for name in _CALL_FIELDS):
             raise ValueError("`source`: these recipes come from different calls; reproduce them one at a time")
+    _check_loras(first, pipe)
     if not ignore_model_hash:
         present = pipe.model_hash()
         if not first.model_hash:
@@ -380,3 +382,19 @@ def _clip_for(recipe: Recipe, pipe):
         raise ValueError(f"`source`: the image was steered by CLIP {recipe.clip_model!r}, but the CLIP found there "
                          f"has weights {clip.name.rpartition('@')[2]}; draw it with that CLIP's recipe fields by hand")
     return clip
+
+
+def _check_loras(recipe: Recipe, pipe) -> None:
+    """Refuse to draw again unless the same LoRA files act at the same scales."""
+    from .adapters import recipe_of
+
+    def signature(loras):
+        return sorted((l.get("sha256") or l["name"], float(l["scale"])) for l in loras or [])
+
+    wanted, present = recipe.loras or [], recipe_of(pipe).get("loras", [])
+    if signature(wanted) != signature(present):
+        def describe(loras):
+            return ", ".join(f"{l['name']} ({(l.get('sha256') or '?')[:12]}, scale {l['scale']:g})" for l in loras) \
+                or "none"
+        raise ValueError(f"`source`: the image was drawn with LoRA adapters {describe(wanted)}; this pipeline has "
+                         f"{describe(present)}; load_lora_weights / set_adapters to match")

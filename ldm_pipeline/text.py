@@ -82,6 +82,10 @@ class EmbeddingCache:
         self._entries: OrderedDict[tuple[str, ...], torch.Tensor] = OrderedDict()
         self._owner = None
 
+    def clear(self) -> None:
+        """Forget every entry (LoRA changes that no weight's fingerprint shows, such as a scale, call it)."""
+        self._entries.clear()
+
     def encode(self, tokenizer, text_encoder, prompts: list[str], chunks: int | None = None,
                weighting: bool = False) -> torch.Tensor:
         """`encode_windows(tokenizer, text_encoder, prompts, chunks, weighting)`, from the cache when seen before.

@@ -1,0 +1,367 @@
+"""LoRA adapters (Hu et al. 2021) on the UNet and the text encoder: load, weigh, fuse, unload.
+
+Files in diffusers' format (what `StableDiffusionPipeline.save_lora_weights` writes: a folder with
+`pytorch_lora_weights.safetensors`, keys under `unet.` and `text_encoder.`) and in kohya's
+(`lora_unet_..._lora_down.weight`, `lora_up`, `alpha`, `lora_te_...`, what most shared LoRAs use)
+are read with diffusers' conversion (`lora_state_dict`) and injected with peft through diffusers'
+`load_lora_into_unet` / `load_lora_into_text_encoder`, so the same file gives the same layers as in
+diffusers. What this module adds:
+
+- modules of the file that no layer of the model took are named in a warning (shared LoRAs often
+  carry keys a converter drops, and then have less effect than their author's); a file that
+  adapts nothing is refused;
+- a failed load leaves the models exactly as they were (every replaced submodule is put back);
+- every change clears the pipeline's prompt-embedding cache (a text-encoder LoRA changes the
+  embeddings), and `unfused(pipe)` tells the compiled path to run the UNet eagerly while unfused
+  adapters act (a package holds plain weights; fusing changes the weights, which it notices);
+- the pipeline keeps a ledger of what is loaded (name, scale, file, SHA-256) for recipes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+PICKLED = (".ckpt", ".pt", ".pth", ".bin")
+# suffixes that end a LoRA module's name in the formats diffusers reads
+_SUFFIXES = re.compile(r"\.(lora_down|lora_up|lora_A|lora_B|lora_linear_layer\.(down|up)|lora\.(down|up)|"
+                       r"lora_mid|alpha|hada_\w+|lokr_\w+|dora_scale|diff|diff_b)(\.[^.]+)*$|\.(alpha|dora_scale)$")
+
+
+@dataclass
+class Lora:
+    """One loaded adapter, as the pipeline's ledger and recipes keep it."""
+
+    name: str
+    scale: float
+    path: str | None  # the file, or None for a state dict
+    sha256: str | None  # of the file's bytes (A1111 shows the first 12 hex digits)
+    modules: int  # how many layers of the UNet and text encoder it adapts
+    fused: bool = False
+
+
+# -- reading a file ----------------------------------------------------------------------------
+
+def lora_file(source, weight_name: str | None = None) -> Path:
+    """The LoRA file a path names: the file itself, or inside a folder `weight_name`, else
+    diffusers' `pytorch_lora_weights.safetensors`, else the folder's only .safetensors file."""
+    path = Path(source)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"`path_or_folder`: {str(source)!r} is neither a LoRA file nor a folder")
+    if weight_name is not None:
+        if not (path / weight_name).is_file():
+            raise FileNotFoundError(f"`weight_name`: no {weight_name!r} in {str(path)!r}")
+        return path / weight_name
+    if (path / LORA_WEIGHT_NAME).is_file():
+        return path / LORA_WEIGHT_NAME
+    candidates = sorted(path.glob("*.safetensors"))
+    if len(candidates) != 1:
+        found = ", ".join(p.name for p in candidates) or "none"
+        raise FileNotFoundError(f"`path_or_folder`: {str(path)!r} has no {LORA_WEIGHT_NAME} and not exactly one "
+                                f".safetensors file (found: {found}); pass weight_name=")
+    return candidates[0]
+
+
+def read_state_dict(source, weight_name: str | None = None, allow_pickle: bool = False
+                    ) -> tuple[dict[str, torch.Tensor], str | None, str | None]:
+    """A LoRA's tensors, its file (None for a dict) and the file's SHA-256."""
+    if isinstance(source, dict):
+        bad = [k for k, v in source.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+        if bad or not source:
+            raise ValueError(f"`path_or_folder`: a state dict must map key strings to tensors "
+                             f"({'empty' if not source else f'{len(bad)} bad entries, e.g. {bad[0]!r}'})")
+        return dict(source), None, None
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"`path_or_folder`: got {type(source).__name__}; expected a LoRA file, a folder or a "
+                        "state dict")
+    path = lora_file(source, weight_name)
+    data = path.read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    if path.suffix in PICKLED:
+        if not allow_pickle:
+            raise ValueError(f"`path_or_folder`: {str(path)!r} is a pickle, which can run code when loaded; "
+                             "convert it to .safetensors, or pass allow_pickle=True to read it with "
+                             "torch.load(weights_only=True)")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state)
+    else:
+        from safetensors.torch import load
+
+        try:
+            state = load(data)
+        except Exception as error:  # safetensors raises its own error types
+            raise ValueError(f"`path_or_folder`: {str(path)!r} is not a readable safetensors file ({error})") from None
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}, str(path.resolve()), sha
+
+
+def file_modules(state: dict[str, torch.Tensor]) -> list[str]:
+    """The module names a LoRA file adapts, as the file spells them (kohya or diffusers style)."""
+    names = {_SUFFIXES.sub("", key) for key in state}
+    return sorted(n for n in names if n)
+
+
+# -- the models' peft layers -------------------------------------------------------------------
+
+def _tuner_layers(model):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
+
+
+def _models(pipe):
+    return (("unet", pipe.unet), ("text_encoder", pipe.text_encoder))
+
+
+def adapted_modules(pipe, adapter: str) -> dict[str, list[str]]:
+    """The module paths of each model that carry `adapter`."""
+    return {kind: [name for name, layer in _tuner_layers(model) if adapter in getattr(layer, "lora_A", {})]
+            for kind, model in _models(pipe)}
+
+
+def _kohya_names(kind: str, paths: list[str]) -> set[str]:
+    if kind == "unet":
+        return {"lora_unet_" + p.replace(".", "_") for p in paths}
+    return {"lora_te_" + ("" if p.startswith("text_model") else "text_model_") + p.replace(".", "_") for p in paths}
+
+
+def unused_modules(names: list[str], loaded: dict[str, list[str]]) -> list[str]:
+    """The file's module names that no loaded layer answers to (kohya and diffusers spellings)."""
+    taken = _kohya_names("unet", loaded["unet"]) | _kohya_names("text_encoder", loaded["text_encoder"])
+    for kind in ("unet", "text_encoder"):
+        for path in loaded[kind]:
+            taken |= {f"{kind}.{path}", f"{kind}.{path.removeprefix('text_model.')}"}
+    return [name for name in names if name not in taken
+            and not (name.startswith("lora_te1_") and "lora_te_" + name[len("lora_te1_"):] in taken)]
+
+
+def _snapshot(model) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
+    return [(parent, name, child) for parent in model.modules() for name, child in parent._modules.items()]
+
+
+def _restore(model, snapshot, attributes: dict) -> None:
+    for parent, name, child in snapshot:
+        parent._modules[name] = child
+    for key, value in attributes.items():
+        if value is None:
+            model.__dict__.pop(key, None)
+        else:
+            setattr(model, key, value)
+
+
+_PEFT_ATTRIBUTES = ("peft_config", "_hf_peft_config_loaded")
+
+
+# -- the operations ----------------------------------------------------------------------------
+
+def check_scale(name: str, scale) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"`{name}`: got {scale!r}; expected a number (1.0: the LoRA as trained, 0: off)")
+    if not math.isfinite(scale):
+        raise ValueError(f"`{name}`: got {scale!r}; expected a finite number")
+    return float(scale)
+
+
+def load(pipe, source, adapter_name: str | None, scale: float, weight_name: str | None,
+         allow_pickle: bool) -> Lora:
+    """`LatentDiffusionPipeline.load_lora_weights`: read, check, inject, weigh, record."""
+    from diffusers import StableDiffusionPipeline
+
+    scale = check_scale("scale", scale)
+    if adapter_name is not None and (not isinstance(adapter_name, str) or not adapter_name):
+        raise ValueError(f"`adapter_name`: got {adapter_name!r}; expected a non-empty string")
+    state, path, sha = read_state_dict(source, weight_name, allow_pickle)
+    if adapter_name is None:
+        adapter_name = f"default_{len(pipe.loras)}"
+    if adapter_name in pipe.loras:
+        raise ValueError(f"`adapter_name`: {adapter_name!r} is already loaded; pick another name, or "
+                         "unload_lora_weights() first")
+    names = file_modules(state)
+    try:
+        converted, alphas = StableDiffusionPipeline.lora_state_dict(dict(state))
+    except Exception as error:
+        raise ValueError(f"`path_or_folder`: {path or 'the state dict'} is not a LoRA diffusers can read "
+                         f"({type(error).__name__}: {error})") from None
+    snapshots = {kind: (_snapshot(model), {a: model.__dict__.get(a) for a in _PEFT_ATTRIBUTES})
+                 for kind, model in _models(pipe)}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # reported below, by module name
+            StableDiffusionPipeline.load_lora_into_unet(converted, alphas, pipe.unet, adapter_name=adapter_name)
+            StableDiffusionPipeline.load_lora_into_text_encoder(converted, alphas, pipe.text_encoder,
+                                                                prefix="text_encoder", adapter_name=adapter_name)
+        loaded = adapted_modules(pipe, adapter_name)
+        count = len(loaded["unet"]) + len(loaded["text_encoder"])
+        if count == 0:
+            raise ValueError(f"`path_or_folder`: {path or 'the state dict'} adapts no layer of this model "
+                             f"(its {len(names)} modules, e.g. {names[:3]}, match none of the UNet's or text "
+                             "encoder's); is it a LoRA for another architecture?")
+    except Exception as error:
+        for kind, model in _models(pipe):
+            _restore(model, *snapshots[kind])
+        if isinstance(error, (ValueError, TypeError)) and str(error).startswith("`"):
+            raise
+        lines = str(error).strip().splitlines() or [""]
+        more = f" (and {len(lines) - 2} more lines)" if len(lines) > 2 else ""
+        reason = " ".join(line.strip() for line in lines[:2]) + more
+        raise ValueError(f"`path_or_folder`: {path or 'the state dict'} does not fit this model; nothing was "
+                         f"changed ({type(error).__name__}: {reason})") from None
+    unused = unused_modules(names, loaded)
+    if unused:
+        warnings.warn(f"LoRA {adapter_name!r}: {len(unused)} of its {len(names)} modules adapt nothing in this "
+                      f"model and were not used: {', '.join(unused[:8])}{' ...' if len(unused) > 8 else ''}",
+                      stacklevel=3)
+    lora = Lora(adapter_name, scale, path, sha, count)
+    pipe.loras[adapter_name] = lora
+    _apply(pipe, [*pipe.active_loras, adapter_name], {name: entry.scale for name, entry in pipe.loras.items()})
+    return lora
+
+
+def _apply(pipe, active: list[str], scales: dict[str, float]) -> None:
+    """Make `active` the acting adapters with their scales, on every peft layer; clear the embedding cache."""
+    for _, model in _models(pipe):
+        for _, layer in _tuner_layers(model):
+            present = [name for name in active if name in layer.lora_A]
+            layer.set_adapter(present)  # peft turns gradients on for active adapters: we only infer
+            for name in present:
+                layer.set_scale(name, scales[name])
+                for parameter in (*layer.lora_A[name].parameters(), *layer.lora_B[name].parameters()):
+                    parameter.requires_grad_(False)
+    pipe.active_loras = list(active)
+    pipe.embedding_cache.clear()
+
+
+def set_adapters(pipe, names, weights=None) -> None:
+    """Activate `names` (a name or a list) with `weights` (a number or one per name; default: their scales)."""
+    names = [names] if isinstance(names, str) else list(names) if isinstance(names, (list, tuple)) else names
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"`adapter_names`: got {names!r}; expected a name or a list of names")
+    unknown = [n for n in names if n not in pipe.loras]
+    if unknown:
+        raise ValueError(f"`adapter_names`: {unknown} not loaded; loaded: {list(pipe.loras)}")
+    if weights is None:
+        weights = [pipe.loras[n].scale for n in names]
+    elif not isinstance(weights, (list, tuple)):
+        weights = [weights] * len(names)
+    if len(weights) != len(names):
+        raise ValueError(f"`adapter_weights`: got {len(weights)} weights for {len(names)} adapters")
+    weights = [check_scale("adapter_weights", w) for w in weights]
+    if any(lora.fused for lora in pipe.loras.values()):
+        raise ValueError("`adapter_names`: adapters are fused into the weights; unfuse_lora() first")
+    for name, weight in zip(names, weights):
+        pipe.loras[name].scale = weight
+    _apply(pipe, names, {n: pipe.loras[n].scale for n in pipe.loras})
+
+
+def fuse(pipe, lora_scale: float = 1.0, adapter_names: list[str] | None = None) -> None:
+    """Add the acting adapters' weight changes (times `lora_scale`) into the base weights."""
+    lora_scale = check_scale("lora_scale", lora_scale)
+    if not pipe.loras:
+        raise ValueError("fuse_lora: no LoRA is loaded")
+    if any(lora.fused for lora in pipe.loras.values()):
+        raise ValueError("fuse_lora: already fused; unfuse_lora() first")
+    names = list(pipe.active_loras if adapter_names is None else adapter_names)
+    unknown = [n for n in names if n not in pipe.loras]
+    if unknown:
+        raise ValueError(f"`adapter_names`: {unknown} not loaded; loaded: {list(pipe.loras)}")
+    for _, model in _models(pipe):
+        for _, layer in _tuner_layers(model):
+            present = [n for n in names if n in layer.lora_A]
+            if present:
+                if lora_scale != 1.0:
+                    layer.scale_layer(lora_scale)
+                layer.merge(adapter_names=present)
+    for name in names:
+        pipe.loras[name].fused = True
+    pipe.fused_scale = lora_scale
+    pipe.embedding_cache.clear()
+
+
+def unfuse(pipe) -> None:
+    """Take fused adapters back out of the base weights (they act again unfused, at their scales)."""
+    for _, model in _models(pipe):
+        for _, layer in _tuner_layers(model):
+            if layer.merged:
+                layer.unmerge()
+    for lora in pipe.loras.values():
+        lora.fused = False
+    pipe.fused_scale = 1.0
+    _apply(pipe, pipe.active_loras, {name: lora.scale for name, lora in pipe.loras.items()})  # undoes lora_scale
+
+
+def unload(pipe) -> None:
+    """Remove every LoRA layer. Fused changes stay in the weights (unfuse first to drop them)."""
+    from diffusers.utils import recurse_remove_peft_layers
+
+    for _, model in _models(pipe):
+        recurse_remove_peft_layers(model)
+        for attribute in _PEFT_ATTRIBUTES:
+            model.__dict__.pop(attribute, None)
+    pipe.loras.clear()
+    pipe.active_loras = []
+    pipe.fused_scale = 1.0
+    pipe.embedding_cache.clear()
+
+
+def unfused(pipe) -> bool:
+    """Whether LoRA layers act on the UNet outside its base weights (compiled packages cannot hold them)."""
+    return any(not pipe.loras[name].fused and pipe.loras[name].scale != 0 for name in pipe.active_loras)
+
+
+def recipe_of(pipe) -> dict:
+    """The `Recipe` field for the adapters acting now (none: {})."""
+    acting = [pipe.loras[name] for name in pipe.active_loras]
+    if not acting:
+        return {}
+    return {"loras": [{"name": l.name, "scale": l.scale * (pipe.fused_scale if l.fused else 1.0), "sha256": l.sha256,
+                       "fused": l.fused} for l in acting]}
+
+
+class AdapterMethods:
+    """The pipeline's LoRA methods (diffusers' names); the work is in this module's functions."""
+
+    loras: dict[str, Lora]
+    active_loras: list[str]
+
+    def load_lora_weights(self, path_or_folder, adapter_name: str | None = None, scale: float = 1.0,
+                          weight_name: str | None = None, allow_pickle: bool = False):
+        """Load a LoRA (diffusers or kohya keys; a file, a folder or a state dict) onto the UNet and
+        text encoder; it acts at `scale` together with those loaded before. Returns self."""
+        load(self, path_or_folder, adapter_name, scale, weight_name, allow_pickle)
+        return self
+
+    def set_adapters(self, adapter_names, adapter_weights=None):
+        """Only `adapter_names` act, at `adapter_weights` (one number, or one per name). Returns self."""
+        set_adapters(self, adapter_names, adapter_weights)
+        return self
+
+    def fuse_lora(self, lora_scale: float = 1.0, adapter_names: list[str] | None = None):
+        """Fold the acting adapters into the weights (faster calls; `compile()` works again). Returns self."""
+        fuse(self, lora_scale, adapter_names)
+        return self
+
+    def unfuse_lora(self):
+        """Undo `fuse_lora`. Returns self."""
+        unfuse(self)
+        return self
+
+    def unload_lora_weights(self):
+        """Remove every LoRA. Returns self."""
+        unload(self)
+        return self
+
+    def get_active_adapters(self) -> list[str]:
+        return list(self.active_loras)
+
+    def lora_info(self) -> list[dict]:
+        """Every loaded adapter: name, scale, file, SHA-256, layers adapted, fused."""
+        return [asdict(lora) for lora in self.loras.values()]

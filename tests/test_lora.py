@@ -1,0 +1,258 @@
+"""LoRA adapters: diffusers parity, kohya keys, weights, fusing, unloading, and the traps around them."""
+
+import copy
+import re
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+
+from ldm_pipeline import LatentDiffusionPipeline, read_recipe
+
+KW = dict(num_inference_steps=4, height=16, width=16, output_type="np", guidance_scale=3.0)
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+def make_lora(components, folder, text_encoder=True, seed=1):
+    """A random LoRA trained by nobody, saved with diffusers' own save_lora_weights."""
+    torch.manual_seed(seed)
+    source = copy.deepcopy(components)
+    source["unet"].add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=UNET_TARGETS, init_lora_weights=False))
+    layers = dict(unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(source["unet"])))
+    if text_encoder:
+        source["text_encoder"].add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=TEXT_TARGETS,
+                                                      init_lora_weights=False))
+        layers["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(
+            get_peft_model_state_dict(source["text_encoder"]))
+    StableDiffusionPipeline.save_lora_weights(folder, **layers)
+    return folder
+
+
+def to_kohya(diffusers_file, kohya_file):
+    """Rename a diffusers-format LoRA's keys the way kohya's scripts write them (alpha = rank: scale 1)."""
+    state, out = load_file(diffusers_file), {}
+    for key, tensor in state.items():
+        kind, _, rest = key.partition(".")
+        module, _, which = rest.partition(".lora_linear_layer.")
+        if not which:
+            module, _, which = rest.partition(".lora.")
+        prefix = "lora_unet_" if kind == "unet" else "lora_te_text_model_"
+        name = prefix + module.replace(".", "_")
+        out[f"{name}.lora_{'down' if which.startswith('down') else 'up'}.weight"] = tensor
+        if which.startswith("down"):
+            out[f"{name}.alpha"] = torch.tensor(float(tensor.shape[0]))
+    save_file(out, kohya_file)
+    return kohya_file
+
+
+def draw(pipe, prompt="a red circle", seed=0):
+    return pipe(prompt, seed=seed, progress=False, **KW).images
+
+
+def diffusers_draw(components, folder=None, weight=None):
+    pipe = StableDiffusionPipeline(**copy.deepcopy(components), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    if folder is not None:
+        pipe.load_lora_weights(folder, adapter_name="style")
+        if weight is not None:
+            pipe.set_adapters("style", weight)
+    return pipe("a red circle", generator=torch.Generator().manual_seed(0), **KW).images
+
+
+@pytest.fixture
+def pristine(_session_components):
+    """Components no test has put a LoRA on (the `pipe` fixture shares `components`' models)."""
+    return copy.deepcopy(_session_components)
+
+
+@pytest.fixture
+def lora(pristine, tmp_path):
+    return make_lora(pristine, tmp_path / "lora")
+
+
+def test_a_lora_saved_by_diffusers_draws_the_same_pixels_in_ours_and_in_diffusers(pristine, pipe, lora):
+    base = draw(pipe)
+    pipe.load_lora_weights(lora, adapter_name="style")
+    ours = draw(pipe)
+    assert np.abs(ours - base).max() > 0.01  # it does something
+    np.testing.assert_array_equal(ours, diffusers_draw(pristine, lora))
+    assert pipe.get_active_adapters() == ["style"] and pipe.lora_info()[0]["modules"] == 40
+
+
+def test_set_adapters_weights_as_diffusers_does(pristine, pipe, lora):
+    base = draw(pipe)
+    pipe.load_lora_weights(lora, adapter_name="style")
+    pipe.set_adapters("style", 0.5)
+    np.testing.assert_array_equal(draw(pipe), diffusers_draw(pristine, lora, 0.5))
+    pipe.set_adapters("style", 0.0)
+    np.testing.assert_allclose(draw(pipe), base, atol=1e-6)
+    pipe.set_adapters([])  # none acts
+    np.testing.assert_allclose(draw(pipe), base, atol=1e-6)
+
+
+def test_load_scale_is_the_weight(pipe, lora):
+    pipe.load_lora_weights(lora, adapter_name="a", scale=0.5)
+    halved = draw(pipe)
+    pipe.set_adapters("a", 1.0)
+    assert np.abs(draw(pipe) - halved).max() > 0.01
+    pipe.set_adapters("a", 0.5)
+    np.testing.assert_array_equal(draw(pipe), halved)
+
+
+def test_kohya_keys_give_the_same_pixels_as_the_diffusers_file(pristine, pipe, lora, tmp_path):
+    pipe.load_lora_weights(lora)
+    expected = draw(pipe)
+    other = LatentDiffusionPipeline(**copy.deepcopy(pristine))
+    kohya = to_kohya(lora / "pytorch_lora_weights.safetensors", tmp_path / "style.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every kohya module is used: no warning
+        other.load_lora_weights(kohya)
+    np.testing.assert_allclose(draw(other), expected, atol=1e-6)
+
+
+def test_keys_that_adapt_nothing_are_named(pipe, lora, tmp_path):
+    state = load_file(lora / "pytorch_lora_weights.safetensors")
+    state["unet.no_such_block.to_q.lora_linear_layer.down.weight"] = torch.zeros(4, 32)
+    state["unet.no_such_block.to_q.lora_linear_layer.up.weight"] = torch.zeros(32, 4)
+    save_file(state, tmp_path / "extra.safetensors")
+    with pytest.warns(UserWarning, match=r"1 of its 41 modules .* not used: unet\.no_such_block\.to_q"):
+        pipe.load_lora_weights(tmp_path / "extra.safetensors")
+
+
+def test_fuse_unfuse_and_unload(pipe, lora):
+    base = draw(pipe)
+    pipe.load_lora_weights(lora)
+    unfused = draw(pipe)
+    pipe.fuse_lora()
+    np.testing.assert_allclose(draw(pipe), unfused, atol=1e-4)
+    with pytest.raises(ValueError, match="fused"):
+        pipe.set_adapters("default_0", 0.5)
+    pipe.unfuse_lora()
+    np.testing.assert_allclose(draw(pipe), unfused, atol=1e-4)
+    pipe.set_adapters("default_0", 0.5)
+    half = draw(pipe)
+    pipe.set_adapters("default_0", 1.0).fuse_lora(lora_scale=0.5)
+    np.testing.assert_allclose(draw(pipe), half, atol=1e-4)
+    pipe.unfuse_lora()  # back to the adapter's own scale, 1
+    np.testing.assert_allclose(draw(pipe), unfused, atol=1e-4)
+    pipe.fuse_lora(lora_scale=0.0)  # fusing at 0 changes no weight
+    np.testing.assert_allclose(draw(pipe), base, atol=1e-4)
+    pipe.unfuse_lora().unload_lora_weights()
+    np.testing.assert_allclose(draw(pipe), base, atol=1e-4)
+    assert pipe.lora_info() == [] and not any("lora" in name for name, _ in pipe.unet.named_modules())
+
+
+def test_a_text_encoder_lora_never_reads_a_stale_cached_embedding(pipe, lora):
+    base = pipe.encode_prompt("a red circle")
+    draw(pipe)  # the prompt and "" are now in the pipeline's embedding cache
+    pipe.load_lora_weights(lora, adapter_name="style")
+    with_lora = pipe.embedding_cache.encode(pipe.tokenizer, pipe.text_encoder, ["a red circle"])
+    assert (with_lora - base).abs().max() > 1e-3
+    pipe.set_adapters("style", 0.0)
+    torch.testing.assert_close(pipe.embedding_cache.encode(pipe.tokenizer, pipe.text_encoder, ["a red circle"]),
+                               base)
+
+
+def test_a_compiled_pipeline_runs_unfused_adapters_eagerly(pipe, lora):
+    expected_base = draw(pipe)
+
+    class Package:  # stands for a compiled package built without the LoRA
+        def runner_for(self, unet, *shapes):
+            return lambda *args, **kwargs: (torch.zeros(args[0].shape),)
+
+    pipe.compiled = Package()
+    assert np.abs(draw(pipe) - expected_base).max() > 0.01  # the stand-in runs: wrong on purpose
+    pipe.load_lora_weights(lora)
+    pipe.compiled = None
+    eager = draw(pipe)
+    pipe.compiled = Package()
+    np.testing.assert_array_equal(draw(pipe), eager)  # the package is bypassed while the LoRA acts unfused
+
+
+def test_a_failed_load_changes_nothing(pipe, pristine, tmp_path):
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    modules = [type(m).__name__ for m in pipe.unet.modules()]
+    # a LoRA for a wider model: shapes do not fit
+    state = make_lora(pristine, tmp_path / "ok") / "pytorch_lora_weights.safetensors"
+    bad = {k: (torch.zeros(v.shape[0], v.shape[1] * 2) if k.endswith("down.weight") else v)
+           for k, v in load_file(state).items()}
+    save_file(bad, tmp_path / "wide.safetensors")
+    with pytest.raises(ValueError, match="does not fit this model.*nothing was changed"):
+        pipe.load_lora_weights(tmp_path / "wide.safetensors")
+    assert [type(m).__name__ for m in pipe.unet.modules()] == modules
+    assert all(torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items())
+    assert pipe.lora_info() == []
+    # not a LoRA at all: the UNet's own weights
+    save_file({k: v.contiguous() for k, v in before.items()}, tmp_path / "unet.safetensors")
+    with pytest.raises(ValueError, match="path_or_folder"):
+        pipe.load_lora_weights(tmp_path / "unet.safetensors")
+    assert [type(m).__name__ for m in pipe.unet.modules()] == modules
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda p, f: p.load_lora_weights(f / "missing.safetensors"), FileNotFoundError, "path_or_folder.*missing"),
+    (lambda p, f: p.load_lora_weights(f, weight_name="other.safetensors"), FileNotFoundError, "weight_name"),
+    (lambda p, f: p.load_lora_weights(f, scale=float("inf")), ValueError, "scale.*inf"),
+    (lambda p, f: p.load_lora_weights(f, scale="1"), TypeError, "scale"),
+    (lambda p, f: p.load_lora_weights(3), TypeError, "path_or_folder.*int"),
+    (lambda p, f: p.set_adapters("nope"), ValueError, r"adapter_names.*\['nope'\] not loaded"),
+    (lambda p, f: p.fuse_lora(), ValueError, "no LoRA is loaded"),
+])
+def test_bad_lora_arguments(pipe, lora, call, error, match):
+    with pytest.raises(error, match=match):
+        call(pipe, lora)
+
+
+def test_pickled_lora_needs_allow_pickle(pipe, lora, tmp_path):
+    torch.save(load_file(lora / "pytorch_lora_weights.safetensors"), tmp_path / "style.bin")
+    with pytest.raises(ValueError, match="pickle.*allow_pickle=True"):
+        pipe.load_lora_weights(tmp_path / "style.bin")
+    assert pipe.lora_info() == []
+    pipe.load_lora_weights(tmp_path / "style.bin", allow_pickle=True)
+    assert pipe.get_active_adapters() == ["default_0"]
+
+
+def test_a_second_adapter_of_the_same_name_is_refused(pipe, lora):
+    pipe.load_lora_weights(lora, adapter_name="style")
+    with pytest.raises(ValueError, match="adapter_name.*'style' is already loaded"):
+        pipe.load_lora_weights(lora, adapter_name="style")
+
+
+def test_recipes_record_the_adapters_and_reproduce_checks_them(pipe, lora, tmp_path):
+    pipe.load_lora_weights(lora, adapter_name="style", scale=0.7)
+    output = pipe("a red circle", seed=4, progress=False, **{**KW, "output_type": "pil"})
+    path = output.save(tmp_path / "lora.png")[0]
+    recipe = read_recipe(path)
+    assert [(l["name"], l["scale"]) for l in recipe.loras] == [("style", 0.7)]
+    assert re.search(r'Lora hashes: "style: [0-9a-f]{12}"', recipe.parameters())
+    again = pipe.reproduce(path, progress=False).images[0]
+    assert np.array_equal(np.asarray(again), np.asarray(output.images[0]))
+    pipe.set_adapters("style", 1.0)
+    with pytest.raises(ValueError, match=r"style \([0-9a-f]{12}, scale 0.7\).*scale 1\)"):
+        pipe.reproduce(path, progress=False)
+    pipe.unload_lora_weights()
+    with pytest.raises(ValueError, match="this pipeline has none"):
+        pipe.reproduce(path, progress=False)
+
+
+def test_ldm_generate_lora(pipe, lora, tmp_path, capsys):
+    from ldm_pipeline.cli import main
+
+    model = tmp_path / "model"
+    pipe.save_pretrained(model)
+    common = ["generate", "a red circle", "--model", str(model), "--steps", "3", "--seed", "0", "--size", "16x16"]
+    assert main([*common, "--out", str(tmp_path / "plain.png")]) == 0
+    assert main([*common, "--lora", f"{lora}:0.5", "--out", str(tmp_path / "lora.png")]) == 0
+    recipe = read_recipe(tmp_path / "lora.png")
+    assert [(l["name"], l["scale"]) for l in recipe.loras] == [("lora", 0.5)]
+    assert read_recipe(tmp_path / "plain.png").loras is None
+    assert main([*common, "--lora", f"{tmp_path}/missing:2", "--out", str(tmp_path / "x.png")]) == 2
+    assert "--lora" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
