@@ -187,7 +187,12 @@ def load(pipe, source, adapter_name: str | None, scale: float, weight_name: str 
                          "unload_lora_weights() first")
     names = file_modules(state)
     try:
-        converted, alphas = StableDiffusionPipeline.lora_state_dict(dict(state))
+        if path is not None and path.endswith(".safetensors"):  # from the file: its header keeps lora_alpha
+            converted, alphas, metadata = StableDiffusionPipeline.lora_state_dict(
+                str(Path(path).parent), weight_name=Path(path).name, return_lora_metadata=True)
+        else:
+            converted, alphas, metadata = StableDiffusionPipeline.lora_state_dict(dict(state),
+                                                                                   return_lora_metadata=True)
     except Exception as error:
         raise ValueError(f"`path_or_folder`: {path or 'the state dict'} is not a LoRA diffusers can read "
                          f"({type(error).__name__}: {error})") from None
@@ -196,9 +201,11 @@ def load(pipe, source, adapter_name: str | None, scale: float, weight_name: str 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # reported below, by module name
-            StableDiffusionPipeline.load_lora_into_unet(converted, alphas, pipe.unet, adapter_name=adapter_name)
+            StableDiffusionPipeline.load_lora_into_unet(converted, alphas, pipe.unet, adapter_name=adapter_name,
+                                                        metadata=metadata)
             StableDiffusionPipeline.load_lora_into_text_encoder(converted, alphas, pipe.text_encoder,
-                                                                prefix="text_encoder", adapter_name=adapter_name)
+                                                                prefix="text_encoder", adapter_name=adapter_name,
+                                                                metadata=metadata)
         loaded = adapted_modules(pipe, adapter_name)
         count = len(loaded["unet"]) + len(loaded["text_encoder"])
         if count == 0:

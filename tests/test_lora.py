@@ -20,17 +20,22 @@ UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
-def make_lora(components, folder, text_encoder=True, seed=1):
+def make_lora(components, folder, text_encoder=True, seed=1, alpha=4):
     """A random LoRA trained by nobody, saved with diffusers' own save_lora_weights."""
     torch.manual_seed(seed)
     source = copy.deepcopy(components)
-    source["unet"].add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=UNET_TARGETS, init_lora_weights=False))
+    unet_config = LoraConfig(r=4, lora_alpha=alpha, target_modules=UNET_TARGETS, init_lora_weights=False)
+    source["unet"].add_adapter(unet_config)
     layers = dict(unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(source["unet"])))
+    if alpha != 4:  # diffusers keeps lora_alpha only in the file's metadata
+        layers["unet_lora_adapter_metadata"] = unet_config.to_dict()
     if text_encoder:
-        source["text_encoder"].add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=TEXT_TARGETS,
-                                                      init_lora_weights=False))
+        text_config = LoraConfig(r=4, lora_alpha=alpha, target_modules=TEXT_TARGETS, init_lora_weights=False)
+        source["text_encoder"].add_adapter(text_config)
         layers["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(
             get_peft_model_state_dict(source["text_encoder"]))
+        if alpha != 4:
+            layers["text_encoder_lora_adapter_metadata"] = text_config.to_dict()
     StableDiffusionPipeline.save_lora_weights(folder, **layers)
     return folder
 
@@ -85,6 +90,16 @@ def test_a_lora_saved_by_diffusers_draws_the_same_pixels_in_ours_and_in_diffuser
     assert np.abs(ours - base).max() > 0.01  # it does something
     np.testing.assert_array_equal(ours, diffusers_draw(pristine, lora))
     assert pipe.get_active_adapters() == ["style"] and pipe.lora_info()[0]["modules"] == 40
+
+
+def test_lora_alpha_in_the_file_metadata_is_read_as_diffusers_reads_it(pristine, pipe, tmp_path):
+    folder = make_lora(pristine, tmp_path / "alpha8", alpha=8)
+    pipe.load_lora_weights(folder, adapter_name="style")
+    ours = draw(pipe)
+    np.testing.assert_array_equal(ours, diffusers_draw(pristine, folder))
+    plain = make_lora(pristine, tmp_path / "alpha4", alpha=4)  # the same weights at half the scale
+    pipe.unload_lora_weights().load_lora_weights(plain, adapter_name="style")
+    assert np.abs(draw(pipe) - ours).max() > 0.01
 
 
 def test_set_adapters_weights_as_diffusers_does(pristine, pipe, lora):
