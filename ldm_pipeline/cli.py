@@ -61,6 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--out", required=True, type=Path,
                           help="output PNG, carrying its recipe (a grid for several images, with every recipe)")
 
+    shapes = commands.add_parser("shapes-data", help="render shapes scenes with a new shape into a captioned "
+                                                     "image folder (metadata.jsonl), for LoRA training")
+    shapes.add_argument("shape", help="the new shape to teach (star)")
+    shapes.add_argument("--n", type=int, default=1000, help="scenes with the new shape (default 1000)")
+    shapes.add_argument("--mix", type=int, default=500,
+                        help="ordinary training scenes mixed in, so old prompts keep working (default 500)")
+    shapes.add_argument("--seed", type=int, default=0)
+    shapes.add_argument("--out", required=True, type=Path, help="the folder to write")
+
     train = commands.add_parser("train", help="train one stage from its config, or a whole recipe")
     train.add_argument("what", help="a stage config (configs/shapes/unet.json) or a recipe folder (configs/shapes)")
     train.add_argument("--run-dir", type=Path, default=Path("runs/shapes"),
@@ -70,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoints")
     train.add_argument("--steps", type=int, default=None, help="override the stage's number of steps")
     train.add_argument("--batch-size", type=int, default=None, help="override the stage's global batch size")
+    train.add_argument("--data", default=None, help="override the stage's data: \"shapes\" or a folder with "
+                                                    "metadata.jsonl (a LoRA stage needs one)")
 
     evaluate = commands.add_parser("eval", help="score a model: prompt accuracy, CLIP score and FID")
     evaluate.add_argument("--model", default=None, help="model folder or Hub id (default: the bundled model)")
@@ -122,14 +133,26 @@ def serve(args: argparse.Namespace) -> None:
     serve_app(pipe, host=args.host, port=args.port)
 
 
+def shapes_data(args: argparse.Namespace) -> None:
+    from .training.shapes import ShapesDataset, new_shape_scenes, write_image_folder
+
+    if args.n < 1 or args.mix < 0:
+        raise ValueError(f"--n/--mix: got {args.n}/{args.mix}; expected --n >= 1 and --mix >= 0")
+    scenes = new_shape_scenes(args.shape, args.n, args.seed)
+    old = ShapesDataset(args.mix, seed=args.seed + 1)
+    count = write_image_folder(scenes + [old.scene(i) for i in range(args.mix)], args.out)
+    print(f"wrote {count} images and metadata.jsonl into {args.out}")
+
+
 def train(args: argparse.Namespace) -> None:
     from .training.recipe import run_recipe, run_stage
 
-    overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size)) if v is not None}
+    overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("data", args.data))
+                 if v is not None}
     target = Path(args.what)
     if target.is_dir():
         if overrides:
-            raise ValueError("--steps/--batch-size: apply to one stage; pass a stage config, not a recipe folder")
+            raise ValueError("--steps/--batch-size/--data: apply to one stage; pass a stage config, not a recipe folder")
         out = run_recipe(target, args.run_dir, args.out or args.run_dir / "model", resume=args.resume)
         print(f"wrote the model to {out}")
     else:
@@ -306,7 +329,7 @@ def evaluate(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        {"generate": generate, "train": train, "eval": evaluate, "serve": serve}[args.command](args)
+        {"generate": generate, "train": train, "eval": evaluate, "serve": serve, "shapes-data": shapes_data}[args.command](args)
     except (ValueError, TypeError, FileNotFoundError) as error:
         print(f"ldm: error: {error}", file=sys.stderr)
         return 2

@@ -30,9 +30,8 @@ def tokenize(tokenizer, prompts: list[str]) -> dict[str, torch.Tensor]:
     return tokens
 
 
-@torch.no_grad()
-def encode_text(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
-    """The text encoder's last hidden state for each prompt.
+def text_states(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
+    """The text encoder's last hidden state for each prompt, differentiable (training a text-encoder LoRA).
 
     Returns:
         (B, L, D) tensor on the text encoder's device and in its dtype.
@@ -42,6 +41,9 @@ def encode_text(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
     if getattr(text_encoder.config, "use_attention_mask", False):
         mask = tokens["attention_mask"].to(text_encoder.device)
     return text_encoder(tokens["input_ids"].to(text_encoder.device), attention_mask=mask)[0]
+
+
+encode_text = torch.no_grad()(text_states)  # the same, without gradients: what the pipeline feeds the UNet
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from ldm_pipeline.training.shapes import BACKGROUND, COLOURS, POSITIONS, SIZES, parse_caption
+from ldm_pipeline.training.shapes import BACKGROUND, COLOURS, POSITIONS, SIZES, STAR_INNER, parse_caption, star_corners
 
 # A pixel further than this (RGB distance) from every palette colour belongs to no object: it is an
 # antialiased edge or a colour the palette does not have. 60 is below half the distance from the
@@ -36,7 +36,7 @@ SUBSAMPLES = 4  # template coverage is averaged over 4x4 points per pixel
 SMALL_BELOW = (SIZES["small"][1] + SIZES["default"][0]) / 2    # 0.115
 LARGE_ABOVE = (SIZES["default"][1] + SIZES["large"][0]) / 2    # 0.165
 # Area of each shape in units of its half-size squared.
-AREA_PER_H2 = {"circle": np.pi, "square": 4.0, "triangle": 2.0}
+AREA_PER_H2 = {"circle": np.pi, "square": 4.0, "triangle": 2.0, "star": 5 * STAR_INNER * np.sin(np.pi / 5)}
 
 _NAMES = list(COLOURS)
 _PALETTE = np.array([BACKGROUND] + [COLOURS[n] for n in _NAMES], dtype=np.float32)
@@ -92,8 +92,13 @@ def _template(shape: str, cx: float, cy: float, h: float, ys: np.ndarray, xs: np
         inside = (x - cx) ** 2 + (y - cy) ** 2 <= h * h
     elif shape == "square":
         inside = (np.abs(x - cx) <= h) & (np.abs(y - cy) <= h)
-    else:  # triangle pointing up: apex (cx, cy - h), base from (cx - h, cy + h) to (cx + h, cy + h)
+    elif shape == "triangle":  # pointing up: apex (cx, cy - h), base from (cx - h, cy + h) to (cx + h, cy + h)
         inside = (y <= cy + h) & (y >= cy - h) & (np.abs(x - cx) <= (y - (cy - h)) / 2)
+    else:  # star: five points, one straight up, centred at (cx, cy)
+        from matplotlib.path import Path as Polygon
+
+        points = np.stack(np.broadcast_arrays(x, y), axis=-1).reshape(-1, 2)
+        inside = Polygon(star_corners(cx, cy, h)).contains_points(points).reshape(np.broadcast(x, y).shape)
     return inside.mean(axis=(1, 2))
 
 

@@ -183,8 +183,17 @@ def plot_losses(log: str | Path, png: str | Path, title: str = "") -> Path:
 LossFn = Callable[[dict, int, torch.Generator, int, int], tuple[torch.Tensor, dict]]
 
 
+def _state(model: torch.nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
+    state = model.state_dict()
+    if not trainable_only:
+        return state
+    training = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    return {name: tensor for name, tensor in state.items() if name in training}
+
+
 def train(config: LoopConfig, models: dict[str, torch.nn.Module], loss_fn: LossFn, resume: bool = False,
-          ema_model: str | None = None, progress: bool = True, name: str = "train") -> dict[str, torch.nn.Module]:
+          ema_model: str | None = None, progress: bool = True, name: str = "train",
+          trainable_only: bool = False) -> dict[str, torch.nn.Module]:
     """Optimise `models` with AdamW for `config.steps` steps.
 
     Args:
@@ -193,6 +202,8 @@ def train(config: LoopConfig, models: dict[str, torch.nn.Module], loss_fn: LossF
             its own batch for (step, rank) and takes all randomness from `generator`.
         resume: continue from the latest checkpoint in `output_dir/checkpoints`.
         ema_model: the name of the model to keep an EMA of (with `config.ema_decay`).
+        trainable_only: checkpoints keep only the parameters that train (a LoRA's, not the frozen
+            base model's); resuming loads them over the base weights.
 
     Returns:
         The trained models, unwrapped; the EMA weights are copied into `ema_model` at the end.
@@ -214,7 +225,7 @@ def train(config: LoopConfig, models: dict[str, torch.nn.Module], loss_fn: LossF
     if found is not None:
         _, state = found
         for key, model in models.items():
-            model.load_state_dict(state["models"][key])
+            model.load_state_dict(state["models"][key], strict=not trainable_only)
         optimizer.load_state_dict(state["optimizer"])
         if ema is not None:
             ema.shadow = state["ema"]
@@ -263,7 +274,7 @@ def train(config: LoopConfig, models: dict[str, torch.nn.Module], loss_fn: LossF
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 state = {"step": done, "optimizer": optimizer.state_dict(),
-                         "models": {k: accelerator.unwrap_model(m).state_dict() for k, m in wrapped.items()},
+                         "models": {k: _state(accelerator.unwrap_model(m), trainable_only) for k, m in wrapped.items()},
                          "ema": ema.shadow if ema is not None else None}
                 save_checkpoint(output / "checkpoints" / f"step-{done:07d}.pt", state)
                 for old in _checkpoints(output / "checkpoints")[:-config.keep_checkpoints]:

@@ -26,6 +26,7 @@ def _substitute(value, run: Path):
 def read_stage(config_path: str | Path, run_dir: str | Path, overrides: dict | None = None):
     """The stage's config dataclass, with `{run}` paths placed in `run_dir` and loop overrides applied."""
     from .clip import ClipConfig
+    from .lora import LoraTrainConfig
     from .unet import UnetConfig
     from .vae import VaeConfig
 
@@ -37,10 +38,13 @@ def read_stage(config_path: str | Path, run_dir: str | Path, overrides: dict | N
     stage = raw.pop("stage", path.stem)
     if stage == "tokenizer":
         return stage, raw
-    classes = {"clip": ClipConfig, "vae": VaeConfig, "unet": UnetConfig}
+    classes = {"clip": ClipConfig, "vae": VaeConfig, "unet": UnetConfig, "lora": LoraTrainConfig}
     if stage not in classes:
-        raise ValueError(f"`config`: {str(path)!r} has stage {stage!r}; expected one of {list(STAGES)}")
-    loop = {**raw.pop("loop", {}), **(overrides or {})}
+        raise ValueError(f"`config`: {str(path)!r} has stage {stage!r}; expected one of {[*STAGES, 'lora']}")
+    overrides = dict(overrides or {})
+    if "data" in overrides:  # --data: the stage's data, not a loop setting
+        raw["data"] = overrides.pop("data")
+    loop = {**raw.pop("loop", {}), **overrides}
     known = {f.name for f in fields(LoopConfig)}
     unknown = set(loop) - known
     if unknown:
@@ -60,10 +64,11 @@ def run_stage(config_path: str | Path, run_dir: str | Path, resume: bool = False
     if stage == "tokenizer":
         return build_tokenizer(config)
     from .clip import train_clip
+    from .lora import train_lora
     from .unet import train_unet
     from .vae import train_vae
 
-    trainer = {"clip": train_clip, "vae": train_vae, "unet": train_unet}[stage]
+    trainer = {"clip": train_clip, "vae": train_vae, "unet": train_unet, "lora": train_lora}[stage]
     return trainer(config, resume=resume, progress=progress)
 
 

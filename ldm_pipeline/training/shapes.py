@@ -23,6 +23,10 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "purple": (140, 60, 180), "orange": (245, 140, 30), "white": (245, 245, 245), "black": (20, 20, 20),
 }
 SHAPES = ("circle", "square", "triangle")
+# Shapes the renderer, captions and judge know but the bundled model's data never draws: new
+# concepts for fine-tuning (a LoRA teaches "star"; see configs/lora.json).
+EXTRA_SHAPES = ("star",)
+STAR_INNER = 0.5  # a star's inner radius as a fraction of its outer one (a regular pentagram: 0.38)
 # Object centres as fractions of the side, (x, y) with y pointing down.
 POSITIONS: dict[str, tuple[float, float]] = {
     "top left": (0.27, 0.27), "top right": (0.73, 0.27), "bottom left": (0.27, 0.73),
@@ -94,7 +98,7 @@ def caption(scene: Scene) -> str:
 
 _PHRASE = re.compile(
     r"(?P<article>an?) (?:(?P<size>small|large) )?(?P<colour>{}) (?P<shape>{}) in the (?P<position>{})".format(
-        "|".join(COLOURS), "|".join(SHAPES), "|".join(POSITIONS)))
+        "|".join(COLOURS), "|".join(SHAPES + EXTRA_SHAPES), "|".join(POSITIONS)))
 
 
 def parse_caption(text: str) -> list[ShapeObject]:
@@ -145,8 +149,20 @@ def _draw(draw: ImageDraw.ImageDraw, obj: ShapeObject, side: int) -> None:
         k = 1 - 0.4 / inradius
         corners = [(x, y - h), (x - h, y + h), (x + h, y + h)]
         draw.polygon([(x + (px - x) * k, incentre_y + (py - incentre_y) * k) for px, py in corners], fill=fill)
+    elif obj.shape == "star":
+        draw.polygon(star_corners(x, y, h), fill=fill)
     else:
-        raise ValueError(f"unknown shape {obj.shape!r}; expected one of {SHAPES}")
+        raise ValueError(f"unknown shape {obj.shape!r}; expected one of {SHAPES + EXTRA_SHAPES}")
+
+
+def star_corners(x: float, y: float, radius: float) -> list[tuple[float, float]]:
+    """The ten corners of a five-pointed star centred at (x, y), one point straight up."""
+    corners = []
+    for i in range(10):
+        r = radius if i % 2 == 0 else radius * STAR_INNER
+        angle = np.pi * (-0.5 + i / 5)
+        corners.append((x + r * np.cos(angle), y + r * np.sin(angle)))
+    return corners
 
 
 def render(scene: Scene, image_size: int = IMAGE_SIZE) -> Image.Image:
@@ -277,3 +293,39 @@ def eval_scenes(kind: str, n: int, seed: int) -> list[Scene]:
 def eval_prompts(kind: str, n: int, seed: int) -> list[str]:
     """The captions of `eval_scenes(kind, n, seed)`."""
     return [caption(scene) for scene in eval_scenes(kind, n, seed)]
+
+
+def new_shape_scenes(shape: str, n: int, seed: int = 0, two_objects_prob: float = 0.3) -> list[Scene]:
+    """Scenes that teach a shape of `EXTRA_SHAPES`: one object of that shape in any colour, sometimes
+    beside a training-split object in another corner; the same for the same arguments."""
+    if shape not in EXTRA_SHAPES:
+        raise ValueError(f"`shape`: got {shape!r}; expected one of {EXTRA_SHAPES}")
+    rng = np.random.default_rng([seed, 1 << 41, EXTRA_SHAPES.index(shape)])
+    scenes = []
+    for _ in range(n):
+        scene = sample_scene(rng, "train", two_objects_prob)
+        first = scene.objects[0]
+        colour = list(COLOURS)[rng.integers(len(COLOURS))]
+        objects = (ShapeObject(colour, shape, first.position, first.size, first.jitter, first.half_size),
+                   *scene.objects[1:])
+        scenes.append(Scene(objects))
+    return scenes
+
+
+def write_image_folder(scenes: list[Scene], folder) -> int:
+    """Render scenes into `folder` as PNGs with a `metadata.jsonl` of captions (what `--data` reads)."""
+    import json
+    import os
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, scene in enumerate(scenes):
+        name = f"{i:05d}.png"
+        render(scene).save(folder / name)
+        lines.append(json.dumps({"file_name": name, "text": caption(scene)}))
+    temporary = folder / "metadata.jsonl.tmp"
+    temporary.write_text("\n".join(lines) + "\n")
+    os.replace(temporary, folder / "metadata.jsonl")
+    return len(scenes)

@@ -1,0 +1,124 @@
+"""Fine-tune a LoRA (Hu et al. 2021) of the UNet, and optionally the text encoder, of any model the
+pipeline loads, on a captioned image folder, with the shared loop (checkpoints, resume, loss plot).
+
+The base weights stay frozen: peft adds low-rank layers to the attention projections and only
+those train, with the UNet stage's loss (`unet.unet_loss`) on latents the model's own VAE
+encodes once. The result is a LoRA folder in diffusers' format (`pytorch_lora_weights.safetensors`,
+with lora_alpha in its metadata) that `pipe.load_lora_weights` and diffusers read.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler
+
+from ..text import text_states
+from . import data
+from .loop import LoopConfig, train
+from .unet import encode_captions, encode_dataset, unet_loss
+
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+@dataclass
+class LoraTrainConfig:
+    """What to adapt, how, and on what."""
+
+    loop: LoopConfig
+    data: str = ""  # a folder with metadata.jsonl (`ldm train configs/lora.json --data FOLDER`)
+    model: str | None = None  # the base model: a folder or Hub id; None: the bundled model
+    image_size: int | None = None  # default: the UNet's sample size times the VAE factor
+    rank: int = 8
+    alpha: float | None = None  # lora_alpha; None: the rank (scale 1)
+    unet_targets: list[str] = field(default_factory=lambda: list(UNET_TARGETS))
+    text_encoder: bool = False  # also adapt the text encoder (new words)
+    text_targets: list[str] = field(default_factory=lambda: list(TEXT_TARGETS))
+    caption_dropout: float = 0.0
+    snr_gamma: float | None = None
+
+    def __post_init__(self):
+        if not self.data:
+            raise ValueError("`data`: a LoRA trains on a captioned image folder; pass --data FOLDER "
+                             "(metadata.jsonl with file_name and text per line)")
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
+            raise ValueError(f"`rank`: got {self.rank!r}; expected an integer >= 1")
+        if self.alpha is not None and (not isinstance(self.alpha, (int, float)) or self.alpha <= 0):
+            raise ValueError(f"`alpha`: got {self.alpha!r}; expected a number > 0 or null (= rank)")
+        if not 0 <= self.caption_dropout < 1:
+            raise ValueError(f"`caption_dropout`: got {self.caption_dropout!r}; expected a number in [0, 1)")
+        for name in ("unet_targets", "text_targets"):
+            value = getattr(self, name)
+            if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"`{name}`: got {value!r}; expected a non-empty list of module names")
+
+
+def _adapter_config(rank: int, alpha: float | None, targets: list[str]):
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=targets, init_lora_weights=True)
+
+
+def save_lora(unet, text_encoder, out: str | Path) -> Path:
+    """Write the adapters of `unet` (and of `text_encoder`, if it has one) as a diffusers LoRA folder."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    layers = {}
+    for kind, model in (("unet", unet), ("text_encoder", text_encoder)):
+        if getattr(model, "peft_config", None):
+            layers[f"{kind}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+            layers[f"{kind}_lora_adapter_metadata"] = model.peft_config["default"].to_dict()
+    StableDiffusionPipeline.save_lora_weights(out, **layers)
+    return Path(out)
+
+
+def train_lora(config: LoraTrainConfig, resume: bool = False, progress: bool = True) -> Path:
+    """Train, write the LoRA to `output_dir/lora`, and return that folder."""
+    from ..pipeline import LatentDiffusionPipeline
+
+    dataset = data.open_dataset(config.data)  # checks the folder before the model loads
+    pipe = LatentDiffusionPipeline.from_pretrained(config.model, torch_dtype=torch.float32)
+    unet, text_encoder, vae = pipe.unet, pipe.text_encoder, pipe.vae
+    for model in (unet, text_encoder, vae):
+        model.requires_grad_(False).eval()
+    size = config.image_size or unet.config.sample_size * pipe.vae_scale_factor
+    means, stds, captions = encode_dataset(vae, dataset, len(dataset), size)
+    scale = vae.config.scaling_factor
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+
+    unet.add_adapter(_adapter_config(config.rank, config.alpha, config.unet_targets))
+    models = {"unet": unet}
+    table = None
+    if config.text_encoder:
+        text_encoder.add_adapter(_adapter_config(config.rank, config.alpha, config.text_targets))
+        models["text_encoder"] = text_encoder
+    else:  # a frozen text encoder: every caption is encoded once
+        table = encode_captions(pipe.tokenizer, text_encoder, captions)
+
+    def loss_fn(models, step, generator, rank, world):
+        indices = data.step_indices(len(captions), step, config.loop.batch_size, config.loop.seed, rank, world)
+        index = torch.tensor(indices)
+        latents = (means[index] + stds[index] * torch.randn(means[index].shape, generator=generator)) * scale
+        drop = torch.rand(len(indices), generator=generator) < config.caption_dropout
+        if table is not None:
+            embeddings, rows = table
+            context = embeddings[torch.where(drop, 0, rows[index])]
+        else:
+            texts = ["" if dropped else captions[i] for i, dropped in zip(indices, drop.tolist())]
+            context = text_states(pipe.tokenizer, models["text_encoder"], texts)
+        return unet_loss(models["unet"], scheduler, latents, context, generator, config.snr_gamma), {}
+
+    trained = train(config.loop, models, loss_fn, resume=resume, progress=progress, name="lora",
+                    trainable_only=True)
+    out = save_lora(trained["unet"], trained.get("text_encoder"), Path(config.loop.output_dir) / "lora")
+    (out / "training.json").write_text(json.dumps({"base_model": config.model or "bundled", "data": config.data,
+                                                   "rank": config.rank, "alpha": config.alpha or config.rank,
+                                                   "text_encoder": config.text_encoder,
+                                                   "steps": config.loop.steps}, indent=2))
+    return out
