@@ -92,6 +92,7 @@ def train_lora(config: LoraTrainConfig, resume: bool = False, progress: bool = T
     scale = vae.config.scaling_factor
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
+    torch.manual_seed(config.loop.seed)  # the adapters' random initial weights
     unet.add_adapter(_adapter_config(config.rank, config.alpha, config.unet_targets))
     models = {"unet": unet}
     table = None
