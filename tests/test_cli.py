@@ -63,7 +63,7 @@ def test_several_prompts_make_a_grid_with_a_row_each(model, tmp_path):
 
 @pytest.mark.parametrize("arguments, message", [
     (["missing.json"], r"`config`: no file 'missing.json'"),
-    (["{recipe}", "--steps", "3"], r"--steps/--batch-size: apply to one stage; pass a stage config"),
+    (["{recipe}", "--steps", "3"], r"--steps/--batch-size/--data: apply to one stage; pass a stage config"),
     (["{recipe}/vae.json", "--steps", "0"], r"`steps`: got 0; expected an integer >= 1"),
     (["{recipe}/unet.json", "--steps", "1"], r"`clip`: got '.*clip/model', which is not a folder; train the clip "
                                              r"stage first"),
