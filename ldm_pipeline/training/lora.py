@@ -19,7 +19,7 @@ from diffusers import DDPMScheduler
 from ..text import text_states
 from . import data
 from .loop import LoopConfig, train
-from .unet import encode_captions, encode_dataset, unet_loss
+from .unet import denoising_batch, encode_captions, encode_dataset, unet_loss
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -103,16 +103,9 @@ def train_lora(config: LoraTrainConfig, resume: bool = False, progress: bool = T
         table = encode_captions(pipe.tokenizer, text_encoder, captions)
 
     def loss_fn(models, step, generator, rank, world):
-        indices = data.step_indices(len(captions), step, config.loop.batch_size, config.loop.seed, rank, world)
-        index = torch.tensor(indices)
-        latents = (means[index] + stds[index] * torch.randn(means[index].shape, generator=generator)) * scale
-        drop = torch.rand(len(indices), generator=generator) < config.caption_dropout
-        if table is not None:
-            embeddings, rows = table
-            context = embeddings[torch.where(drop, 0, rows[index])]
-        else:
-            texts = ["" if dropped else captions[i] for i, dropped in zip(indices, drop.tolist())]
-            context = text_states(pipe.tokenizer, models["text_encoder"], texts)
+        latents, context = denoising_batch(means, stds, scale, captions, table,
+                                           lambda texts: text_states(pipe.tokenizer, models["text_encoder"], texts),
+                                           config.loop, config.caption_dropout, step, generator, rank, world)
         return unet_loss(models["unet"], scheduler, latents, context, generator, config.snr_gamma), {}
 
     trained = train(config.loop, models, loss_fn, resume=resume, progress=progress, name="lora",

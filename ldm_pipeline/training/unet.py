@@ -83,6 +83,20 @@ def snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float)
     return torch.clamp(snr, max=gamma) / denominator
 
 
+def denoising_batch(means, stds, scale: float, captions: list[str], table, encode, loop: LoopConfig,
+                    caption_dropout: float, step: int, generator: torch.Generator, rank: int, world: int):
+    """One step's (latents, text contexts): latents sampled from the cached posteriors (`encode_dataset`),
+    captions dropped to "" at `caption_dropout`, contexts from `table` (`encode_captions`) or `encode(texts)`."""
+    indices = data.step_indices(len(captions), step, loop.batch_size, loop.seed, rank, world)
+    index = torch.tensor(indices)
+    latents = (means[index] + stds[index] * torch.randn(means[index].shape, generator=generator)) * scale
+    drop = torch.rand(len(indices), generator=generator) < caption_dropout
+    if table is not None:
+        embeddings, rows = table
+        return latents, embeddings[torch.where(drop, 0, rows[index])]  # row 0 is ""
+    return latents, encode(["" if dropped else captions[i] for i, dropped in zip(indices, drop.tolist())])
+
+
 def unet_loss(unet, scheduler: DDPMScheduler, latents: torch.Tensor, context: torch.Tensor,
               generator: torch.Generator, snr_gamma: float | None = None):
     """Algorithm 1 of Ho et al. 2020 on latents: noise them to a random t and predict the noise."""
@@ -120,16 +134,10 @@ def train_unet(config: UnetConfig, resume: bool = False, progress: bool = True) 
     table = encode_captions(tokenizer, text_encoder, captions) if table_bytes <= TEXT_TABLE_BYTES else None
 
     def loss_fn(models, step, generator, rank, world):
-        indices = data.step_indices(len(captions), step, config.loop.batch_size, config.loop.seed, rank, world)
-        index = torch.tensor(indices)
-        latents = (means[index] + stds[index] * torch.randn(means[index].shape, generator=generator)) * scale
-        drop = torch.rand(len(indices), generator=generator) < config.caption_dropout
-        if table is not None:
-            embeddings, rows = table
-            context = embeddings[torch.where(drop, 0, rows[index])]  # row 0 is ""
-        else:
-            texts = ["" if dropped else captions[i] for i, dropped in zip(indices, drop.tolist())]
-            context = encode_text(tokenizer, text_encoder, texts)  # exactly what the pipeline feeds the UNet
+        # without the table, captions are encoded exactly as the pipeline feeds them to the UNet
+        latents, context = denoising_batch(means, stds, scale, captions, table,
+                                           lambda texts: encode_text(tokenizer, text_encoder, texts), config.loop,
+                                           config.caption_dropout, step, generator, rank, world)
         return unet_loss(models["unet"], scheduler, latents, context, generator, config.snr_gamma), {}
 
     unet = train(config.loop, {"unet": unet}, loss_fn, resume=resume, ema_model="unet", progress=progress,
