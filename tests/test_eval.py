@@ -199,12 +199,12 @@ def test_plumbing_a_model_that_replays_the_real_images_scores_as_the_real_images
     report = rep.evaluate(Replay([image for s in sets for image in s.real]), sets, list(range(12)), clip, extractor,
                           references, batch_size=5)
     for scores in [*report["sets"].values(), report["all"]]:
-        assert scores["correct"] == 1.0 and scores["extra"] == 0
+        assert scores["correct"] == scores["strict_correct"] == 1.0 and scores["extra"] == 0
         assert scores["clip_score"] == pytest.approx(scores["clip_score_real"])
         assert scores["fid"] == pytest.approx(scores["fid_real"]) and scores["fid"] > 0
     assert report["all"]["n"] == 36 and report["features"] == extractor.name
     table = rep.markdown({**report, "model": "replay"})
-    assert "| all | 36 | 100.0 % |" in table and "FID (real)" in table
+    assert "| all | 36 | 100.0 % | 100.0 % |" in table and "FID (real)" in table and "correct (strict)" in table
 
 
 class MeanColour:
@@ -238,7 +238,8 @@ def test_a_model_that_gets_the_colour_of_4_in_12_wrong_is_scored_so(clip, tmp_pa
                           extractor, references, batch_size=5)
     for prompt_set in sets:
         scores, images = report["sets"][prompt_set.name], drawn[prompt_set.name]
-        assert scores["correct"] == scores["colour"] == pytest.approx(8 / 12), prompt_set.name
+        assert scores["correct"] == scores["colour"] == scores["strict_correct"] == pytest.approx(8 / 12)
+        assert scores["strict_shape"] == 1.0
         assert scores["shape"] == scores["position"] == 1.0 and scores["extra"] == 0
         assert scores["clip_score"] == pytest.approx(clip.score(images, prompt_set.prompts).mean(), rel=1e-6)
         assert scores["clip_score"] < scores["clip_score_real"] - 1
@@ -246,7 +247,8 @@ def test_a_model_that_gets_the_colour_of_4_in_12_wrong_is_scored_so(clip, tmp_pa
         expected = _fid_by_scipy(extractor(images), extractor(prompt_set.real))
         assert expected > 1 and scores["fid"] == pytest.approx(expected, rel=1e-6)
     everything = [image for s in sets for image in drawn[s.name]]
-    assert report["all"]["correct"] == pytest.approx(24 / 36) and report["all"]["n"] == 36
+    assert report["all"]["correct"] == report["all"]["strict_correct"] == pytest.approx(24 / 36)
+    assert report["all"]["n"] == 36
     assert report["all"]["fid"] == pytest.approx(
         _fid_by_scipy(extractor(everything), extractor([image for s in sets for image in s.real])), rel=1e-6)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..training.shapes import Scene, ShapesDataset, caption, eval_scenes
-from .judge import judge
+from . import strict
 
 KINDS = ("seen", "held_out", "two")
 ATTRIBUTES = ("correct", "colour", "shape", "position", "extra")
@@ -32,8 +32,9 @@ def judge_images(images: list, prompts: list[str]) -> dict:
 
     Returns:
         The fraction of images with every object right and nothing extra ("correct") and per
-        attribute ("colour", "shape", "position"), and "extra", the mean count of objects not
-        asked for.
+        attribute ("colour", "shape", "position"), "extra", the mean count of objects not
+        asked for, and the strict measure's "strict_correct" and "strict_shape" (see `strict`).
     """
-    verdicts = [judge(image, prompt) for image, prompt in zip(images, prompts, strict=True)]
-    return {key: float(np.mean([getattr(v, key) for v in verdicts])) for key in ATTRIBUTES}
+    verdicts = [strict.strict_judge(image, prompt) for image, prompt in zip(images, prompts, strict=True)]
+    scores = {key: float(np.mean([getattr(v.judge, key) for v in verdicts])) for key in ATTRIBUTES}
+    return {**scores, **strict.summary(verdicts)}

@@ -53,6 +53,8 @@ class Found:
     size: str
     area: int           # pixels of the region
     centroid: tuple[float, float]
+    # HxW coverage (0..1) of each pixel by this object: its region and antialiased rim (read by `strict`)
+    cover: np.ndarray | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -72,6 +74,7 @@ class Verdict:
     missing: int
     found: list[Found] = field(default_factory=list)
     size: bool = False
+    pairs: list[tuple[int, int]] = field(default_factory=list)  # (asked-for index, found index) matched
 
 
 def _as_array(image) -> np.ndarray:
@@ -172,8 +175,10 @@ def find_objects(image) -> list[Found]:
             cover = _coverage(pixels[ys, xs], _PALETTE[index + 1])
             shape, half_size_px = _shape(ys, xs, cover, region.shape[0], region.shape[1])
             half_size = half_size_px / side
+            mask = np.zeros((height, width), np.float32)
+            mask[ys, xs] = cover
             found.append(Found(name, shape, position, _size_word(half_size), area,
-                               (float(centroid[0]), float(centroid[1]))))
+                               (float(centroid[0]), float(centroid[1])), mask))
     return found
 
 
@@ -219,4 +224,4 @@ def judge(image, prompt: str) -> Verdict:
 
     colour, shape, position = right("colour"), right("shape"), right("position")
     return Verdict(colour and shape and position and extra == 0, colour, shape, position, extra, missing,
-                   found, right("size"))
+                   found, right("size"), pairs)

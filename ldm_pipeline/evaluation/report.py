@@ -21,6 +21,7 @@ from .accuracy import KINDS, judge_images, scenes_for
 from .clip import Clip
 from .fid import FeatureStats, cached_stats, feature_stats, frechet_distance
 
+KIND_TITLES = {"held_out": "held-out"}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 REFERENCE_SEED = 1_000_003  # the independent real renders FID compares against (never an eval seed)
 
@@ -201,7 +202,8 @@ def _pooled(per_set: dict, generated: list[np.ndarray], real: list[np.ndarray], 
     """Scores over all sets together: means weighted by set size, FID on the pooled features."""
     counts = np.array([scores["n"] for scores in per_set.values()])
     pooled = {"n": int(counts.sum())}
-    for key in ("clip_score", "clip_score_real", "correct", "colour", "shape", "position", "extra"):
+    for key in ("clip_score", "clip_score_real", "correct", "colour", "shape", "position", "extra", "strict_correct",
+                "strict_shape"):
         if all(key in scores for scores in per_set.values()):
             pooled[key] = float(np.average([scores[key] for scores in per_set.values()], weights=counts))
     if reference is not None:
@@ -213,7 +215,8 @@ def _pooled(per_set: dict, generated: list[np.ndarray], real: list[np.ndarray], 
 
 # -- Markdown ----------------------------------------------------------------------------------
 
-COLUMNS = [("n", "n", "{:d}"), ("correct", "correct", "{:.1%}"), ("colour", "colour", "{:.1%}"),
+COLUMNS = [("n", "n", "{:d}"), ("correct", "correct", "{:.1%}"), ("strict_correct", "correct (strict)", "{:.1%}"),
+           ("colour", "colour", "{:.1%}"),
            ("shape", "shape", "{:.1%}"), ("position", "position", "{:.1%}"),
            ("clip_score", "CLIP score", "{:.2f}"), ("clip_score_real", "CLIP score (real)", "{:.2f}"),
            ("fid", "FID", "{:.2f}"), ("fid_real", "FID (real)", "{:.2f}")]
@@ -282,7 +285,7 @@ def sweep_row(report: dict) -> str:
     settings, scores = report["settings"], _summary(report)
     cells = [settings["scheduler"], str(settings["num_inference_steps"]), f"{settings['guidance_scale']:g}",
              f"{settings.get('clip_guidance_scale', 0.0):g}"]
-    cells += [_cell(scores.get("correct"), "{:.1%}"),
+    cells += [_cell(scores.get("correct"), "{:.1%}"), _cell(scores.get("strict_correct"), "{:.1%}"),
               *(_cell(report["sets"].get(kind, {}).get("correct"), "{:.1%}") for kind in KINDS),
               _cell(scores.get("clip_score"), "{:.2f}"), _cell(scores.get("fid"), "{:.2f}"),
               f"{report['timing']['seconds_per_image']:.3f}"]
@@ -291,8 +294,9 @@ def sweep_row(report: dict) -> str:
 
 def sweep_markdown(reports: list[dict]) -> str:
     """A sweep as a Markdown table, a row per setting."""
-    header = ("| scheduler | steps | guidance | CLIP guidance | correct | seen | held-out | two | CLIP score | FID "
-              "| s/image |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+    kinds = " | ".join(KIND_TITLES.get(kind, kind) for kind in KINDS)
+    header = (f"| scheduler | steps | guidance | CLIP guidance | correct | strict | {kinds} | CLIP score | FID "
+              "| s/image |\n|---|---:|---:|---:|---:|---:|" + "---:|" * len(KINDS) + "---:|---:|---:|\n")
     return header + "\n".join(sweep_row(report) for report in reports) + "\n"
 
 
