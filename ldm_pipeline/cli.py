@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
                                "bundled model; costs a VAE decode and a CLIP pass per step)")
     generate.add_argument("--clip-model", default=None,
                           help="the CLIP for --clip-guidance: a CLIPModel folder or Hub id (default: the bundled one)")
+    generate.add_argument("--preview", type=Path, default=None, metavar="STRIP.png",
+                          help="also write a strip of live previews (the predicted image every --preview-every "
+                               "steps, a row per image) to this PNG")
+    generate.add_argument("--preview-every", type=int, default=5, metavar="K", help="steps between previews (default 5)")
     generate.add_argument("--compile", action="store_true",
                           help="run the UNet compiled (pipe.compile()): about twice as fast; the first run for a "
                                "model, size and batch compiles it (about a minute), later runs load it from the cache")
@@ -196,6 +200,7 @@ def generate(args: argparse.Namespace) -> None:
 
     from . import LatentDiffusionPipeline, make_grid
     from .pipeline import default_dtype
+    from .previews import save_strip
     from .recipes import read_recipes, write_png
 
     for spec in args.lora:
@@ -214,6 +219,10 @@ def generate(args: argparse.Namespace) -> None:
         raise ValueError("prompt: give one or more prompts, or --from PNG to draw an image again")
     elif args.ignore_model_hash:
         raise ValueError("--ignore-model-hash: applies only with --from")
+    if args.preview is not None and (args.prompts is not None or args.source is not None):
+        raise ValueError("--preview: applies to prompts given on the command line, not with --prompts or --from")
+    if args.preview is not None and args.preview.suffix.lower() != ".png":
+        raise ValueError(f"--preview: got {str(args.preview)!r}; expected a .png file name")
     if args.prompts is not None and args.device == "cuda":
         from accelerate import PartialState
 
@@ -249,11 +258,15 @@ def generate(args: argparse.Namespace) -> None:
         result = pipe.reproduce(recipes, image=args.image, ignore_model_hash=args.ignore_model_hash)
     else:
         width, height = args.size or (None, None)
+        frames = []  # the live previews, for --preview
         result = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
                       guidance_scale=args.guidance, height=height, width=width,
                       num_images_per_prompt=args.num_images, seed=args.seed, image=args.image,
-                      strength=args.strength, clip_guidance_scale=args.clip_guidance, clip_model=args.clip_model)
+                      strength=args.strength, clip_guidance_scale=args.clip_guidance, clip_model=args.clip_model,
+                      preview=frames.append if args.preview else None, preview_every=args.preview_every)
         rows = len(args.prompt)
+        if args.preview:
+            print(f"wrote {save_strip(frames, args.preview)} ({len(frames)} previews)")
     single = len(result.images) == 1
     picture = result.images[0] if single else make_grid(result.images, rows=rows)
     if args.out.suffix.lower() == ".png":

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from . import (adapters, checks, fast, guards, guidance, images, latents as latent_ops, loading, memory, recipes,
-               schedulers, text)
+from . import (adapters, checks, fast, guards, guidance, images, latents as latent_ops, loading, memory, previews,
+               recipes, schedulers, text)
 from .model_hash import ModelIdentity
 from .output import PipelineOutput
 from .sampling import ClassifierFree, StepCallback, denoise
@@ -214,6 +214,8 @@ class LatentDiffusionPipeline(memory.MemoryMethods, adapters.AdapterMethods):
         clip_guidance_scale: float = 0.0,
         clip_model=None,
         clip_guidance_every: int = 1,
+        preview: previews.PreviewCallback | None = None,
+        preview_every: int = previews.DEFAULT_EVERY,
     ) -> PipelineOutput:
         """Draw images for prompts; with `image=`, start from that picture (image-to-image).
 
@@ -224,7 +226,8 @@ class LatentDiffusionPipeline(memory.MemoryMethods, adapters.AdapterMethods):
         may return False to stop early. Prompts longer than the text encoder's 77 tokens are read in
         75-token windows; `prompt_weighting=True` reads `(word:1.3)` weights (see `prompts.py`).
         `clip_guidance_scale > 0` steers every `clip_guidance_every`-th step up a CLIP's gradient
-        (`clip_model`: default the bundled shapes CLIP; see `guidance.py`).
+        (`clip_model`: default the bundled shapes CLIP; see `guidance.py`). `preview(images)` receives
+        a cheap picture of the predicted clean image every `preview_every` steps (see `previews.py`).
 
         Returns:
             `PipelineOutput` with `.images` (PIL list, np (B, H, W, 3), pt (B, 3, H, W) or
@@ -247,6 +250,7 @@ class LatentDiffusionPipeline(memory.MemoryMethods, adapters.AdapterMethods):
                           max_steps=self.scheduler.config.get("num_train_timesteps"),
                           embeds=dict(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds))
         guidance.check_clip_guidance(clip_guidance_scale, clip_model, prompts, clip_guidance_every)
+        previews.check_preview(preview, preview_every)
         reference = images.load_image(image) if image is not None else None
         latents_given = latents is not None  # for the recipe: such images cannot be drawn again from it
         reference_size = images.image_size(reference, height, width, factor) if reference is not None else None
@@ -288,7 +292,8 @@ class LatentDiffusionPipeline(memory.MemoryMethods, adapters.AdapterMethods):
                                                    clip_guidance_scale, clip_guidance_every))
         watch = guards.StepWatch(callback)  # notes where NaN or infinity first appear
         final, steps_run = denoise(unet, scheduler, start, timesteps, cond, guidances,
-                                   schedulers.step_kwargs(scheduler, generator, eta), [watch], progress)
+                                   schedulers.step_kwargs(scheduler, generator, eta),
+                                   [watch, *previews.hooks_for(self.vae, preview, preview_every, len(timesteps))], progress)
         guards.check_latents(final, watch, steps_run)
         if output_type == "latent":
             result = final
