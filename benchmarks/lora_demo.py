@@ -55,7 +55,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="override the config's steps")
     args = parser.parse_args()
     data = args.run_dir / "data"
-    subprocess.run([sys.executable, "-m", "ldm_pipeline.cli", "shapes-data", "star", "--out", str(data)], check=True)
+    if not (data / "metadata.jsonl").is_file():  # written once; a second run trains on the same data
+        subprocess.run([sys.executable, "-m", "ldm_pipeline.cli", "shapes-data", "star", "--out", str(data)],
+                       check=True)
     sets = prompt_sets(args.n)
 
     pipe = LatentDiffusionPipeline.from_pretrained()

@@ -1,6 +1,8 @@
 """LoRA training on the shared loop, on tiny components; the star shape it is demonstrated with."""
 
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -113,3 +115,87 @@ def test_shapes_data_command(tmp_path):
     lines = (tmp_path / "d" / "metadata.jsonl").read_text().splitlines()
     assert len(lines) == 8 and sum("star" in line for line in lines) == 5
     assert main(["shapes-data", "hexagon", "--out", str(tmp_path / "e")]) == 2
+
+
+def test_only_the_adapters_change_in_memory_too(tmp_path, model, stars, monkeypatch):
+    loaded = []
+    real = LatentDiffusionPipeline.from_pretrained.__func__
+
+    def watched(cls, *args, **kwargs):
+        loaded.append(real(cls, *args, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(LatentDiffusionPipeline, "from_pretrained", classmethod(watched))
+    run_stage(config(tmp_path, model), tmp_path / "run", overrides={"data": str(stars)}, progress=False)
+    fresh = real(LatentDiffusionPipeline, model)
+    for name in ("unet", "text_encoder", "vae"):
+        before = getattr(fresh, name).state_dict()
+        adapters = 0
+        for key, value in getattr(loaded[0], name).state_dict().items():
+            if "lora_" in key:
+                adapters += "lora_B" in key and bool(value.abs().sum() > 0)  # B starts at zero: these trained
+                continue
+            assert torch.equal(value, before[key.replace(".base_layer", "")]), (name, key)
+        assert adapters > 0 or name == "vae", name
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"unet_targets": ["to_q", "to_kk"]}, r"`unet_targets`: \['to_kk'\] name no"),
+    ({"text_targets": ["q_proj", "qproj"]}, r"`text_targets`: \['qproj'\] name no"),
+    ({"text_encoder": "no"}, "`text_encoder`: got 'no'; expected true or false"),
+    ({"caption_dropout": "0.1"}, r"`caption_dropout`: got '0.1'"),
+    ({"alpha": True}, "`alpha`: got True"),
+    ({"loop": {"output_dir": "{run}/lora", "learning_rate": -1}}, "`learning_rate`: got -1"),
+])
+def test_misspelt_and_mistyped_settings_are_named_before_training(tmp_path, model, stars, capsys, changes, message):
+    assert main(["train", str(config(tmp_path, model, **changes)), "--data", str(stars),
+                 "--run-dir", str(tmp_path / "run")]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "run" / "lora" / "checkpoints").exists()
+
+
+def test_resuming_with_another_config_is_refused_and_keeps_the_checkpoint(tmp_path, model, stars, capsys):
+    def ldm_train(*flags, **changes):
+        return main(["train", str(config(tmp_path, model, **{"text_encoder": False, **changes})), "--data", str(stars),
+                     "--run-dir", str(tmp_path / "run"), *flags])
+
+    assert ldm_train("--steps", "3") == 0
+    checkpoint = latest_checkpoint(tmp_path / "run" / "lora")
+    written = checkpoint.read_bytes()
+    for changes in ({"text_encoder": True}, {"rank": 2}, {"unet_targets": ["to_q", "to_k"]}):
+        assert ldm_train("--resume", **changes) == 2
+        assert f"`resume`: checkpoint {str(checkpoint)!r}" in capsys.readouterr().err
+    assert checkpoint.read_bytes() == written
+    assert ldm_train("--resume") == 0  # the same config goes on
+
+
+def test_shapes_data_never_writes_into_a_folder_with_files(tmp_path, capsys):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "00000.png").write_text("the user's file")
+    assert main(["shapes-data", "star", "--n", "2", "--mix", "0", "--out", str(tmp_path / "mine")]) == 2
+    assert "exists and is not an empty folder" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "00000.png").read_text() == "the user's file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no temporary folder left
+    (tmp_path / "empty").mkdir()
+    assert main(["shapes-data", "star", "--n", "2", "--mix", "0", "--out", str(tmp_path / "empty")]) == 0
+    assert len((tmp_path / "empty" / "metadata.jsonl").read_text().splitlines()) == 2
+
+
+def test_a_failed_lora_write_keeps_the_previous_lora(tmp_path, model, stars, monkeypatch):
+    from diffusers import StableDiffusionPipeline
+
+    from ldm_pipeline.training import lora
+
+    path = config(tmp_path, model, text_encoder=False)
+    folder = run_stage(path, tmp_path / "run", overrides={"data": str(stars)}, progress=False)
+    written = (folder / "pytorch_lora_weights.safetensors").read_bytes()
+
+    def cut_off(save_directory, **kwargs):
+        Path(save_directory).mkdir(parents=True, exist_ok=True)
+        (Path(save_directory) / "pytorch_lora_weights.safetensors").write_bytes(written[:100])
+        raise OSError("disk full")
+
+    monkeypatch.setattr(StableDiffusionPipeline, "save_lora_weights", cut_off)
+    with pytest.raises(OSError, match="disk full"):
+        lora.save_lora(LatentDiffusionPipeline.from_pretrained(model).unet, None, folder)
+    assert (folder / "pytorch_lora_weights.safetensors").read_bytes() == written

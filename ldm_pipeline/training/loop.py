@@ -223,8 +223,17 @@ def train(config: LoopConfig, models: dict[str, torch.nn.Module], loss_fn: LossF
     log = output / "log.jsonl"
     found = load_latest_checkpoint(output) if resume else None
     if found is not None:
-        _, state = found
+        checkpoint, state = found
+        if set(state["models"]) != set(models):
+            raise ValueError(f"`resume`: checkpoint {str(checkpoint)!r} holds models {sorted(state['models'])}, "
+                             f"this run trains {sorted(models)}; it was written with another config")
         for key, model in models.items():
+            if trainable_only:  # the checkpoint holds the trained parameters alone: they must be these
+                expected = {name: p.shape for name, p in model.named_parameters() if p.requires_grad}
+                if {name: value.shape for name, value in state["models"][key].items()} != expected:
+                    raise ValueError(f"`resume`: checkpoint {str(checkpoint)!r} holds {len(state['models'][key])} "
+                                     f"trained tensors of {key!r}; this run trains {len(expected)}, or others, or "
+                                     "of other shapes: it was written with another config (rank, targets)")
             model.load_state_dict(state["models"][key], strict=not trainable_only)
         optimizer.load_state_dict(state["optimizer"])
         if ema is not None:

@@ -10,6 +10,8 @@ with lora_alpha in its metadata) that `pipe.load_lora_weights` and diffusers rea
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,14 +49,41 @@ class LoraTrainConfig:
                              "(metadata.jsonl with file_name and text per line)")
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
             raise ValueError(f"`rank`: got {self.rank!r}; expected an integer >= 1")
-        if self.alpha is not None and (not isinstance(self.alpha, (int, float)) or self.alpha <= 0):
+        if self.alpha is not None and (not _is_number(self.alpha) or self.alpha <= 0):
             raise ValueError(f"`alpha`: got {self.alpha!r}; expected a number > 0 or null (= rank)")
-        if not 0 <= self.caption_dropout < 1:
+        if not _is_number(self.caption_dropout) or not 0 <= self.caption_dropout < 1:
             raise ValueError(f"`caption_dropout`: got {self.caption_dropout!r}; expected a number in [0, 1)")
+        if self.snr_gamma is not None and (not _is_number(self.snr_gamma) or self.snr_gamma <= 0):
+            raise ValueError(f"`snr_gamma`: got {self.snr_gamma!r}; expected a number > 0 or null (off)")
+        if self.image_size is not None and (isinstance(self.image_size, bool) or not isinstance(self.image_size, int)
+                                            or self.image_size < 8):
+            raise ValueError(f"`image_size`: got {self.image_size!r}; expected an integer >= 8 or null")
+        if not isinstance(self.text_encoder, bool):  # "no" would be true
+            raise ValueError(f"`text_encoder`: got {self.text_encoder!r}; expected true or false")
+        if not _is_number(self.loop.learning_rate) or self.loop.learning_rate <= 0:
+            raise ValueError(f"`learning_rate`: got {self.loop.learning_rate!r}; expected a number > 0")
         for name in ("unet_targets", "text_targets"):
             value = getattr(self, name)
             if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
                 raise ValueError(f"`{name}`: got {value!r}; expected a non-empty list of module names")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_targets(model: torch.nn.Module, targets: list[str], key: str) -> None:
+    """Raise a ValueError naming `key` for targets that match no layer of `model`.
+
+    peft matches a target against the ends of module names and adapts those that match, leaving
+    a misspelt one out without a word while the others still match.
+    """
+    names = [name for name, module in model.named_modules() if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))]
+    unmatched = [t for t in targets if not any(name == t or name.endswith("." + t) for name in names)]
+    if unmatched:
+        raise ValueError(f"`{key}`: {unmatched} name no linear or convolution layer of the "
+                         f"{type(model).__name__} (its attention projections: "
+                         f"{UNET_TARGETS if key == 'unet_targets' else TEXT_TARGETS})")
 
 
 def _adapter_config(rank: int, alpha: float | None, targets: list[str]):
@@ -64,7 +93,11 @@ def _adapter_config(rank: int, alpha: float | None, targets: list[str]):
 
 
 def save_lora(unet, text_encoder, out: str | Path) -> Path:
-    """Write the adapters of `unet` (and of `text_encoder`, if it has one) as a diffusers LoRA folder."""
+    """Write the adapters of `unet` (and of `text_encoder`, if it has one) as a diffusers LoRA folder.
+
+    The folder is written under a temporary name and renamed: a kill while writing leaves the
+    previous LoRA (or none), never a cut-off file under the name the pipeline loads.
+    """
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
@@ -74,8 +107,16 @@ def save_lora(unet, text_encoder, out: str | Path) -> Path:
         if getattr(model, "peft_config", None):
             layers[f"{kind}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
             layers[f"{kind}_lora_adapter_metadata"] = model.peft_config["default"].to_dict()
-    StableDiffusionPipeline.save_lora_weights(out, **layers)
-    return Path(out)
+    out = Path(out)
+    temporary, old = out.with_name(f".{out.name}.tmp"), out.with_name(f".{out.name}.old")
+    for leftover in (temporary, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    StableDiffusionPipeline.save_lora_weights(temporary, **layers)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(temporary, out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out
 
 
 def train_lora(config: LoraTrainConfig, resume: bool = False, progress: bool = True) -> Path:
@@ -85,6 +126,9 @@ def train_lora(config: LoraTrainConfig, resume: bool = False, progress: bool = T
     dataset = data.open_dataset(config.data)  # checks the folder before the model loads
     pipe = LatentDiffusionPipeline.from_pretrained(config.model, torch_dtype=torch.float32)
     unet, text_encoder, vae = pipe.unet, pipe.text_encoder, pipe.vae
+    check_targets(unet, config.unet_targets, "unet_targets")  # before the data is encoded
+    if config.text_encoder:
+        check_targets(text_encoder, config.text_targets, "text_targets")
     for model in (unet, text_encoder, vae):
         model.requires_grad_(False).eval()
     size = config.image_size or unet.config.sample_size * pipe.vae_scale_factor

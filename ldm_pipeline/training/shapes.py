@@ -313,19 +313,29 @@ def new_shape_scenes(shape: str, n: int, seed: int = 0, two_objects_prob: float 
 
 
 def write_image_folder(scenes: list[Scene], folder) -> int:
-    """Render scenes into `folder` as PNGs with a `metadata.jsonl` of captions (what `--data` reads)."""
+    """Render scenes into `folder` as PNGs with a `metadata.jsonl` of captions (what `--data` reads).
+
+    The folder must be new (or empty): nothing of the user's is overwritten. It is written under a
+    temporary name beside it and renamed when whole, so a folder with that name is always complete.
+    """
     import json
     import os
+    import shutil
     from pathlib import Path
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise ValueError(f"`out`: {str(folder)!r} exists and is not an empty folder; choose a new one")
+    temporary = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
     lines = []
     for i, scene in enumerate(scenes):
         name = f"{i:05d}.png"
-        render(scene).save(folder / name)
+        render(scene).save(temporary / name)
         lines.append(json.dumps({"file_name": name, "text": caption(scene)}))
-    temporary = folder / "metadata.jsonl.tmp"
-    temporary.write_text("\n".join(lines) + "\n")
-    os.replace(temporary, folder / "metadata.jsonl")
+    (temporary / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    if folder.exists():
+        folder.rmdir()  # empty, checked above
+    os.replace(temporary, folder)
     return len(scenes)
