@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--n", type=int, default=100, help="images per prompt set (default 100)")
     evaluate.add_argument("--seeds", default="0", help="image i's seed: a first seed (0), a range (0-99) or a list (1,5,9)")
     evaluate.add_argument("--prompt-seed", type=int, default=0, help="selects the shapes prompts")
+    evaluate.add_argument("--kinds", nargs="+", default=None,
+                          help="shapes prompt kinds: seen held_out two three (default: all)")
     evaluate.add_argument("--steps", type=int, default=None)
     evaluate.add_argument("--guidance", type=float, default=None)
     evaluate.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None)
@@ -285,7 +287,7 @@ def evaluate(args: argparse.Namespace) -> None:
 
     from . import LatentDiffusionPipeline, make_grid
     from .evaluation import report as rep
-    from .evaluation.accuracy import training_captions
+    from .evaluation.accuracy import KINDS, training_captions
     from .evaluation.clip import Clip
     from .evaluation.features import make_extractor
 
@@ -295,6 +297,9 @@ def evaluate(args: argparse.Namespace) -> None:
     if args.n < 2:
         raise ValueError(f"--n: got {args.n}; expected at least 2 (FID needs a covariance)")
     seeds = rep.parse_seeds(args.seeds, args.n)
+    kinds = tuple(args.kinds or KINDS)
+    if set(kinds) - set(KINDS) or len(set(kinds)) < len(kinds):
+        raise ValueError(f"--kinds: got {' '.join(args.kinds)!r}; expected some of {' '.join(KINDS)}, each once")
     prompt_file = rep.file_set(args.prompts, args.n) if args.prompts != "shapes" else None
     real_folder = rep.folder_images(args.real) if args.real else None
     clip = Clip.from_pretrained(args.clip, device=args.device)
@@ -304,11 +309,11 @@ def evaluate(args: argparse.Namespace) -> None:
         sets = [prompt_file]
     else:
         exclude = training_captions(args.exclude_training) if args.exclude_training else set()
-        sets = rep.shapes_sets(args.n, args.prompt_seed, exclude)
+        sets = rep.shapes_sets(args.n, args.prompt_seed, exclude, kinds)
     if real_folder is not None:
         real = {sets[0].name if len(sets) == 1 else "all": real_folder}
     else:
-        real = rep.shapes_reference(args.n) if prompt_file is None else {}
+        real = rep.shapes_reference(args.n, kinds) if prompt_file is None else {}
     references = rep.reference_stats(real, extractor, args.cache_dir)
 
     pipe = LatentDiffusionPipeline.from_pretrained(args.model, device=args.device)

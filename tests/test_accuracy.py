@@ -42,9 +42,10 @@ def prompts_for(kind, n, seed=0, exclude=frozenset()):
 
 def test_ground_truth_scores_one_and_wrong_positions_score_zero():
     summary, images = prompt_accuracy(GroundTruth(), n=12)
-    assert set(summary) == {"seen", "held_out", "two"}
+    assert set(summary) == {"seen", "held_out", "two", "three"}
     for kind in summary.values():
         assert kind["n"] == 12 and kind["correct"] == 1.0 and kind["position"] == 1.0 and kind["extra"] == 0
+    assert summary["three"]["strict_correct"] == 1.0
     swapped, _ = prompt_accuracy(GroundTruth(swap=True), kinds=("seen", "two"), n=12)
     assert swapped["seen"]["position"] == 0.0 and swapped["seen"]["colour"] == 1.0
     assert swapped["two"]["correct"] == 0.0

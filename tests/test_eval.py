@@ -195,16 +195,16 @@ def test_plumbing_a_model_that_replays_the_real_images_scores_as_the_real_images
     sets = rep.shapes_sets(12, seed=5)
     extractor = ClipFeatures(clip)
     references = rep.reference_stats(rep.shapes_reference(12), extractor, tmp_path)
-    assert set(references) == {"seen", "held_out", "two", "all"}
+    assert set(references) == {"seen", "held_out", "two", "three", "all"}
     report = rep.evaluate(Replay([image for s in sets for image in s.real]), sets, list(range(12)), clip, extractor,
                           references, batch_size=5)
     for scores in [*report["sets"].values(), report["all"]]:
         assert scores["correct"] == scores["strict_correct"] == 1.0 and scores["extra"] == 0
         assert scores["clip_score"] == pytest.approx(scores["clip_score_real"])
         assert scores["fid"] == pytest.approx(scores["fid_real"]) and scores["fid"] > 0
-    assert report["all"]["n"] == 36 and report["features"] == extractor.name
+    assert report["all"]["n"] == 48 and report["features"] == extractor.name
     table = rep.markdown({**report, "model": "replay"})
-    assert "| all | 36 | 100.0 % | 100.0 % |" in table and "FID (real)" in table and "correct (strict)" in table
+    assert "| three | 12 | 100.0 % | 100.0 % |" in table and "| all | 48 | 100.0 % | 100.0 % |" in table and "FID (real)" in table and "correct (strict)" in table
 
 
 class MeanColour:
@@ -247,8 +247,8 @@ def test_a_model_that_gets_the_colour_of_4_in_12_wrong_is_scored_so(clip, tmp_pa
         expected = _fid_by_scipy(extractor(images), extractor(prompt_set.real))
         assert expected > 1 and scores["fid"] == pytest.approx(expected, rel=1e-6)
     everything = [image for s in sets for image in drawn[s.name]]
-    assert report["all"]["correct"] == report["all"]["strict_correct"] == pytest.approx(24 / 36)
-    assert report["all"]["n"] == 36
+    assert report["all"]["correct"] == report["all"]["strict_correct"] == pytest.approx(32 / 48)
+    assert report["all"]["n"] == 48
     assert report["all"]["fid"] == pytest.approx(
         _fid_by_scipy(extractor(everything), extractor([image for s in sets for image in s.real])), rel=1e-6)
 
@@ -284,10 +284,13 @@ def test_ldm_eval_writes_a_reproducible_report(tmp_path, capsys):
     a, b = json.loads(first.read_text()), json.loads(second.read_text())
     assert a.pop("timing") and b.pop("timing")
     assert a == b and a["seeds"] == "10-12" and a["settings"]["num_inference_steps"] == 3
-    assert set(a["sets"]) == {"seen", "held_out", "two"} and {"fid", "fid_real", "clip_score", "position"} <= set(a["all"])
+    assert set(a["sets"]) == {"seen", "held_out", "two", "three"}
+    assert {"fid", "fid_real", "clip_score", "position", "strict_correct"} <= set(a["all"])
     assert "| held_out | 3 |" in first.with_suffix(".md").read_text()
-    assert (tmp_path / "a-two.png").is_file()
-    assert len(list((tmp_path / "cache").glob("*.npz"))) == 4  # three kinds and all: computed once, then reused
+    assert (tmp_path / "a-two.png").is_file() and (tmp_path / "a-three.png").is_file()
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 5  # four kinds and all: computed once, then reused
+    only = json.loads(_eval(tmp_path, "c", "--kinds", "three", "seen").read_text())
+    assert list(only["sets"]) == ["three", "seen"]
 
 
 def test_ldm_eval_sweep_writes_a_table_and_a_plot(tmp_path):
@@ -306,6 +309,8 @@ def test_ldm_eval_checks_arguments_before_loading(tmp_path, capsys):
     assert "--n: got 1" in capsys.readouterr().err
     assert main(["eval", "--out", str(tmp_path / "r.txt")]) == 2
     assert "--out" in capsys.readouterr().err
+    assert main(["eval", "--kinds", "two", "four", "--out", str(tmp_path / "r.json")]) == 2
+    assert "--kinds: got 'two four'; expected some of seen held_out two three" in capsys.readouterr().err
 
 
 def test_any_clip_model_folder_loads_with_its_own_preprocessing(tmp_path, tokenizer):

@@ -10,7 +10,7 @@ import numpy as np
 from ..training.shapes import Scene, ShapesDataset, caption, eval_scenes
 from . import strict
 
-KINDS = ("seen", "held_out", "two")
+KINDS = ("seen", "held_out", "two", "three")
 ATTRIBUTES = ("correct", "colour", "shape", "position", "extra")
 
 

@@ -41,7 +41,7 @@ class PromptSet:
 
 
 def shapes_sets(n: int, seed: int = 0, exclude: set[str] = frozenset(), kinds=KINDS) -> list[PromptSet]:
-    """`n` shapes prompts per kind (seen pairs, held-out pairs, two objects) with their renders."""
+    """`n` shapes prompts per kind (seen pairs, held-out pairs, two objects, three objects) with their renders."""
     sets = []
     for kind in kinds:
         scenes = scenes_for(kind, n, seed, exclude)

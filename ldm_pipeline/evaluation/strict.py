@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..training.shapes import parse_caption
+from ..training.shapes import SHAPES, parse_caption
 from .judge import AREA_PER_H2, Verdict, _template, judge
 
 # Calibrated on renders and blends (tests/test_strict.py): a render fits its own shape at IoU >= 0.98,
@@ -100,11 +100,12 @@ def fit_shape(cover: np.ndarray, shape: str) -> tuple[float, tuple[float, float,
         cy -= h / 3
     # Pattern search: try a step either way on each of centre x, centre y and half-size, keep what
     # improves, halve the steps when nothing does. Templates are sampled 4x4 per pixel, so the IoU is
-    # piecewise constant at a quarter pixel, which this search (unlike a gradient) does not mind.
+    # piecewise constant at a quarter pixel, which this search (unlike a gradient) does not mind; it
+    # stops at an eighth of a pixel.
     best = np.array([cx, cy, h])
     best_iou = _iou(shape, best, ys, xs, values)
     step = np.array([1.0, 1.0, 0.06 * h])
-    while step[0] >= 0.06:
+    while step[0] >= 0.12:
         improved = False
         for axis in range(3):
             for sign in (1, -1):
@@ -120,9 +121,10 @@ def fit_shape(cover: np.ndarray, shape: str) -> tuple[float, tuple[float, float,
 
 
 def fit(cover: np.ndarray, asked: str) -> ShapeFit:
-    """Fit every ideal shape to one object's coverage mask; the verdict is for the `asked` shape."""
+    """Fit the data set's shapes (and the `asked` one, if it is another) to one object's coverage mask;
+    the verdict is for the `asked` shape."""
     ious, where = {}, None
-    for shape in AREA_PER_H2:
+    for shape in (*SHAPES, asked) if asked not in SHAPES else SHAPES:
         ious[shape], params = fit_shape(cover, shape)
         if shape == asked:
             where = params

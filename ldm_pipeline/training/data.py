@@ -66,12 +66,15 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return {"image": load_image(path), "text": text}
 
 
-def open_dataset(spec: str, length: int = 1_000_000, seed: int = 0):
-    """`"shapes"` for the procedural shapes set (training split), else a folder with metadata.jsonl."""
+def open_dataset(spec: str, length: int = 1_000_000, seed: int = 0, max_objects: int = 2):
+    """`"shapes"` for the procedural shapes set (training split, scenes of up to `max_objects`
+    objects), else a folder with metadata.jsonl."""
     if spec == "shapes":
         from .shapes import ShapesDataset
 
-        return ShapesDataset(length, seed=seed, split="train")
+        return ShapesDataset.with_max_objects(length, seed=seed, max_objects=max_objects)
+    if max_objects != 2:
+        raise ValueError(f"`max_objects`: got {max_objects!r} for data {spec!r}; it applies to the shapes data only")
     return ImageFolderDataset(spec)
 
 

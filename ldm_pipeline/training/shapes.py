@@ -1,7 +1,8 @@
 """The procedural "shapes" data set: coloured circles, squares and triangles on grey, with captions.
 
 A scene holds one object ("a red circle in the top left") or two objects in two different corners
-("a red circle in the top left and a large blue square in the bottom right"). Images are 64x64 RGB,
+("a red circle in the top left and a large blue square in the bottom right"); with
+`three_objects_prob` (a recipe's `"max_objects": 3`), also three in three different corners. Images are 64x64 RGB,
 drawn on a 4x supersampled canvas and box-filtered down, so edges are antialiased and every pixel
 is a deterministic function of the scene. Three colour/shape pairs (`HELD_OUT_PAIRS`) never occur in
 the training split, so a model trained on it can be asked for combinations it has never seen.
@@ -205,31 +206,42 @@ def allowed_pairs(split: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def sample_scene(rng: np.random.Generator, split: str = "train", two_objects_prob: float = 0.5) -> Scene:
+def sample_scene(rng: np.random.Generator, split: str = "train", two_objects_prob: float = 0.5,
+                 three_objects_prob: float = 0.0) -> Scene:
     """Draw a random scene.
 
     Args:
         rng: the only source of randomness, so equal generator states give equal scenes.
         split: "train" (no held-out pair), "held_out" (a single object whose pair is held out; ignores
-            `two_objects_prob`) or "any" (no restriction).
+            the object probabilities) or "any" (no restriction).
         two_objects_prob: chance of two objects, in two different corners, instead of one anywhere.
+        three_objects_prob: chance of three objects, in three different corners. At 0 (the default)
+            the generator is used exactly as before three-object scenes existed, so every scene of
+            the bundled model's data is drawn unchanged.
 
     Returns:
         A `Scene` whose objects are at least `MIN_GAP_PIXELS` apart.
     """
     pairs = allowed_pairs(split)
-    count = 2 if split != "held_out" and rng.random() < two_objects_prob else 1
+    if not (0 <= two_objects_prob and 0 <= three_objects_prob and two_objects_prob + three_objects_prob <= 1):
+        raise ValueError(f"`two_objects_prob`, `three_objects_prob`: got {two_objects_prob}, {three_objects_prob}; "
+                         "expected chances >= 0 that add up to at most 1")
+    count = 1
+    if split != "held_out":
+        draw = rng.random()
+        count = 3 if draw < three_objects_prob else 2 if draw < three_objects_prob + two_objects_prob else 1
     if count == 1:
         places = [list(POSITIONS)[rng.integers(len(POSITIONS))]]
     else:
-        places = [CORNERS[i] for i in rng.choice(len(CORNERS), size=2, replace=False)]
+        places = [CORNERS[i] for i in rng.choice(len(CORNERS), size=count, replace=False)]
     words = []
     for place in places:
         colour, shape = pairs[rng.integers(len(pairs))]
         size = list(SIZE_PROBS)[rng.choice(len(SIZE_PROBS), p=list(SIZE_PROBS.values()))]
         words.append((colour, shape, place, size))
     # Only the geometry is redrawn, so the caption distribution is not skewed by the spacing rule;
-    # even two large objects side by side fit when their jitter is small.
+    # even two large objects side by side fit when their jitter is small (and so three in three
+    # corners, which are two pairs of neighbours).
     while True:
         objects = [ShapeObject(colour, shape, place, size,
                                jitter=(float(rng.uniform(-JITTER, JITTER)), float(rng.uniform(-JITTER, JITTER))),
@@ -246,11 +258,19 @@ class ShapesDataset(torch.utils.data.Dataset):
     memory. Each item is `{"image": PIL RGB image, "text": caption}`.
     """
 
-    def __init__(self, length: int, seed: int = 0, split: str = "train", two_objects_prob: float = 0.5):
+    def __init__(self, length: int, seed: int = 0, split: str = "train", two_objects_prob: float = 0.5,
+                 three_objects_prob: float = 0.0):
         if length < 0:
             raise ValueError(f"`length`: got {length}; expected >= 0")
         allowed_pairs(split)  # fail now, not at the first item
-        self.length, self.seed, self.split, self.two_objects_prob = length, seed, split, two_objects_prob
+        sample_scene(np.random.default_rng(0), split, two_objects_prob, three_objects_prob)  # checks the chances
+        self.length, self.seed, self.split = length, seed, split
+        self.two_objects_prob, self.three_objects_prob = two_objects_prob, three_objects_prob
+
+    @classmethod
+    def with_max_objects(cls, length: int, seed: int = 0, max_objects: int = 2) -> ShapesDataset:
+        """The training split with up to `max_objects` objects a scene (see `OBJECT_CHANCES`)."""
+        return cls(length, seed, "train", *object_chances(max_objects))
 
     def __len__(self) -> int:
         return self.length
@@ -260,22 +280,37 @@ class ShapesDataset(torch.utils.data.Dataset):
         if not -self.length <= index < self.length:
             raise IndexError(f"index {index} out of range for {self.length} items")
         index %= self.length
-        return sample_scene(np.random.default_rng([self.seed, index]), self.split, self.two_objects_prob)
+        return sample_scene(np.random.default_rng([self.seed, index]), self.split, self.two_objects_prob,
+                            self.three_objects_prob)
 
     def __getitem__(self, index: int) -> dict:
         scene = self.scene(index)
         return {"image": render(scene), "text": caption(scene)}
 
 
-EVAL_KINDS = {"seen": ("train", 0.0), "held_out": ("held_out", 0.0), "two": ("train", 1.0)}
+# The training data's chances of (two, three) objects by the most objects a scene may hold (a recipe's
+# "max_objects"); 2 is the bundled model's data, unchanged since before three-object scenes existed.
+OBJECT_CHANCES = {1: (0.0, 0.0), 2: (0.5, 0.0), 3: (1 / 3, 1 / 3)}
+
+
+def object_chances(max_objects: int) -> tuple[float, float]:
+    """(two_objects_prob, three_objects_prob) for scenes of up to `max_objects` objects."""
+    if max_objects not in OBJECT_CHANCES:
+        raise ValueError(f"`max_objects`: got {max_objects!r}; expected one of {tuple(OBJECT_CHANCES)}")
+    return OBJECT_CHANCES[max_objects]
+
+
+# kind: (split, two_objects_prob, three_objects_prob); a new kind goes at the end (its index seeds its stream)
+EVAL_KINDS = {"seen": ("train", 0.0, 0.0), "held_out": ("held_out", 0.0, 0.0), "two": ("train", 1.0, 0.0),
+              "three": ("train", 0.0, 1.0)}
 
 
 def eval_scenes(kind: str, n: int, seed: int) -> list[Scene]:
     """Scenes to test a model on, the same for the same arguments.
 
     Args:
-        kind: "seen" (one object, a training pair), "held_out" (one object, a held-out pair) or
-            "two" (two objects, training pairs).
+        kind: "seen" (one object, a training pair), "held_out" (one object, a held-out pair),
+            "two" (two objects, training pairs) or "three" (three objects, training pairs).
         n: how many scenes (captions can repeat: there are only 45 held-out captions).
         seed: selects the list.
 
@@ -284,10 +319,10 @@ def eval_scenes(kind: str, n: int, seed: int) -> list[Scene]:
     """
     if kind not in EVAL_KINDS:
         raise ValueError(f"`kind`: got {kind!r}; expected one of {tuple(EVAL_KINDS)}")
-    split, two = EVAL_KINDS[kind]
+    split, two, three = EVAL_KINDS[kind]
     # A stream of its own per kind, distinct from the training items' [seed, i] streams.
     rng = np.random.default_rng([seed, 1 << 40, list(EVAL_KINDS).index(kind)])
-    return [sample_scene(rng, split, two) for _ in range(n)]
+    return [sample_scene(rng, split, two, three) for _ in range(n)]
 
 
 def eval_prompts(kind: str, n: int, seed: int) -> list[str]:
