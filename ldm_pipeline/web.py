@@ -40,6 +40,8 @@ from .schedulers import SCHEDULERS  # noqa: E402
 MODEL_SCHEDULER = "model default"  # the scheduler the pipeline already has
 RANDOM_SEED = -1
 KEEP_CALLS = 64  # the output folders of this many recent calls stay on disk (Gradio copies what it serves)
+PREVIEWS = 10  # about this many live previews of the predicted image per run (see previews.py)
+PREVIEW_POLL = 0.5  # seconds between the page's looks at the latest preview
 
 
 def _without_type_stubs(define):
@@ -93,6 +95,12 @@ class _Runner:
         self.running: str | None = None  # session of the call now running
         self.stop_requested: set[str] = set()
         self.last_steps_run: int | None = None  # of the last call, for tests and logs
+        self.previews: dict[str | None, PIL.Image.Image] = {}  # session -> latest preview not yet shown
+
+    def latest_preview(self, request: gr.Request | None = None):
+        """The session's newest live preview (its first image), once; no change when there is none."""
+        picture = self.previews.pop(getattr(request, "session_hash", None), None)
+        return picture if picture is not None else gr.skip()
 
     def stop(self, request: gr.Request | None = None):
         session = getattr(request, "session_hash", None)
@@ -114,7 +122,8 @@ class _Runner:
             try:
                 if scheduler != MODEL_SCHEDULER:
                     self.pipe.set_scheduler(scheduler)
-                result = self.pipe(callback=callback, progress=False, **arguments)
+                result = self.pipe(callback=callback, progress=False, preview=lambda shown: self.previews.update({
+                                       session: shown[0]}), preview_every=max(1, steps // PREVIEWS), **arguments)
             except (ValueError, TypeError) as error:
                 raise gr.Error(str(error), print_exception=False) from None
             finally:
@@ -241,6 +250,8 @@ def build_app(pipe, title: str = "ldm-pipeline") -> gr.Blocks:
             with gr.Column(scale=1):
                 gallery = gr.Gallery(label="Images", columns=4, format="png", elem_id="gallery",
                                      buttons=["download", "fullscreen"])
+                live = gr.Image(label="Live preview (the predicted image while drawing; cheap, not exact)",
+                                type="pil", interactive=False, height=160, elem_id="preview")
                 used = gr.Number(label="Seed used", info="image i of the call drew from this seed + i; each image "
                                  "downloads as a PNG carrying its recipe", precision=0, interactive=False,
                                  elem_id="seed-used")
@@ -252,6 +263,7 @@ def build_app(pipe, title: str = "ldm-pipeline") -> gr.Blocks:
                                    api_name="transform", **one_model)
         stop.click(runner.stop, None, None, cancels=[text_run, submit_run, image_run], queue=False,
                    api_visibility="private")
+        gr.Timer(PREVIEW_POLL).tick(runner.latest_preview, None, live, queue=False, api_visibility="private")
     demo.queue(default_concurrency_limit=1)
     demo.ldm_runner = runner  # its folder holds the served PNGs (removed at exit)
     return demo

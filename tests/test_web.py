@@ -74,6 +74,19 @@ def test_generate_prompt_alone_same_pixels_with_recipe(pipe, server, tmp_path):
         assert f"Seed: {int(seed_used)}" in image.info["parameters"]
 
 
+def test_generate_keeps_a_live_preview_for_the_page(pipe, server, tmp_path):
+    runner = server[1].ldm_runner
+    runner.previews.clear()
+    client = gradio_client.Client(server[0], verbose=False, download_files=str(tmp_path))
+    gallery, _ = client.predict("a red circle", steps=20, seed=2, api_name="/generate")
+    (session, preview), = runner.previews.items()  # the last preview, waiting for the page's next look
+    final = pipe("a red circle", num_inference_steps=20, seed=2, progress=False).images[0]
+    np.testing.assert_array_equal(_pixels(_file(gallery[0])), np.asarray(final))  # previews change no pixel
+    assert preview.size == final.size and np.abs(np.asarray(preview, int) - np.asarray(final)).mean() < 20
+    request = type("Request", (), {"session_hash": session})()
+    assert runner.latest_preview(request) is preview and session not in runner.previews  # shown once
+
+
 def test_generate_named_inputs_same_pixels(pipe, server, tmp_path):
     client = gradio_client.Client(server[0], verbose=False, download_files=str(tmp_path))
     gallery, seed_used = client.predict(prompt="a small blue square in the center", negative_prompt="red",
@@ -317,6 +330,7 @@ def test_browser_progress_and_stop(server, browser, tmp_path):
     browser.find_element(By.CSS_SELECTOR, "#generate").click()
     # the progress bar follows the denoising steps: "denoising", then "k/150"
     wait.until(lambda b: "/150" in b.find_element(By.TAG_NAME, "body").text)
+    wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#preview img"))  # a live preview (every 15 steps)
     assert runner.running is not None
     browser.find_element(By.CSS_SELECTOR, "#stop").click()
     wait.until(lambda b: runner.last_steps_run is not None)
