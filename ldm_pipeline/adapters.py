@@ -286,11 +286,25 @@ def fuse(pipe, lora_scale: float = 1.0, adapter_names: list[str] | None = None) 
             if present:
                 if lora_scale != 1.0:
                     layer.scale_layer(lora_scale)
+                # unmerging subtracts what merging added, which is off by rounding: keep the exact
+                # weights (on the CPU) so that unfuse_lora gives back the same model and model hash
+                layer.ldm_unfused = [t.detach().to("cpu", copy=True) for t in layer.get_base_layer().parameters()]
                 layer.merge(adapter_names=present)
+                _changed(layer)
     for name in names:
         pipe.loras[name].fused = True
     pipe.fused_scale = lora_scale
     pipe.embedding_cache.clear()
+
+
+def _changed(layer) -> None:
+    """Count peft's merge or unmerge as a change of the base layer's tensors.
+
+    peft adds the product in place through `.data`, which leaves each tensor's version counter (and
+    its address) as it was: the fingerprints that the compiled-UNet cache, the prompt-embedding cache
+    and the model hash check before every call would not see the new weights."""
+    for tensor in (*layer.get_base_layer().parameters(), *layer.get_base_layer().buffers()):
+        torch.autograd.graph.increment_version(tensor)
 
 
 def unfuse(pipe) -> None:
@@ -299,6 +313,12 @@ def unfuse(pipe) -> None:
         for _, layer in _tuner_layers(model):
             if layer.merged:
                 layer.unmerge()
+                saved = layer.__dict__.pop("ldm_unfused", None)
+                if saved is not None:
+                    with torch.no_grad():
+                        for tensor, original in zip(layer.get_base_layer().parameters(), saved):
+                            tensor.copy_(original)
+                _changed(layer)
     for lora in pipe.loras.values():
         lora.fused = False
     pipe.fused_scale = 1.0
@@ -357,7 +377,7 @@ class AdapterMethods:
         return self
 
     def unfuse_lora(self):
-        """Undo `fuse_lora`. Returns self."""
+        """Undo `fuse_lora`: the exact weights from before it come back. Returns self."""
         unfuse(self)
         return self
 

@@ -192,6 +192,31 @@ def test_a_compiled_pipeline_runs_unfused_adapters_eagerly(pipe, lora):
     np.testing.assert_array_equal(draw(pipe), eager)  # the package is bypassed while the LoRA acts unfused
 
 
+def test_fusing_is_seen_by_the_compiled_unet_and_the_model_hash(pipe, lora, monkeypatch):
+    """peft merges through `.data`, which no version counter shows: a package or hash from before must not stay."""
+    from ldm_pipeline import fast
+
+    # a stand-in "aot" package: the UNet as it was when the package was built (a real one bakes its weights in)
+    monkeypatch.setattr(fast, "flat_runner", lambda frozen: lambda inputs: frozen(
+        inputs[0], inputs[1], encoder_hidden_states=inputs[2], return_dict=False))
+    pipe.compile(batch=None, verbose=False)
+    builds = []
+    pipe.compiled._load_or_build = lambda unet, *args: builds.append(copy.deepcopy(unet)) or builds[-1]
+    base, base_hash = draw(pipe), pipe.model_hash()
+    pipe.load_lora_weights(lora)
+    assert pipe.model_hash() == base_hash  # unfused adapters are listed apart, not part of the model
+    unfused = draw(pipe)
+    assert np.abs(unfused - base).max() > 0.01
+    pipe.fuse_lora()
+    np.testing.assert_allclose(draw(pipe), unfused, atol=1e-4)  # not the package built without the LoRA
+    assert len(builds) == 2  # the base package, then the fused one (unfused adapters ran eagerly)
+    assert pipe.model_hash() != base_hash
+    pipe.unfuse_lora()
+    assert pipe.model_hash() == base_hash
+    pipe.set_adapters("default_0", 0.0)
+    np.testing.assert_allclose(draw(pipe), base, atol=1e-4)  # unmerged weights: the base package is right again
+
+
 def test_a_failed_load_changes_nothing(pipe, pristine, tmp_path):
     before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     modules = [type(m).__name__ for m in pipe.unet.modules()]
