@@ -179,6 +179,10 @@ def load(pipe, source, adapter_name: str | None, scale: float, weight_name: str 
     scale = check_scale("scale", scale)
     if adapter_name is not None and (not isinstance(adapter_name, str) or not adapter_name):
         raise ValueError(f"`adapter_name`: got {adapter_name!r}; expected a non-empty string")
+    if adapter_name is not None and ("." in adapter_name or hasattr(torch.nn.ModuleDict(), adapter_name)):
+        # peft keeps each adapter's layers in a ModuleDict under its name: "half", "cuda", "a.b" fail there
+        raise ValueError(f"`adapter_name`: {adapter_name!r} cannot name a submodule (a '.' or the name of a "
+                         "torch.nn.Module attribute such as 'half' or 'float'); pick another name")
     state, path, sha = read_state_dict(source, weight_name, allow_pickle)
     if adapter_name is None:
         adapter_name = f"default_{len(pipe.loras)}"

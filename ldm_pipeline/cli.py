@@ -246,7 +246,7 @@ def generate(args: argparse.Namespace) -> None:
         pipe.set_scheduler(args.scheduler)
     for spec in args.lora:
         path, scale = _lora_spec(spec)
-        pipe.load_lora_weights(path, adapter_name=Path(path).stem, scale=scale)
+        pipe.load_lora_weights(path, adapter_name=Path(path).stem.replace(".", "_"), scale=scale)
     if args.compile:
         pipe.compile(batch=None)  # built for the call's own size and batch when it runs
     if args.prompts is not None:

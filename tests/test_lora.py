@@ -237,12 +237,34 @@ def test_a_failed_load_changes_nothing(pipe, pristine, tmp_path):
     assert [type(m).__name__ for m in pipe.unet.modules()] == modules
 
 
+def test_a_failed_second_load_leaves_the_first_adapter_as_it_was(pipe, pristine, lora, tmp_path):
+    pipe.load_lora_weights(lora, adapter_name="style", scale=0.5)
+    with_style = draw(pipe)
+    info = pipe.lora_info()
+    other = make_lora(pristine, tmp_path / "other", seed=2) / "pytorch_lora_weights.safetensors"
+    bad = {k: (torch.zeros(v.shape[0], v.shape[1] * 2) if k.endswith("down.weight") and "up_blocks" in k else v)
+           for k, v in load_file(other).items()}  # some layers fit, others do not
+    save_file(bad, tmp_path / "half.safetensors")
+    with pytest.raises(ValueError, match="does not fit this model.*nothing was changed"):
+        pipe.load_lora_weights(tmp_path / "half.safetensors", adapter_name="other")
+    assert pipe.lora_info() == info and pipe.get_active_adapters() == ["style"]
+    layers = [layer for _, model in (("u", pipe.unet), ("t", pipe.text_encoder)) for layer in model.modules()
+              if hasattr(layer, "lora_A")]
+    assert layers and all(list(layer.lora_A) == ["style"] for layer in layers)
+    assert all(list(model.peft_config) == ["style"] for model in (pipe.unet, pipe.text_encoder))
+    np.testing.assert_array_equal(draw(pipe), with_style)
+    pipe.load_lora_weights(other, adapter_name="other")  # the name is free again
+    assert pipe.get_active_adapters() == ["style", "other"]
+
+
 @pytest.mark.parametrize("call, error, match", [
     (lambda p, f: p.load_lora_weights(f / "missing.safetensors"), FileNotFoundError, "path_or_folder.*missing"),
     (lambda p, f: p.load_lora_weights(f, weight_name="other.safetensors"), FileNotFoundError, "weight_name"),
     (lambda p, f: p.load_lora_weights(f, scale=float("inf")), ValueError, "scale.*inf"),
     (lambda p, f: p.load_lora_weights(f, scale="1"), TypeError, "scale"),
     (lambda p, f: p.load_lora_weights(3), TypeError, "path_or_folder.*int"),
+    (lambda p, f: p.load_lora_weights(f, adapter_name="half"), ValueError, "adapter_name.*'half'.*another name"),
+    (lambda p, f: p.load_lora_weights(f, adapter_name="v1.5"), ValueError, "adapter_name.*'v1.5'"),
     (lambda p, f: p.set_adapters("nope"), ValueError, r"adapter_names.*\['nope'\] not loaded"),
     (lambda p, f: p.fuse_lora(), ValueError, "no LoRA is loaded"),
 ])
