@@ -318,3 +318,21 @@ def test_ldm_generate_lora(pipe, lora, tmp_path, capsys):
     assert read_recipe(tmp_path / "plain.png").loras is None
     assert main([*common, "--lora", f"{tmp_path}/missing:2", "--out", str(tmp_path / "x.png")]) == 2
     assert "--lora" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
+
+
+def test_model_offload_with_adapters(pipe, lora):
+    """Adapters loaded, weighed, fused and unloaded while the models are offloaded (on a GPU when there is one)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu:0"
+    base = draw(pipe)
+    pipe.load_lora_weights(lora, adapter_name="style")
+    expected = draw(pipe)
+    pipe.unload_lora_weights().enable_model_cpu_offload(device)
+    pipe.load_lora_weights(lora, adapter_name="style")
+    assert all(p.device.type == "cpu" for p in pipe.unet.parameters())  # at rest between calls
+    np.testing.assert_allclose(draw(pipe), expected, atol=1e-3)
+    assert np.abs(expected - base).max() > 0.01
+    pipe.fuse_lora()
+    np.testing.assert_allclose(draw(pipe), expected, atol=1e-3)
+    pipe.unfuse_lora().unload_lora_weights()
+    np.testing.assert_allclose(draw(pipe), base, atol=1e-3)
+    pipe.disable_model_cpu_offload()
