@@ -199,3 +199,19 @@ def test_a_failed_lora_write_keeps_the_previous_lora(tmp_path, model, stars, mon
     with pytest.raises(OSError, match="disk full"):
         lora.save_lora(LatentDiffusionPipeline.from_pretrained(model).unet, None, folder)
     assert (folder / "pytorch_lora_weights.safetensors").read_bytes() == written
+
+
+def test_a_lora_of_attention_convolutions_and_feed_forwards_loads_whole(tmp_path, model, stars, recwarn):
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2", "ff.net.0.proj"]
+    run_stage(config(tmp_path, model, unet_targets=targets), tmp_path / "run", overrides={"data": str(stars)},
+              progress=False)
+    pipe = LatentDiffusionPipeline.from_pretrained(model)
+    pipe.load_lora_weights(tmp_path / "run" / "lora" / "lora", adapter_name="all")
+    assert not [w for w in recwarn if "not used" in str(w.message)]
+    from ldm_pipeline.adapters import adapted_modules, file_modules
+
+    state = load_file(tmp_path / "run" / "lora" / "lora" / "pytorch_lora_weights.safetensors")
+    loaded = adapted_modules(pipe, "all")
+    assert len(loaded["unet"]) + len(loaded["text_encoder"]) == len(file_modules(state))
+    assert any(name.endswith("attn1.to_q") for name in loaded["unet"])
+    assert any(name.endswith("resnets.0.conv1") for name in loaded["unet"])

@@ -99,13 +99,15 @@ def save_lora(unet, text_encoder, out: str | Path) -> Path:
     previous LoRA (or none), never a cut-off file under the name the pipeline loads.
     """
     from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     layers = {}
     for kind, model in (("unet", unet), ("text_encoder", text_encoder)):
         if getattr(model, "peft_config", None):
-            layers[f"{kind}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+            # peft's key names, as they are: diffusers' convert_state_dict_to_diffusers renames only the
+            # attention projections (to `.lora.down`), and its loader then reads one naming or the other,
+            # so a LoRA of attention and convolutions lost its attention half on loading
+            layers[f"{kind}_lora_layers"] = get_peft_model_state_dict(model)
             layers[f"{kind}_lora_adapter_metadata"] = model.peft_config["default"].to_dict()
     out = Path(out)
     temporary, old = out.with_name(f".{out.name}.tmp"), out.with_name(f".{out.name}.old")
