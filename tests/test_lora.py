@@ -207,14 +207,17 @@ def test_fusing_is_seen_by_the_compiled_unet_and_the_model_hash(pipe, lora, monk
     assert pipe.model_hash() == base_hash  # unfused adapters are listed apart, not part of the model
     unfused = draw(pipe)
     assert np.abs(unfused - base).max() > 0.01
-    pipe.fuse_lora()
-    np.testing.assert_allclose(draw(pipe), unfused, atol=1e-4)  # not the package built without the LoRA
-    assert len(builds) == 2  # the base package, then the fused one (unfused adapters ran eagerly)
+    pipe.set_adapters("default_0", 0.0)  # no adapter acts: a package for these weights (LoRA layers idle)
+    np.testing.assert_allclose(draw(pipe), base, atol=1e-4)
+    pipe.set_adapters("default_0", 1.0).fuse_lora()
+    np.testing.assert_allclose(draw(pipe), unfused, atol=1e-4)  # not a package built without the LoRA
+    assert len(builds) == 3  # base, idle LoRA layers, fused (unfused adapters ran eagerly)
     assert pipe.model_hash() != base_hash
     pipe.unfuse_lora()
     assert pipe.model_hash() == base_hash
     pipe.set_adapters("default_0", 0.0)
-    np.testing.assert_allclose(draw(pipe), base, atol=1e-4)  # unmerged weights: the base package is right again
+    np.testing.assert_allclose(draw(pipe), base, atol=1e-4)  # unmerged weights: the idle package is right again
+    assert len(builds) == 3
 
 
 def test_a_failed_load_changes_nothing(pipe, pristine, tmp_path):
