@@ -241,6 +241,12 @@ class CompiledUNet:
             print(f"ldm_pipeline: {message}", flush=True)
 
 
+def default_mode(device: torch.device) -> str:
+    """"aot" on the CPU; "reduce-overhead" (CUDA graphs) on a GPU, where an AOTInductor package of the
+    SD 1.5 UNet crashed the process on loading (torch 2.11, CUDA 13, H100) and CUDA graphs gave 4x."""
+    return "aot" if torch.device(device).type == "cpu" else "reduce-overhead"
+
+
 def compile_unet(unet, mode: str, cache_dir, verbose: bool, batch: int | None, height: int | None,
                  width: int | None, factor: int, text_length: int) -> "CompiledUNet":
     """`LatentDiffusionPipeline.compile`'s work: a `CompiledUNet`, with the "aot" package for

@@ -112,3 +112,9 @@ def test_a_package_that_cannot_be_built_mid_call_falls_back_to_eager_with_a_warn
         warnings.simplefilter("always")
         draw(pipe)
     assert not [w for w in caught if "compiling the UNet" in str(w.message)]
+
+
+def test_the_default_mode_is_a_package_on_the_cpu_and_cuda_graphs_on_a_gpu(pipe, tmp_path):
+    assert fast.default_mode(torch.device("cpu")) == "aot"
+    assert fast.default_mode(torch.device("cuda:0")) == "reduce-overhead"
+    assert pipe.compile(cache_dir=tmp_path, batch=None).compiled.mode == "aot"
