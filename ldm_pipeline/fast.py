@@ -31,12 +31,13 @@ FORMAT = 2  # bump when the way packages are built changes, so that old ones are
 MODES = ("aot", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Where packages live: `cache_dir`, else `$LDM_CACHE_DIR/compiled`, else `~/.cache/ldm_pipeline/compiled`."""
+def cache_root(cache_dir: str | os.PathLike | None = None, kind: str = "compiled") -> Path:
+    """Where cached artefacts of a kind live ("compiled" packages, "previews" maps): `cache_dir`, else
+    `$LDM_CACHE_DIR/<kind>`, else `~/.cache/ldm_pipeline/<kind>`."""
     if cache_dir is not None:
         return Path(cache_dir)
     root = os.environ.get("LDM_CACHE_DIR") or Path.home() / ".cache" / "ldm_pipeline"
-    return Path(root) / "compiled"
+    return Path(root) / kind
 
 
 def weights_digest(module: torch.nn.Module) -> str:

@@ -36,6 +36,8 @@ import PIL.ImageDraw
 import torch
 import torch.nn.functional as F
 
+from .fast import cache_root, weights_state
+
 FORMAT = 1  # bump when the map's form or its fitting changes, so that cached maps are refitted
 STORED = sorted((Path(__file__).parent / "models").glob("*/preview.json"))  # maps shipped with bundled models
 DEFAULT_EVERY = 5
@@ -120,11 +122,6 @@ def fingerprint(vae) -> str:
         digest.update(f"{name}:{tuple(tensor.shape)};".encode())
         digest.update(flat.view(torch.uint8).numpy())
     return digest.hexdigest()
-
-
-def _weights_state(vae) -> tuple:
-    """A cheap key that changes when a weight is replaced, cast or changed in place."""
-    return tuple((id(t), t._version, t.dtype) for t in vae.state_dict(keep_vars=True).values())
 
 
 # -- fitting -----------------------------------------------------------------------------------
@@ -239,26 +236,18 @@ def fidelity(preview: PreviewMap, vae, latents: torch.Tensor) -> dict:
 _in_memory: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # vae -> (weights state, map)
 
 
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Where fitted maps live: `cache_dir`, else `$LDM_CACHE_DIR/previews`, else `~/.cache/ldm_pipeline/previews`."""
-    if cache_dir is not None:
-        return Path(cache_dir)
-    root = os.environ.get("LDM_CACHE_DIR") or Path.home() / ".cache" / "ldm_pipeline"
-    return Path(root) / "previews"
-
-
 def map_for(vae, cache_dir: str | os.PathLike | None = None, stored: list[Path] | None = None) -> PreviewMap:
     """The preview map of this VAE: from memory while its weights are unchanged, else a stored map
     with its fingerprint (`stored`: default the bundled models' `preview.json`), else the disk cache,
     else fitted now (seconds on a CPU for small VAEs, longer for Stable Diffusion's) and cached."""
-    state = _weights_state(vae)
+    state = weights_state(vae)
     known = _in_memory.get(vae)
     if known is not None and known[0] == state:
         return known[1]
     key = fingerprint(vae)
     preview = next((m for m in map(load, STORED if stored is None else stored) if m and m.fingerprint == key), None)
     if preview is None:
-        cached = cache_root(cache_dir) / f"{key}.json"
+        cached = cache_root(cache_dir, "previews") / f"{key}.json"
         preview = load(cached)
         if preview is None or preview.fingerprint != key:
             preview = fit(vae)
