@@ -26,6 +26,7 @@ class ClipConfig:
     loop: LoopConfig
     data: str = "shapes"  # "shapes" or a folder with metadata.jsonl
     max_objects: int = 2  # shapes data: scenes of up to 2 objects (the bundled model) or 3
+    partial_captions: float = 0.0  # shapes data: chance that an object's phrase names only colour or shape
     tokenizer: str = ""  # folder with vocab.json + merges.txt (built by `ldm train tokenizer`)
     image_size: int = 64
     text: dict = field(default_factory=dict)  # transformers CLIPTextConfig settings
@@ -60,7 +61,8 @@ def train_clip(config: ClipConfig, resume: bool = False, progress: bool = True) 
     """Train, save the model (and its tokenizer) in `output_dir/model`, and return it."""
     check_stage_folder("tokenizer", config.tokenizer)
     tokenizer = CLIPTokenizer.from_pretrained(config.tokenizer)
-    dataset = data.open_dataset(config.data, seed=config.loop.seed, max_objects=config.max_objects)
+    dataset = data.open_dataset(config.data, seed=config.loop.seed, max_objects=config.max_objects,
+                                partial_captions=config.partial_captions)
     model = build_clip(config, tokenizer)
 
     def loss_fn(models, step, generator, rank, world):

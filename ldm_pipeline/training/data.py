@@ -66,15 +66,20 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return {"image": load_image(path), "text": text}
 
 
-def open_dataset(spec: str, length: int = 1_000_000, seed: int = 0, max_objects: int = 2):
+def open_dataset(spec: str, length: int = 1_000_000, seed: int = 0, max_objects: int = 2,
+                 partial_captions: float = 0.0):
     """`"shapes"` for the procedural shapes set (training split, scenes of up to `max_objects`
-    objects), else a folder with metadata.jsonl."""
+    objects, some captions partial at `partial_captions`), else a folder with metadata.jsonl."""
     if spec == "shapes":
         from .shapes import ShapesDataset
 
-        return ShapesDataset.with_max_objects(length, seed=seed, max_objects=max_objects)
+        return ShapesDataset.with_max_objects(length, seed=seed, max_objects=max_objects,
+                                              partial_captions=partial_captions)
     if max_objects != 2:
         raise ValueError(f"`max_objects`: got {max_objects!r} for data {spec!r}; it applies to the shapes data only")
+    if partial_captions:
+        raise ValueError(f"`partial_captions`: got {partial_captions!r} for data {spec!r}; "
+                         "it applies to the shapes data only")
     return ImageFolderDataset(spec)
 
 

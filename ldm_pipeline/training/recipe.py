@@ -78,7 +78,8 @@ def build_tokenizer(config: dict):
     from .tokenizer import build_clip_tokenizer
 
     dataset = open_dataset(config.get("data", "shapes"), length=config["captions"], seed=config.get("seed", 0),
-                           max_objects=config.get("max_objects", 2))
+                           max_objects=config.get("max_objects", 2),
+                           partial_captions=config.get("partial_captions", 0.0))
     texts = [dataset[i]["text"] for i in range(min(config["captions"], len(dataset)))]
     return build_clip_tokenizer(texts, config["vocab_size"], config["output_dir"],
                                 config.get("model_max_length", 77))

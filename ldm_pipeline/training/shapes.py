@@ -97,6 +97,26 @@ def caption(scene: Scene) -> str:
     return " and ".join(_phrase(obj) for obj in scene.objects)
 
 
+PARTIAL_NOUN = "shape"  # the noun of a phrase that names the colour only ("a red shape in the top left")
+
+
+def partial_caption(scene: Scene, rng: np.random.Generator, chance: float) -> str:
+    """A caption in which each object's phrase, at `chance`, names only its colour ("a red shape in
+    the top left") or only its shape ("a large circle in the top left"), half and half.
+
+    Training on some such captions teaches the colour and shape words separately, so that a pair never
+    seen together (a held-out pair) is drawn from each word's own meaning.
+    """
+    phrases = []
+    for obj in scene.objects:
+        words = [obj.colour, obj.shape]
+        if rng.random() < chance:
+            words = [obj.colour, PARTIAL_NOUN] if rng.random() < 0.5 else [obj.shape]
+        words = ([obj.size] if obj.size != "default" else []) + words
+        phrases.append(f"{_article(words[0])} {' '.join(words)} in the {obj.position}")
+    return " and ".join(phrases)
+
+
 _PHRASE = re.compile(
     r"(?P<article>an?) (?:(?P<size>small|large) )?(?P<colour>{}) (?P<shape>{}) in the (?P<position>{})".format(
         "|".join(COLOURS), "|".join(SHAPES + EXTRA_SHAPES), "|".join(POSITIONS)))
@@ -255,22 +275,28 @@ class ShapesDataset(torch.utils.data.Dataset):
     """`length` random scenes; item i is drawn from `numpy.random.default_rng([seed, i])` alone.
 
     Items are rendered on demand, so any item can be drawn without the others and the set costs no
-    memory. Each item is `{"image": PIL RGB image, "text": caption}`.
+    memory. Each item is `{"image": PIL RGB image, "text": caption}`. With `partial_captions` > 0 some
+    object phrases name only the colour or only the shape (`partial_caption`), decided by a stream of
+    the item's own (`[seed, i, 1]`), so the scenes are the same as without.
     """
 
     def __init__(self, length: int, seed: int = 0, split: str = "train", two_objects_prob: float = 0.5,
-                 three_objects_prob: float = 0.0):
+                 three_objects_prob: float = 0.0, partial_captions: float = 0.0):
         if length < 0:
             raise ValueError(f"`length`: got {length}; expected >= 0")
+        if not (isinstance(partial_captions, (int, float)) and 0 <= partial_captions <= 1):
+            raise ValueError(f"`partial_captions`: got {partial_captions!r}; expected a chance from 0 to 1")
         allowed_pairs(split)  # fail now, not at the first item
         sample_scene(np.random.default_rng(0), split, two_objects_prob, three_objects_prob)  # checks the chances
         self.length, self.seed, self.split = length, seed, split
         self.two_objects_prob, self.three_objects_prob = two_objects_prob, three_objects_prob
+        self.partial_captions = float(partial_captions)
 
     @classmethod
-    def with_max_objects(cls, length: int, seed: int = 0, max_objects: int = 2) -> ShapesDataset:
+    def with_max_objects(cls, length: int, seed: int = 0, max_objects: int = 2,
+                         partial_captions: float = 0.0) -> ShapesDataset:
         """The training split with up to `max_objects` objects a scene (see `OBJECT_CHANCES`)."""
-        return cls(length, seed, "train", *object_chances(max_objects))
+        return cls(length, seed, "train", *object_chances(max_objects), partial_captions=partial_captions)
 
     def __len__(self) -> int:
         return self.length
@@ -285,7 +311,12 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         scene = self.scene(index)
-        return {"image": render(scene), "text": caption(scene)}
+        if self.partial_captions:
+            text = partial_caption(scene, np.random.default_rng([self.seed, index % self.length, 1]),
+                                   self.partial_captions)
+        else:
+            text = caption(scene)
+        return {"image": render(scene), "text": text}
 
 
 # The training data's chances of (two, three) objects by the most objects a scene may hold (a recipe's

@@ -32,6 +32,7 @@ class UnetConfig:
     vae: str = ""  # folder of the trained AutoencoderKL
     data: str = "shapes"
     max_objects: int = 2  # shapes data: scenes of up to 2 objects (the bundled model) or 3
+    partial_captions: float = 0.0  # shapes data: chance that an object's phrase names only colour or shape
     image_size: int = 64
     cache_size: int = 20_000  # images encoded once to latents and trained on
     model: dict = field(default_factory=dict)  # diffusers UNet2DConditionModel settings
@@ -123,7 +124,8 @@ def train_unet(config: UnetConfig, resume: bool = False, progress: bool = True) 
     vae = AutoencoderKL.from_pretrained(config.vae).eval().requires_grad_(False)
     scheduler = DDPMScheduler.from_config(config.scheduler)
     dataset = data.open_dataset(config.data, length=config.cache_size, seed=config.loop.seed,
-                                max_objects=config.max_objects)
+                                max_objects=config.max_objects,
+                                partial_captions=config.partial_captions)
     means, stds, captions = encode_dataset(vae, dataset, config.cache_size, config.image_size)
     scale = vae.config.scaling_factor
     unet = UNet2DConditionModel(sample_size=means.shape[-1], in_channels=means.shape[1],
