@@ -56,3 +56,31 @@ def test_bad_settings_are_named(tmp_path):
                                   "loop": {"output_dir": "{run}/decoder"}}))
     with pytest.raises(ValueError, match="`init`: got .*vae/model', which is not a folder"):
         train_vae(read_stage(config, tmp_path)[1], progress=False)
+
+
+def test_a_recipe_with_decoder_json_runs_it_last_and_assembles_with_it(tmp_path, monkeypatch):
+    from ldm_pipeline.training import recipe as recipe_module
+    from ldm_pipeline.training import unet as unet_module
+
+    source = recipe_module.Path(__file__).parents[1] / "configs" / "shapes"
+    folder = tmp_path / "recipe"
+    folder.mkdir()
+    for stage in recipe_module.STAGES:
+        (folder / f"{stage}.json").write_text((source / f"{stage}.json").read_text())
+    ran, assembled = [], {}
+    monkeypatch.setattr(recipe_module, "run_stage", lambda path, *a, **k: ran.append(recipe_module.Path(path).stem))
+    monkeypatch.setattr(unet_module, "assemble", lambda clip, vae, *a, **k: assembled.update(vae=vae))
+    recipe_module.run_recipe(folder, tmp_path / "run", tmp_path / "out")
+    assert ran == ["tokenizer", "clip", "vae", "unet"] and assembled["vae"] == str(tmp_path / "run" / "vae" / "model")
+
+    (folder / "decoder.json").write_text(json.dumps({"stage": "vae", "init": "{run}/vae/model", "train_encoder": True,
+                                                     "loop": {"output_dir": "{run}/decoder"}}))
+    ran.clear()
+    with pytest.raises(ValueError, match='decoder.json.* must be a VAE stage with "train_encoder": false'):
+        recipe_module.run_recipe(folder, tmp_path / "run", tmp_path / "out")
+    assert ran == []  # refused before any stage ran
+    (folder / "decoder.json").write_text(json.dumps({"stage": "vae", "init": "{run}/vae/model", "train_encoder": False,
+                                                     "loop": {"output_dir": "{run}/decoder"}}))
+    recipe_module.run_recipe(folder, tmp_path / "run", tmp_path / "out")
+    assert ran == ["tokenizer", "clip", "vae", "unet", "decoder"]
+    assert assembled["vae"] == str(tmp_path / "run" / "decoder" / "model")

@@ -1,7 +1,9 @@
 """Configs -> trainers: read a stage's JSON config and run it; run a whole recipe in order.
 
 A recipe folder (such as `configs/shapes/`) holds `tokenizer.json`, `clip.json`, `vae.json`
-and `unet.json`. Paths inside them that start with `{run}` are placed under the run folder.
+and `unet.json`, and may hold `decoder.json`: a VAE stage that fine-tunes the trained VAE's
+decoder (`"train_encoder": false`), run last; the assembled model then decodes with it. Paths
+inside them that start with `{run}` are placed under the run folder.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 from .loop import LoopConfig
 
 STAGES = ("tokenizer", "clip", "vae", "unet")
+DECODER_STAGE = "decoder"  # optional: decoder.json, a decoder-only VAE stage run after the UNet
 
 
 def _substitute(value, run: Path):
@@ -87,12 +90,21 @@ def build_tokenizer(config: dict):
 
 def run_recipe(recipe_dir: str | Path, run_dir: str | Path, out: str | Path, resume: bool = False,
                progress: bool = True) -> Path:
-    """All four stages in order, then the parts assembled into one model folder at `out`."""
+    """All four stages in order (and `decoder.json` when the recipe has one), then the parts assembled
+    into one model folder at `out`."""
     from .unet import assemble
 
     recipe = Path(recipe_dir)
-    for stage in STAGES:
+    decoder = recipe / f"{DECODER_STAGE}.json"
+    if decoder.is_file():  # checked before hours of training, not after
+        stage, tuned = read_stage(decoder, run_dir)
+        if stage != "vae" or tuned.train_encoder:
+            raise ValueError(f"`config`: {str(decoder)!r} must be a VAE stage with \"train_encoder\": false "
+                             "(a decoder fine-tune keeps the latents the UNet was trained on)")
+    stages = [*STAGES, DECODER_STAGE] if decoder.is_file() else STAGES
+    for stage in stages:
         run_stage(recipe / f"{stage}.json", run_dir, resume=resume, progress=progress)
     _, unet = read_stage(recipe / "unet.json", run_dir)
-    return assemble(unet.clip, unet.vae, Path(unet.loop.output_dir) / "model", unet.scheduler, out,
+    vae = str(Path(tuned.loop.output_dir) / "model") if decoder.is_file() else unet.vae
+    return assemble(unet.clip, vae, Path(unet.loop.output_dir) / "model", unet.scheduler, out,
                     defaults=unet.defaults, inference_scheduler=unet.defaults.get("scheduler", "ddim"))
