@@ -62,3 +62,13 @@ def test_stage_configs_read_the_key_and_the_tokenizer_learns_the_noun(tmp_path):
     tokenizer = build_tokenizer({"captions": 400, "vocab_size": 700, "model_max_length": 32,
                                  "partial_captions": 0.5, "output_dir": str(tmp_path / "tok")})
     assert tokenizer.tokenize(f"a red {PARTIAL_NOUN}") == tokenizer.tokenize("a red")[:2] + [f"{PARTIAL_NOUN}</w>"]
+
+
+def test_data_override_with_a_folder_drops_the_shapes_only_settings(tmp_path):
+    config = tmp_path / "clip.json"
+    config.write_text(json.dumps({"stage": "clip", "max_objects": 3, "partial_captions": 0.25,
+                                  "loop": {"output_dir": "{run}/clip"}}))
+    _, shapes = read_stage(config, tmp_path, overrides={"data": "shapes"})
+    assert (shapes.max_objects, shapes.partial_captions) == (3, 0.25)
+    _, folder = read_stage(config, tmp_path, overrides={"data": str(tmp_path / "photos")})
+    assert folder.data == str(tmp_path / "photos") and (folder.max_objects, folder.partial_captions) == (2, 0.0)

@@ -15,6 +15,7 @@ from pathlib import Path
 from .loop import LoopConfig
 
 STAGES = ("tokenizer", "clip", "vae", "unet")
+SHAPES_ONLY = ("max_objects", "partial_captions")  # stage settings of the shapes data alone
 DECODER_STAGE = "decoder"  # optional: decoder.json, a decoder-only VAE stage run after the UNet
 
 
@@ -47,6 +48,9 @@ def read_stage(config_path: str | Path, run_dir: str | Path, overrides: dict | N
     overrides = dict(overrides or {})
     if "data" in overrides:  # --data: the stage's data, not a loop setting
         raw["data"] = overrides.pop("data")
+        if raw["data"] != "shapes":  # settings of the shapes data it replaces
+            for key in SHAPES_ONLY:
+                raw.pop(key, None)
     loop = {**raw.pop("loop", {}), **overrides}
     known = {f.name for f in fields(LoopConfig)}
     unknown = set(loop) - known
