@@ -60,15 +60,22 @@ def _decode(pipe, latents, tile_size=None, overlap=0.25):
     return (pixels[0].clamp(-1, 1) + 1) * 127.5  # (3, H, W) in uint8 levels
 
 
-def _seam_excess(image, seams):
-    """The largest ratio of the step across a seam row/column to the mean step of its neighbours (+0.25 levels)."""
+def _seam_jump(image, seams):
+    """The largest jump across a seam line, in uint8 levels, beyond the jumps across the lines beside it.
+
+    A seam runs along the whole line, so each line's step is the median over the line of the step
+    between neighbouring pixels: an object's edge crossing the seam moves the median little. A
+    ratio of steps would not do here: this small VAE draws faint texture in the blend bands, so a
+    seam that jumps by one level could read as 1.3 times its neighbours.
+    """
     worst = 0.0
     for dim in (1, 2):
         steps = (image.narrow(dim, 1, image.shape[dim] - 1) - image.narrow(dim, 0, image.shape[dim] - 1)).abs()
-        steps = steps.mean(dim=(0, 3 - dim))  # one mean step per row (dim 1) or column (dim 2)
+        steps = steps.mean(dim=0)  # (rows, columns) of steps, the channels averaged
+        steps = (steps if dim == 1 else steps.T).median(dim=1).values  # one step per seam-parallel line
         for s in seams:
             near = torch.cat([steps[s - 6:s - 1], steps[s + 2:s + 7]]).mean()
-            worst = max(worst, float(steps[s] / (near + 0.25)))
+            worst = max(worst, float(steps[s] - near))
     return worst
 
 
@@ -84,11 +91,11 @@ def test_tiled_decode_is_close_to_the_untiled_one_with_no_visible_seams(bundled)
         untiled, tiled = _decode(bundled, latents), _decode(bundled, latents, 64)
         assert tiled.shape == untiled.shape == (3, 192, 192)
         assert (tiled - untiled).abs().mean() < 25  # see README: this small VAE's tiles see less context
-        assert _seam_excess(tiled, seams) < 1.2
+        assert _seam_jump(tiled, seams) < 3  # measured: about 1 level
         # the same tiles without blending show their edges: what the seam check is there to catch
-        assert _seam_excess(_decode(bundled, latents, 64, overlap=0.0), [64 * k - 1 for k in (1, 2)]) > 1.2
+        assert _seam_jump(_decode(bundled, latents, 64, overlap=0.0), [64 * k - 1 for k in (1, 2)]) > 4  # 6.5-7.5
     gap = (_decode(bundled, drawn, 64) - _decode(bundled, drawn)).abs().mean()
-    assert gap < 10  # a drawn picture: 7.9 levels in the mean
+    assert gap < 10  # a drawn picture: 7.4 levels in the mean
 
 
 def test_tiling_applies_to_image_to_image_encoding_and_small_images_are_not_tiled(bundled):
