@@ -8,6 +8,7 @@ objects whose asked shape fits below the IoU bar or the margin, and the mean squ
 
     python benchmarks/vae_roundtrip.py                                 # the bundled model's VAE
     python benchmarks/vae_roundtrip.py runs/shapes/vae/model other/vae --n 200 --out roundtrip.json
+    python benchmarks/vae_roundtrip.py runs/shapes/vae/model --n 100 --by-pair     # one-object kinds by pair and size
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ldm_pipeline import DEFAULT_MODEL
 from ldm_pipeline.evaluation import strict
 from ldm_pipeline.evaluation.accuracy import training_captions
 from ldm_pipeline.evaluation.report import shapes_sets
+from ldm_pipeline.training.shapes import parse_caption
 
 
 @torch.no_grad()
@@ -52,12 +54,32 @@ def measure(vae: AutoencoderKL, n: int) -> dict:
     return result
 
 
+def by_pair(vae: AutoencoderKL, n: int) -> dict:
+    """One-object kinds: the strict "correct" share per colour/shape pair and per size word."""
+    result = {}
+    for kind in shapes_sets(n, 0, training_captions(20_000), kinds=("seen", "held_out")):
+        groups: dict[str, list[bool]] = {}
+        for image, prompt in zip(round_trip(vae, kind.real), kind.prompts):
+            correct = strict.strict_judge(image, prompt).correct
+            (obj,) = parse_caption(prompt)
+            for key in (f"{obj.colour} {obj.shape}", f"size {obj.size}"):
+                groups.setdefault(key, []).append(correct)
+        result[kind.name] = {key: {"strict": float(np.mean(v)), "n": len(v)} for key, v in sorted(groups.items())}
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("vaes", nargs="*", default=[str(DEFAULT_MODEL / "vae")], help="AutoencoderKL folders")
     parser.add_argument("--n", type=int, default=200, help="prompts per kind (default 200)")
     parser.add_argument("--out", help="also write the figures to this JSON file")
+    parser.add_argument("--by-pair", action="store_true", help="one-object kinds by colour/shape pair and size")
     args = parser.parse_args()
+    if args.by_pair:
+        for path in args.vaes:
+            for kind, groups in by_pair(AutoencoderKL.from_pretrained(path).eval(), args.n).items():
+                print(path, kind, ", ".join(f"{k} {g['strict']:.0%} ({g['n']})" for k, g in groups.items()))
+        return
     results = {}
     print("| VAE | kind | judge | strict | below IoU | below margin | MSE |\n|---|---|---:|---:|---:|---:|---:|")
     for path in args.vaes:
