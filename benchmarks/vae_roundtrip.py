@@ -76,9 +76,12 @@ def main() -> None:
     parser.add_argument("--by-pair", action="store_true", help="one-object kinds by colour/shape pair and size")
     args = parser.parse_args()
     if args.by_pair:
-        for path in args.vaes:
-            for kind, groups in by_pair(AutoencoderKL.from_pretrained(path).eval(), args.n).items():
+        results = {path: by_pair(AutoencoderKL.from_pretrained(path).eval(), args.n) for path in args.vaes}
+        for path, kinds in results.items():
+            for kind, groups in kinds.items():
                 print(path, kind, ", ".join(f"{k} {g['strict']:.0%} ({g['n']})" for k, g in groups.items()))
+        if args.out:
+            Path(args.out).write_text(json.dumps({"n": args.n, "by_pair": results}, indent=2))
         return
     results = {}
     print("| VAE | kind | judge | strict | below IoU | below margin | MSE |\n|---|---|---:|---:|---:|---:|---:|")
