@@ -22,7 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 from ldm_pipeline import LatentDiffusionPipeline, make_grid
 from ldm_pipeline.evaluation.accuracy import judge_images

@@ -33,7 +33,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -55,7 +54,7 @@ def _vae(device, dtype):
     import torch
     from diffusers import AutoencoderKL
 
-    from ldm_pipeline.loading import config_dir
+    from ldm_pipeline.single_file import config_dir
 
     torch.manual_seed(0)
     return AutoencoderKL.from_config(AutoencoderKL.load_config(config_dir("sd15") / "vae")).to(device, dtype).eval()
@@ -90,7 +89,7 @@ def child(name: str, device: str, save: str | None) -> dict:
     elif name.startswith("unet-"):
         from diffusers import UNet2DConditionModel
 
-        from ldm_pipeline.loading import config_dir
+        from ldm_pipeline.single_file import config_dir
 
         torch.manual_seed(0)
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config_dir("sd15") / "unet"))
@@ -173,7 +172,6 @@ def main() -> None:
         print(json.dumps(child(args.child, args.device, args.save)))
         return
 
-    import numpy as np
 
     # results accumulate in --out, so that configurations can be run a few at a time
     report = json.loads(args.out.read_text()) if args.out.is_file() else {}

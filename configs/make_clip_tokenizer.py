@@ -4,7 +4,7 @@ Stable Diffusion 1.x (CLIP ViT-L/14) and 2.x (OpenCLIP ViT-H/14) share one BPE v
 which a single-file checkpoint does not carry. The open_clip_torch wheel on PyPI ships it as
 `open_clip/bpe_simple_vocab_16e6.txt.gz`: a header line, then one merge per line. This script
 turns it into `clip_tokenizer/vocab.json.gz` and `clip_tokenizer/merges.txt.gz`, which
-`ldm_pipeline.loading.bundled_clip_tokenizer` reads, so those checkpoints load offline.
+`ldm_pipeline.single_file.bundled_clip_tokenizer` reads, so those checkpoints load offline.
 
     pip download --no-deps open_clip_torch==3.3.0 -d /tmp/wheel
     python configs/make_clip_tokenizer.py /tmp/wheel/open_clip_torch-3.3.0-py3-none-any.whl

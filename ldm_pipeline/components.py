@@ -13,7 +13,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from . import loading
+from . import loading, single_file
 from .pipeline import LatentDiffusionPipeline
 from .training.tokenizer import save_clip_tokenizer, train_bpe
 
@@ -30,7 +30,7 @@ def build_random(config: str | Path = "sd15", tokenizer: CLIPTokenizer | None = 
     """Components with random weights for a configuration in `configs/` ("sd15", "sd21") or a folder.
 
     Args:
-        tokenizer: defaults to the real CLIP tokenizer (`loading.bundled_clip_tokenizer`) with
+        tokenizer: defaults to the real CLIP tokenizer (`single_file.bundled_clip_tokenizer`) with
             the configuration's special tokens.
         seed: seeds the weight initialisation.
         device: "meta" builds the modules without allocating weights (to count parameters).
@@ -38,7 +38,7 @@ def build_random(config: str | Path = "sd15", tokenizer: CLIPTokenizer | None = 
     Returns:
         The five components, ready for `LatentDiffusionPipeline(**components)`.
     """
-    folder = Path(config) if Path(config).is_dir() else loading.config_dir(str(config))
+    folder = Path(config) if Path(config).is_dir() else single_file.config_dir(str(config))
     index = loading.check_model_dir(folder)
     torch.manual_seed(seed)
     with torch.device(device):
@@ -47,7 +47,7 @@ def build_random(config: str | Path = "sd15", tokenizer: CLIPTokenizer | None = 
         text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))
     scheduler_cls = loading.component_class(*index["scheduler"])
     components = dict(
-        tokenizer=tokenizer or loading.bundled_clip_tokenizer(folder),
+        tokenizer=tokenizer or single_file.bundled_clip_tokenizer(folder),
         text_encoder=text_encoder, vae=vae, unet=unet,
         scheduler=scheduler_cls.from_pretrained(folder / "scheduler"),
     )

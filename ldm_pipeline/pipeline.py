@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from . import (adapters, checks, fast, guards, guidance, images, latents as latent_ops, loading, memory, previews,
-               recipes, schedulers, text)
+               recipes, schedulers, single_file, text)
 from .model_hash import ModelIdentity
 from .output import PipelineOutput
 from .sampling import ClassifierFree, StepCallback, denoise
@@ -169,8 +169,8 @@ class LatentDiffusionPipeline(memory.MemoryMethods, adapters.AdapterMethods):
             allow_pickle: accept a pickled .ckpt/.pt file, read with `torch.load(weights_only=True)`.
         """
         device = torch.device(device or "cpu")
-        components = loading.load_single_file(path, config=config, tokenizer=tokenizer,
-                                              torch_dtype=torch_dtype or default_dtype(device), allow_pickle=allow_pickle)
+        components = single_file.load_single_file(path, config=config, tokenizer=tokenizer,
+                                                  torch_dtype=torch_dtype or default_dtype(device), allow_pickle=allow_pickle)
         pipe = cls(**components).to(device, torch_dtype)
         pipe.identity.loaded_from_file(path, pipe)
         return pipe

@@ -9,7 +9,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from ldm_pipeline import NonFiniteError, guards
-from ldm_pipeline.loading import config_dir
+from ldm_pipeline.single_file import config_dir
 
 FAST = dict(num_inference_steps=5, progress=False, output_type="np", seed=0)
 

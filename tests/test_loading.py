@@ -239,7 +239,7 @@ def test_single_file_config_is_guessed_from_the_cross_attention_width(tokenizer,
                                                                       config):
     from safetensors.torch import save_file
 
-    from ldm_pipeline import loading
+    from ldm_pipeline import loading, single_file
 
     # what decides is the width of the UNet's cross-attention keys: 768 for CLIP ViT-L (1.x), 1024 for OpenCLIP (2.x)
     key = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
@@ -253,7 +253,7 @@ def test_single_file_config_is_guessed_from_the_cross_attention_width(tokenizer,
     monkeypatch.setattr(StableDiffusionPipeline, "from_single_file", classmethod(single_file_loader))
     with pytest.raises(loading.ModelFileError, match="stop"):  # the loader's failure, wrapped naming the file
         LatentDiffusionPipeline.from_single_file(tmp_path / "model.safetensors", tokenizer=tokenizer)
-    assert Path(seen["config"]) == loading.config_dir(config) and seen["tokenizer"] is tokenizer
+    assert Path(seen["config"]) == single_file.config_dir(config) and seen["tokenizer"] is tokenizer
     assert json.loads((Path(seen["config"]) / "unet" / "config.json").read_text())["cross_attention_dim"] == width
 
 

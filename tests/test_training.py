@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +9,6 @@ from pathlib import Path
 import PIL.Image
 import pytest
 import torch
-from transformers import CLIPTokenizer
 
 from ldm_pipeline.training import data
 from ldm_pipeline.training.clip import ClipConfig, train_clip
