@@ -211,10 +211,10 @@ def write_report(args, results: dict, scratch: Path) -> None:
         print(f"{name}: {figures}")
     report = {"device": args.device, "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
               "threads": os.environ.get("OMP_NUM_THREADS"), "results": results, "summary": summary}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = args.out.with_suffix(".tmp")
-    temporary.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(temporary, args.out)
+    from ldm_pipeline.files import atomic_path
+
+    with atomic_path(args.out) as temporary:
+        temporary.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .files import atomic_path
 from .recipes import write_png
 
 MANIFEST = "manifest.jsonl"
@@ -132,10 +133,6 @@ def write_manifest(out: Path, jobs: list[Job]) -> Path:
     lines = [json.dumps({"file": job.file_name, **asdict(job)}, ensure_ascii=False)
              for job in jobs if (out / job.file_name).is_file()]
     target = out / MANIFEST
-    temporary = out / f".{MANIFEST}.{os.getpid()}.tmp"
-    try:
+    with atomic_path(target) as temporary:
         temporary.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-        os.replace(temporary, target)
-    finally:
-        temporary.unlink(missing_ok=True)
     return target

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from .files import atomic_path
+
 FORMAT = 2  # bump when the way packages are built changes, so that old ones are not reused
 MODES = ("aot", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -108,16 +110,11 @@ def build_package(unet, path: Path, sample_shape: tuple, context_shape: tuple, b
             torch.randn(batch, *context_shape, **options))
     with torch.no_grad():
         exported = torch.export.export(_Positional(unet).eval(), args)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.pt2")
-    try:
+    with atomic_path(path) as partial:
         # Inductor freezes (folds weights in, pre-packs them for oneDNN) only with gradients off.
         with torch.no_grad():
             torch._inductor.aoti_compile_and_package(exported, package_path=str(partial),
                                                      inductor_configs={"freezing": True})
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
     return path
 
 

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .fast import cache_root, weights_state
+from .files import atomic_path
 
 FORMAT = 1  # bump when the map's form or its fitting changes, so that cached maps are refitted
 STORED = sorted((Path(__file__).parent / "models").glob("*/preview.json"))  # maps shipped with bundled models
@@ -78,15 +79,9 @@ class PreviewMap:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the map as JSON, atomically (temporary file, then rename). Returns the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        try:
+        with atomic_path(path) as partial:
             partial.write_text(json.dumps(self.to_json(), indent=1) + "\n")
-            os.replace(partial, path)
-        finally:
-            partial.unlink(missing_ok=True)
-        return path
+        return Path(path)
 
 
 def load(path: str | os.PathLike) -> PreviewMap | None:
@@ -310,12 +305,6 @@ def strip(frames: list[list[PIL.Image.Image]], pad: int = 2) -> PIL.Image.Image:
 
 def save_strip(frames: list[list[PIL.Image.Image]], path: str | os.PathLike) -> Path:
     """`strip(frames)` written to the PNG `path` atomically (a temporary file, then a rename). Returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
+    with atomic_path(path) as partial:
         strip(frames).save(partial, format="PNG")
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
     return path

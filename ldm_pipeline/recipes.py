@@ -29,6 +29,7 @@ import PIL.PngImagePlugin
 import torch
 
 from . import images as image_ops, infotext, schedulers
+from .files import atomic_path
 from .model_hash import HASH_SHOWN, fingerprint, same_model
 
 FORMAT = 1  # of the JSON chunk; bumped when a field changes meaning
@@ -186,13 +187,8 @@ def write_png(image: PIL.Image.Image, path: str | os.PathLike, recipes: list[Rec
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ValueError(f"`path`: got {str(path)!r}; recipes are written into PNG files, expected a .png name")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as temporary:
         image.save(temporary, format="PNG", pnginfo=png_info(recipes, grid))
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
     return path
 
 

@@ -62,3 +62,9 @@ def components(_session_components):
 @pytest.fixture
 def pipe(components):
     return LatentDiffusionPipeline(**components)
+
+
+@pytest.fixture
+def model(pipe, tmp_path):
+    """The tiny pipeline saved as a model folder (tmp_path / "model"), for the CLI and anything that loads one."""
+    return pipe.save_pretrained(tmp_path / "model")

@@ -24,11 +24,6 @@ a small blue square
 
 
 @pytest.fixture
-def model(pipe, tmp_path):
-    return pipe.save_pretrained(tmp_path / "model")
-
-
-@pytest.fixture
 def prompt_file(tmp_path):
     path = tmp_path / "prompts.txt"
     path.write_text(PROMPTS)

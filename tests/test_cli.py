@@ -12,11 +12,6 @@ import pytest
 from ldm_pipeline.cli import main
 
 
-@pytest.fixture
-def model(pipe, tmp_path):
-    return pipe.save_pretrained(tmp_path / "model")
-
-
 def test_generate_writes_an_image(model, tmp_path, capsys):
     out = tmp_path / "out" / "cat.png"
     code = main(["generate", "a cat", "--model", str(model), "--steps", "3", "--seed", "5", "--size", "24x16",

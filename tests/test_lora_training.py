@@ -19,11 +19,6 @@ from ldm_pipeline.training.shapes import (ShapesDataset, caption, eval_scenes, n
 
 
 @pytest.fixture
-def model(pipe, tmp_path):
-    return pipe.save_pretrained(tmp_path / "base")
-
-
-@pytest.fixture
 def stars(tmp_path):
     folder = tmp_path / "stars"
     write_image_folder(new_shape_scenes("star", 24, seed=0), folder)

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import PIL.Image
+
+from ..files import atomic_path
 
 
 @dataclass(frozen=True)
@@ -106,9 +107,6 @@ def cached_stats(images: list[PIL.Image.Image], extractor: Callable, cache_dir: 
         with np.load(path) as saved:
             return FeatureStats(saved["mean"], saved["cov"], int(saved["n"]))
     stats = feature_stats(extractor(images))
-    cache.mkdir(parents=True, exist_ok=True)
-    # Written beside the target and moved into place, so a stop mid-write leaves no broken cache.
-    with tempfile.NamedTemporaryFile(dir=cache, suffix=".npz", delete=False) as handle:
-        np.savez(handle, mean=stats.mean, cov=stats.cov, n=stats.n, extractor=extractor.name)
-    os.replace(handle.name, path)
+    with atomic_path(path) as partial:  # a stop mid-write leaves no broken cache
+        np.savez(partial, mean=stats.mean, cov=stats.cov, n=stats.n, extractor=extractor.name)
     return stats

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -21,6 +20,8 @@ from typing import Callable
 import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
+
+from ..files import atomic_path
 
 
 @dataclass
@@ -110,27 +111,15 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _fsync(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write atomically: a temporary file in the same folder, synced to disk, then a rename.
 
-    A kill at any moment leaves the previous checkpoint and at worst a `.step-*.pt.tmp` file,
-    which `latest_checkpoint` does not see; the sync before the rename makes the same hold after
-    a power cut, where a renamed but unwritten file could otherwise be left.
+    A kill at any moment leaves the previous checkpoint and at worst a hidden `.step-*.partial.pt`
+    file, which `latest_checkpoint` does not see; the sync before the rename makes the same hold
+    after a power cut, where a renamed but unwritten file could otherwise be left.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    torch.save(state, temporary)
-    _fsync(temporary)
-    os.replace(temporary, path)
-    _fsync(path.parent)  # the rename itself
+    with atomic_path(path, sync=True) as temporary:
+        torch.save(state, temporary)
 
 
 def load_latest_checkpoint(output_dir: str | Path) -> tuple[Path, dict] | None:
@@ -152,9 +141,8 @@ def _trim_log(log: Path, step: int) -> None:
     """After a resume, forget what was logged past the checkpoint so the log reads as one run."""
     if log.is_file():
         kept = [line for line in log.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        temporary = log.with_name(f".{log.name}.tmp")  # a kill while trimming keeps the whole log
-        temporary.write_text("".join(line + "\n" for line in kept))
-        os.replace(temporary, log)
+        with atomic_path(log) as temporary:  # a kill while trimming keeps the whole log
+            temporary.write_text("".join(line + "\n" for line in kept))
 
 
 def plot_losses(log: str | Path, png: str | Path, title: str = "") -> Path:
@@ -221,6 +209,9 @@ def train(config: LoopConfig, models: dict[str, torch.nn.Module], loss_fn: LossF
     ema = EMA(models[ema_model], config.ema_decay) if ema_model and config.ema_decay else None
     start = 0
     log = output / "log.jsonl"
+    if accelerator.is_main_process:  # what a killed run left half-written is of no use: never read, never resumed
+        for stale in (output / "checkpoints").glob(".step-*.partial.pt"):
+            stale.unlink(missing_ok=True)
     found = load_latest_checkpoint(output) if resume else None
     if found is not None:
         checkpoint, state = found
