@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .fast import module_tensors
+from .digests import hash_state, module_tensors
 from .infotext import HASH_SHOWN
 
 
@@ -61,11 +61,7 @@ def weights_digest(pipe) -> str:
     """
     digest = hashlib.blake2b(digest_size=16)
     for label, model in _models(pipe):
-        for name, tensor in sorted(_base_state(model).items()):
-            value = tensor.detach()
-            value = value.to("cpu", torch.float32 if value.is_floating_point() else value.dtype).contiguous()
-            digest.update(f"{label}.{name}:{tuple(value.shape)};".encode())
-            digest.update(value.reshape(-1).view(torch.uint8).numpy())
+        hash_state(digest, _base_state(model), prefix=f"{label}.")
     return digest.hexdigest()
 
 

@@ -36,7 +36,8 @@ import PIL.ImageDraw
 import torch
 import torch.nn.functional as F
 
-from .fast import cache_root, weights_state
+from .digests import hash_state, weights_state
+from .fast import cache_root
 from .files import atomic_path
 
 FORMAT = 1  # bump when the map's form or its fitting changes, so that cached maps are refitted
@@ -111,11 +112,7 @@ def fingerprint(vae) -> str:
     fp16 weights up do not matter) and its scaling factor, which the map's input carries."""
     digest = hashlib.blake2b(digest_size=16)
     digest.update(f"format {FORMAT}; scaling_factor {float(vae.config.scaling_factor)!r};".encode())
-    for name, tensor in sorted(vae.state_dict().items()):
-        flat = tensor.detach().to("cpu")
-        flat = (flat.float() if flat.is_floating_point() else flat).contiguous().reshape(-1)
-        digest.update(f"{name}:{tuple(tensor.shape)};".encode())
-        digest.update(flat.view(torch.uint8).numpy())
+    hash_state(digest, vae.state_dict())
     return digest.hexdigest()
 
 

@@ -11,7 +11,7 @@ from collections import OrderedDict
 import torch
 
 from . import prompts as windows_of
-from .fast import weights_state
+from .digests import weights_state
 
 
 def tokenize(tokenizer, prompts: list[str]) -> dict[str, torch.Tensor]:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from ldm_pipeline import LatentDiffusionPipeline, fast
+from ldm_pipeline import LatentDiffusionPipeline, digests, fast
 
 PROMPT = "a red circle in the top left"
 
@@ -80,10 +80,10 @@ def test_package_key_names_everything_baked_into_a_package(components):
     others = {fast.package_key(unet, digest, (4, 12, 8), (77, 32), 2),
               fast.package_key(unet, digest, (4, 8, 8), (64, 32), 2),
               fast.package_key(unet, digest, (4, 8, 8), (77, 32), 4)}
-    state = fast.weights_state(unet)
+    state = digests.weights_state(unet)
     with torch.no_grad():
         unet.conv_in.weight[0, 0, 0, 0] += 1
-    assert fast.weights_state(unet) != state
+    assert digests.weights_state(unet) != state
     others.add(fast.package_key(unet, fast.weights_digest(unet), (4, 8, 8), (77, 32), 2))
     unet.to(torch.float64)
     others.add(fast.package_key(unet, fast.weights_digest(unet), (4, 8, 8), (77, 32), 2))
