@@ -19,6 +19,12 @@ def partial_name(path: Path) -> Path:
     return path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
 
 
+def leftovers(folder: Path, name_glob: str) -> list[Path]:
+    """The temporary files that killed writers left for targets matching `name_glob` (e.g. "step-*.pt")."""
+    pattern = Path(name_glob)
+    return sorted(folder.glob(f".{pattern.stem}.*.partial{pattern.suffix}"))
+
+
 def fsync(path: Path) -> None:
     """Flush a file's, or a folder's (the names in it), contents to the disk."""
     descriptor = os.open(path, os.O_RDONLY)

@@ -304,4 +304,4 @@ def save_strip(frames: list[list[PIL.Image.Image]], path: str | os.PathLike) -> 
     """`strip(frames)` written to the PNG `path` atomically (a temporary file, then a rename). Returns the path."""
     with atomic_path(path) as partial:
         strip(frames).save(partial, format="PNG")
-    return path
+    return Path(path)

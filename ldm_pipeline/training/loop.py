@@ -21,7 +21,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from ..files import atomic_path
+from ..files import atomic_path, leftovers
 
 
 @dataclass
@@ -102,8 +102,11 @@ def check_stage_folder(name: str, folder: str) -> None:
                          "(ldm train RECIPE_FOLDER runs the stages in order) or point the config at its output")
 
 
+CHECKPOINT_NAMES = "step-*.pt"
+
+
 def _checkpoints(folder: Path) -> list[Path]:
-    return sorted(folder.glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
+    return sorted(folder.glob(CHECKPOINT_NAMES), key=lambda p: int(p.stem.split("-")[1]))
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
@@ -210,7 +213,7 @@ def train(config: LoopConfig, models: dict[str, torch.nn.Module], loss_fn: LossF
     start = 0
     log = output / "log.jsonl"
     if accelerator.is_main_process:  # what a killed run left half-written is of no use: never read, never resumed
-        for stale in (output / "checkpoints").glob(".step-*.partial.pt"):
+        for stale in leftovers(output / "checkpoints", CHECKPOINT_NAMES):
             stale.unlink(missing_ok=True)
     found = load_latest_checkpoint(output) if resume else None
     if found is not None:
