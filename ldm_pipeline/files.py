@@ -3,11 +3,13 @@
 Every file the package writes for later reading (images with their recipes, caches, checkpoints,
 manifests) goes through `atomic_path`: whatever is at the target stays whole until the new file is
 complete, and a failed write leaves nothing behind but, after a kill, a hidden `.NAME.PID.partial.EXT`.
+Whole folders (models, LoRAs, image folders) go through `atomic_folder`, its twin.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -54,3 +56,36 @@ def atomic_path(path: str | os.PathLike, sync: bool = False) -> Iterator[Path]:
             fsync(path.parent)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary folder to fill; when the block ends without an error it replaces the folder `path`, else it
+    is removed.
+
+    The old folder, if any, is renamed aside first and deleted once the new one is in place (put back if that
+    rename fails), so a folder with that name is always a whole old one or a whole new one. A kill can
+    leave a hidden `.NAME.PID.partial` or `.NAME.PID.old` beside it, never a half-written folder under the name.
+    Callers check what may be replaced (a user's folder must not be) before the block.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    old = path.with_name(f".{path.name}.{os.getpid()}.old")
+    for leftover in (temporary, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    temporary.mkdir()
+    try:
+        yield temporary
+        replacing = path.exists()
+        if replacing:
+            os.replace(path, old)
+        try:
+            os.replace(temporary, path)
+        except BaseException:
+            if replacing:
+                os.replace(old, path)
+            raise
+        shutil.rmtree(old, ignore_errors=True)  # the new folder is in place; the old one is only clutter
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import diffusers
@@ -21,6 +19,8 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from transformers import CLIPTextModel, PreTrainedTokenizerBase
+
+from .files import atomic_folder
 
 # component -> (library, the classes we accept, what the class must be an instance of)
 COMPONENTS = {
@@ -219,18 +219,15 @@ def read_defaults(path: Path) -> dict:
 def save_components(components: dict, path: str | os.PathLike, defaults: dict | None = None) -> Path:
     """Write the diffusers folder layout, which diffusers' StableDiffusionPipeline also loads.
 
-    The folder is written next to the target and moved into place at the end, so a failure
-    half-way never leaves a broken model where a good one was; an old model is moved aside
-    first and put back if the move fails. A target that exists and is not a model folder is
+    The folder is written next to the target and moved into place at the end (`files.atomic_folder`),
+    so a failure half-way never leaves a broken model where a good one was. A target that exists and is not a model folder is
     refused rather than overwritten.
     """
     target = Path(path)
     if target.exists() and (not target.is_dir() or (any(target.iterdir()) and
                                                     not (target / "model_index.json").is_file())):
         raise ValueError(f"`save_directory`: {str(target)!r} exists and is not a model folder; choose another path")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_folder(target) as staging:
         index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
                  "feature_extractor": [None, None], "safety_checker": [None, None],
                  "requires_safety_checker": False}
@@ -246,17 +243,4 @@ def save_components(components: dict, path: str | os.PathLike, defaults: dict | 
         (staging / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         if defaults:
             (staging / DEFAULTS_FILE).write_text(json.dumps(defaults, indent=2) + "\n")
-        old = staging.with_name(staging.name + "-old") if target.exists() else None
-        if old is not None:
-            os.replace(target, old)
-        try:
-            os.replace(staging, target)
-        except BaseException:
-            if old is not None:
-                os.replace(old, target)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)  # the new model is in place; a leftover is only clutter
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target

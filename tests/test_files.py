@@ -1,8 +1,8 @@
-"""atomic_path: the target is replaced whole or not at all."""
+"""atomic_path and atomic_folder: the target is replaced whole or not at all."""
 
 import pytest
 
-from ldm_pipeline.files import atomic_path, partial_name
+from ldm_pipeline.files import atomic_folder, atomic_path, partial_name
 
 
 def test_the_target_is_replaced_when_the_block_ends(tmp_path):
@@ -23,3 +23,41 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_nothing_behind(tmp_path):
             raise RuntimeError("disk full")
     assert target.read_text() == "old" and not partial_name(target).exists()
     assert [p.name for p in tmp_path.iterdir()] == ["image.png"]
+
+
+def test_a_folder_is_replaced_whole_when_the_block_ends(tmp_path):
+    target = tmp_path / "lora"
+    target.mkdir()
+    (target / "old.safetensors").write_text("old")
+    with atomic_folder(target) as temporary:
+        (temporary / "new.safetensors").write_text("new")
+        assert temporary.parent == tmp_path and temporary.name.startswith(".")
+        assert [p.name for p in target.iterdir()] == ["old.safetensors"]  # the old folder stays until the end
+    assert [p.name for p in target.iterdir()] == ["new.safetensors"]
+    assert [p.name for p in tmp_path.iterdir()] == ["lora"]  # neither the old folder nor the staging is left
+
+
+def test_a_failed_folder_write_keeps_the_old_folder_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    import os
+
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "model_index.json").write_text("old")
+    with pytest.raises(RuntimeError, match="disk full"):
+        with atomic_folder(target) as temporary:
+            (temporary / "model_index.json").write_text("half")
+            raise RuntimeError("disk full")
+    # the last rename fails after the old folder was moved aside: it is put back
+    real_replace = os.replace
+
+    def failing(source, destination):
+        if ".partial" in str(source):
+            raise OSError("rename failed")
+        return real_replace(source, destination)
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(OSError, match="rename failed"):
+        with atomic_folder(target) as temporary:
+            (temporary / "model_index.json").write_text("new")
+    assert (target / "model_index.json").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]

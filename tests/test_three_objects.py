@@ -44,6 +44,28 @@ def test_max_objects_3_turns_three_object_scenes_on():
         ShapesDataset(3, two_objects_prob=0.7, three_objects_prob=0.5)
 
 
+def test_a_share_of_three_object_scenes_can_be_asked_for(tmp_path):
+    import json
+
+    from ldm_pipeline.training.recipe import read_stage
+
+    dataset = open_dataset("shapes", length=3000, seed=0, max_objects=3, three_objects_prob=0.1)
+    counts = {1: 0, 2: 0, 3: 0}
+    for i in range(3000):
+        counts[len(dataset.scene(i).objects)] += 1
+    assert 240 < counts[3] < 360 and all(1250 < counts[k] < 1450 for k in (1, 2)), counts
+    for bad, max_objects in ((1.5, 3), (0.1, 2), ("a lot", 3)):
+        with pytest.raises(ValueError, match=f"`three_objects_prob`: got {bad!r} with `max_objects` {max_objects}"):
+            open_dataset("shapes", max_objects=max_objects, three_objects_prob=bad)
+    with pytest.raises(ValueError, match="`three_objects_prob`: got 0.1 for data"):
+        open_dataset("some/folder", three_objects_prob=0.1)
+    config = tmp_path / "unet.json"
+    config.write_text(json.dumps({"stage": "unet", "max_objects": 3, "three_objects_prob": 0.1,
+                                  "loop": {"output_dir": "{run}/unet"}}))
+    assert read_stage(config, tmp_path)[1].three_objects_prob == 0.1
+    assert read_stage(config, tmp_path, overrides={"data": str(tmp_path)})[1].three_objects_prob is None
+
+
 def test_three_objects_render_apart_in_three_corners_and_captions_match():
     for i in range(60):
         scene = sample_scene(np.random.default_rng([7, i]), "train", 0.0, 1.0)

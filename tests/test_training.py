@@ -313,3 +313,65 @@ def test_unet_trainer_with_and_without_the_caption_table_takes_the_same_steps(tr
     per_step = run("per-step")
     assert len(calls) == 3  # the fallback really ran, once per step
     assert per_step == pytest.approx(with_table, rel=1e-5)
+
+
+def test_a_unet_stage_can_start_from_a_trained_unet(trained, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    root = trained[0]
+    start = load_file(root / "unet" / "model" / "diffusion_pytorch_model.safetensors")
+    shutil.copytree(root / "unet" / "model", tmp_path / "model" / "unet")  # a model folder's layout
+    loop = dict(steps=2, batch_size=8, warmup_steps=1, log_every=1, checkpoint_every=100, ema_decay=0.9)
+
+    def config(name, learning_rate=0.0, **settings):
+        return UnetConfig(loop=LoopConfig(output_dir=str(tmp_path / name), learning_rate=learning_rate, **loop),
+                          clip=str(root / "clip" / "model"), vae=str(root / "vae" / "model"), image_size=32,
+                          cache_size=32, scheduler=SCHEDULER, **settings)
+
+    # learning rate 0: the exported UNet is the one it started from, which new weights could never be
+    for init in (root / "unet" / "model", tmp_path / "model"):
+        tuned = train_unet(config(init.name, init=str(init)), progress=False)
+        # (the EMA's arithmetic, x * d + x * (1 - d), may move a weight by a rounding error)
+        assert all(torch.allclose(value, start[name], rtol=1e-6, atol=1e-8) for name, value in tuned.state_dict().items())
+    moved = train_unet(config("moved", learning_rate=1e-3, init=str(tmp_path / "model")), progress=False)
+    assert any(not torch.allclose(value, start[name], rtol=1e-3, atol=1e-5) for name, value in moved.state_dict().items())
+
+    with pytest.raises(ValueError, match=r"`model`: got settings .* with `init`"):
+        train_unet(config("both", init=str(tmp_path / "model"), model=TINY_UNET), progress=False)
+    with pytest.raises(ValueError, match=r"`init`: got .*nowhere.*; expected a UNet folder"):
+        train_unet(config("missing", init=str(tmp_path / "nowhere")), progress=False)
+    from diffusers import UNet2DConditionModel
+
+    UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, cross_attention_dim=64,
+                         **TINY_UNET).save_pretrained(tmp_path / "wide")
+    with pytest.raises(ValueError, match=r"`init`: .* text contexts 64 wide; .* give 4 and 32"):
+        train_unet(config("wide", init=str(tmp_path / "wide")), progress=False)
+
+
+def test_a_recipe_with_finetune_json_goes_on_from_the_unet_stage(tmp_path, monkeypatch):
+    from ldm_pipeline.training import recipe as recipe_module
+    from ldm_pipeline.training import unet as unet_module
+
+    folder = tmp_path / "recipe"
+    folder.mkdir()
+    for stage in recipe_module.STAGES:
+        (folder / f"{stage}.json").write_text((Path("configs/shapes") / f"{stage}.json").read_text())
+    ran, assembled = [], {}
+    monkeypatch.setattr(recipe_module, "run_stage", lambda path, *a, **k: ran.append(Path(path).stem))
+    monkeypatch.setattr(unet_module, "assemble", lambda clip, vae, unet, *a, **k: assembled.update(unet=str(unet)))
+
+    def finetune(init):
+        (folder / "finetune.json").write_text(json.dumps({
+            "stage": "unet", "init": init, "clip": "{run}/clip/model", "vae": "{run}/vae/model",
+            "loop": {"output_dir": "{run}/finetune", "steps": 10, "seed": 1}}))
+
+    finetune("{run}/elsewhere/model")
+    with pytest.raises(ValueError, match=r'finetune.json.* must be a UNet stage with "init": "\{run\}/unet/model"'):
+        recipe_module.run_recipe(folder, tmp_path / "run", tmp_path / "out")
+    assert ran == []  # refused before any stage ran
+    finetune("{run}/unet/model")
+    recipe_module.run_recipe(folder, tmp_path / "run", tmp_path / "out")
+    assert ran == ["tokenizer", "clip", "vae", "unet", "finetune"]
+    assert assembled["unet"] == str(tmp_path / "run" / "finetune" / "model")

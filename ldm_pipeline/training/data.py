@@ -67,18 +67,23 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
 
 def open_dataset(spec: str, length: int = 1_000_000, seed: int = 0, max_objects: int = 2,
-                 partial_captions: float = 0.0):
+                 partial_captions: float = 0.0, three_objects_prob: float | None = None):
     """`"shapes"` for the procedural shapes set (training split, scenes of up to `max_objects`
-    objects, some captions partial at `partial_captions`), else a folder with metadata.jsonl."""
+    objects, `three_objects_prob` of them three when set, some captions partial at
+    `partial_captions`), else a folder with metadata.jsonl."""
     if spec == "shapes":
         from .shapes import ShapesDataset
 
         return ShapesDataset.with_max_objects(length, seed=seed, max_objects=max_objects,
-                                              partial_captions=partial_captions)
+                                              partial_captions=partial_captions,
+                                              three_objects_prob=three_objects_prob)
     if max_objects != 2:
         raise ValueError(f"`max_objects`: got {max_objects!r} for data {spec!r}; it applies to the shapes data only")
     if partial_captions:
         raise ValueError(f"`partial_captions`: got {partial_captions!r} for data {spec!r}; "
+                         "it applies to the shapes data only")
+    if three_objects_prob is not None:
+        raise ValueError(f"`three_objects_prob`: got {three_objects_prob!r} for data {spec!r}; "
                          "it applies to the shapes data only")
     return ImageFolderDataset(spec)
 

@@ -10,14 +10,13 @@ with lora_alpha in its metadata) that `pipe.load_lora_weights` and diffusers rea
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler
 
+from ..files import atomic_folder
 from ..text import text_states
 from . import data
 from .loop import LoopConfig, train
@@ -109,16 +108,9 @@ def save_lora(unet, text_encoder, out: str | Path) -> Path:
             # so a LoRA of attention and convolutions lost its attention half on loading
             layers[f"{kind}_lora_layers"] = get_peft_model_state_dict(model)
             layers[f"{kind}_lora_adapter_metadata"] = model.peft_config["default"].to_dict()
-    out = Path(out)
-    temporary, old = out.with_name(f".{out.name}.tmp"), out.with_name(f".{out.name}.old")
-    for leftover in (temporary, old):
-        shutil.rmtree(leftover, ignore_errors=True)
-    StableDiffusionPipeline.save_lora_weights(temporary, **layers)
-    if out.exists():
-        os.replace(out, old)
-    os.replace(temporary, out)
-    shutil.rmtree(old, ignore_errors=True)
-    return out
+    with atomic_folder(out) as temporary:
+        StableDiffusionPipeline.save_lora_weights(temporary, **layers)
+    return Path(out)
 
 
 def train_lora(config: LoraTrainConfig, resume: bool = False, progress: bool = True) -> Path:

@@ -1,9 +1,11 @@
 """Configs -> trainers: read a stage's JSON config and run it; run a whole recipe in order.
 
 A recipe folder (such as `configs/shapes/`) holds `tokenizer.json`, `clip.json`, `vae.json`
-and `unet.json`, and may hold `decoder.json`: a VAE stage that fine-tunes the trained VAE's
-decoder (`"train_encoder": false`), run last; the assembled model then decodes with it. Paths
-inside them that start with `{run}` are placed under the run folder.
+and `unet.json`, and may hold `finetune.json`: a second UNet stage that goes on from the first
+(`"init"`), run after it, whose UNet the assembled model then uses; and `decoder.json`: a VAE
+stage that fine-tunes the trained VAE's decoder (`"train_encoder": false`), run last; the
+assembled model then decodes with it. Paths inside them that start with `{run}` are placed under
+the run folder.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from pathlib import Path
 from .loop import LoopConfig
 
 STAGES = ("tokenizer", "clip", "vae", "unet")
-SHAPES_ONLY = ("max_objects", "partial_captions")  # stage settings of the shapes data alone
+SHAPES_ONLY = ("max_objects", "partial_captions", "three_objects_prob")  # stage settings of the shapes data alone
+FINETUNE_STAGE = "finetune"  # optional: finetune.json, a UNet stage that starts from the unet stage's UNet
 DECODER_STAGE = "decoder"  # optional: decoder.json, a decoder-only VAE stage run after the UNet
 
 
@@ -94,21 +97,30 @@ def build_tokenizer(config: dict):
 
 def run_recipe(recipe_dir: str | Path, run_dir: str | Path, out: str | Path, resume: bool = False,
                progress: bool = True) -> Path:
-    """All four stages in order (and `decoder.json` when the recipe has one), then the parts assembled
-    into one model folder at `out`."""
+    """All four stages in order (then `finetune.json` and `decoder.json` when the recipe has them), then the
+    parts assembled into one model folder at `out`."""
     from .unet import assemble
 
     recipe = Path(recipe_dir)
-    decoder = recipe / f"{DECODER_STAGE}.json"
-    if decoder.is_file():  # checked before hours of training, not after
+    decoder, finetune = recipe / f"{DECODER_STAGE}.json", recipe / f"{FINETUNE_STAGE}.json"
+    # the optional stages are checked before hours of training, not after
+    if decoder.is_file():
         stage, tuned = read_stage(decoder, run_dir)
         if stage != "vae" or tuned.train_encoder:
             raise ValueError(f"`config`: {str(decoder)!r} must be a VAE stage with \"train_encoder\": false "
                              "(a decoder fine-tune keeps the latents the UNet was trained on)")
-    stages = [*STAGES, DECODER_STAGE] if decoder.is_file() else STAGES
+    _, unet = read_stage(recipe / "unet.json", run_dir)
+    if finetune.is_file():
+        stage, further = read_stage(finetune, run_dir)
+        first = str(Path(unet.loop.output_dir) / "model")
+        if stage != "unet" or further.init != first:
+            raise ValueError(f"`config`: {str(finetune)!r} must be a UNet stage with \"init\": "
+                             f"\"{{run}}/{Path(unet.loop.output_dir).name}/model\" (it goes on from the unet stage)")
+        unet = further
+    stages = [*STAGES, *(name for name, file in ((FINETUNE_STAGE, finetune), (DECODER_STAGE, decoder))
+                         if file.is_file())]
     for stage in stages:
         run_stage(recipe / f"{stage}.json", run_dir, resume=resume, progress=progress)
-    _, unet = read_stage(recipe / "unet.json", run_dir)
     vae = str(Path(tuned.loop.output_dir) / "model") if decoder.is_file() else unet.vae
     return assemble(unet.clip, vae, Path(unet.loop.output_dir) / "model", unet.scheduler, out,
                     defaults=unet.defaults, inference_scheduler=unet.defaults.get("scheduler", "ddim"))

@@ -297,10 +297,11 @@ class ShapesDataset(torch.utils.data.Dataset):
         self.partial_captions = float(partial_captions)
 
     @classmethod
-    def with_max_objects(cls, length: int, seed: int = 0, max_objects: int = 2,
-                         partial_captions: float = 0.0) -> ShapesDataset:
-        """The training split with up to `max_objects` objects a scene (see `OBJECT_CHANCES`)."""
-        return cls(length, seed, "train", *object_chances(max_objects), partial_captions=partial_captions)
+    def with_max_objects(cls, length: int, seed: int = 0, max_objects: int = 2, partial_captions: float = 0.0,
+                         three_objects_prob: float | None = None) -> ShapesDataset:
+        """The training split with up to `max_objects` objects a scene (see `object_chances`)."""
+        return cls(length, seed, "train", *object_chances(max_objects, three_objects_prob),
+                   partial_captions=partial_captions)
 
     def __len__(self) -> int:
         return self.length
@@ -328,11 +329,18 @@ class ShapesDataset(torch.utils.data.Dataset):
 OBJECT_CHANCES = {1: (0.0, 0.0), 2: (0.5, 0.0), 3: (1 / 3, 1 / 3)}
 
 
-def object_chances(max_objects: int) -> tuple[float, float]:
-    """(two_objects_prob, three_objects_prob) for scenes of up to `max_objects` objects."""
+def object_chances(max_objects: int, three_objects_prob: float | None = None) -> tuple[float, float]:
+    """(two_objects_prob, three_objects_prob) for scenes of up to `max_objects` objects; with
+    `three_objects_prob` (max_objects 3 only), that share of three-object scenes and the rest split
+    evenly between one and two objects."""
     if max_objects not in OBJECT_CHANCES:
         raise ValueError(f"`max_objects`: got {max_objects!r}; expected one of {tuple(OBJECT_CHANCES)}")
-    return OBJECT_CHANCES[max_objects]
+    if three_objects_prob is None:
+        return OBJECT_CHANCES[max_objects]
+    if max_objects != 3 or not (isinstance(three_objects_prob, (int, float)) and 0 <= three_objects_prob <= 1):
+        raise ValueError(f"`three_objects_prob`: got {three_objects_prob!r} with `max_objects` {max_objects!r}; "
+                         "expected a chance from 0 to 1 with max_objects 3")
+    return (1 - three_objects_prob) / 2, float(three_objects_prob)
 
 
 # kind: (split, two_objects_prob, three_objects_prob); a new kind goes at the end (its index seeds its stream)
@@ -389,23 +397,18 @@ def write_image_folder(scenes: list[Scene], folder) -> int:
     temporary name beside it and renamed when whole, so a folder with that name is always complete.
     """
     import json
-    import os
-    import shutil
     from pathlib import Path
+
+    from ..files import atomic_folder
 
     folder = Path(folder)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise ValueError(f"`out`: {str(folder)!r} exists and is not an empty folder; choose a new one")
-    temporary = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir(parents=True)
-    lines = []
-    for i, scene in enumerate(scenes):
-        name = f"{i:05d}.png"
-        render(scene).save(temporary / name)
-        lines.append(json.dumps({"file_name": name, "text": caption(scene)}))
-    (temporary / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    if folder.exists():
-        folder.rmdir()  # empty, checked above
-    os.replace(temporary, folder)
+    with atomic_folder(folder) as temporary:
+        lines = []
+        for i, scene in enumerate(scenes):
+            name = f"{i:05d}.png"
+            render(scene).save(temporary / name)
+            lines.append(json.dumps({"file_name": name, "text": caption(scene)}))
+        (temporary / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     return len(scenes)

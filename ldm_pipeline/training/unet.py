@@ -32,10 +32,12 @@ class UnetConfig:
     vae: str = ""  # folder of the trained AutoencoderKL
     data: str = "shapes"
     max_objects: int = 2  # shapes data: scenes of up to 2 objects (the bundled model) or 3
+    three_objects_prob: float | None = None  # shapes data, max_objects 3: the share of three-object scenes
     partial_captions: float = 0.0  # shapes data: chance that an object's phrase names only colour or shape
     image_size: int = 64
     cache_size: int = 20_000  # images encoded once to latents and trained on
     model: dict = field(default_factory=dict)  # diffusers UNet2DConditionModel settings
+    init: str = ""  # start from this UNet (a UNet folder or a model folder with unet/) instead of new weights
     scheduler: dict = field(default_factory=dict)  # noise schedule (DDPMScheduler settings)
     caption_dropout: float = 0.1
     snr_gamma: float | None = None  # min-SNR loss weighting (Hang et al. 2023) when set
@@ -114,23 +116,55 @@ def unet_loss(unet, scheduler: DDPMScheduler, latents: torch.Tensor, context: to
     return per_sample.mean()
 
 
+def init_folder(config: UnetConfig) -> Path | None:
+    """The UNet folder `config.init` names (a UNet folder, or a model folder with unet/), checked; None
+    for new weights."""
+    if not config.init:
+        return None
+    if config.model:
+        raise ValueError(f"`model`: got settings {sorted(config.model)} with `init` {config.init!r}; "
+                         "a fine-tuned UNet keeps the settings of the one it starts from, so give one or the other")
+    folder = Path(config.init)
+    if (folder / "unet" / "config.json").is_file():
+        folder = folder / "unet"
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"`init`: got {config.init!r}; expected a UNet folder (with config.json) or a model "
+                         "folder with unet/ in it")
+    return folder
+
+
+def initial_unet(config: UnetConfig, latent_shape: tuple[int, ...], context_width: int) -> UNet2DConditionModel:
+    """New weights shaped by `config.model`, or the UNet at `config.init` (fine-tuning), checked
+    against the latents (channels, height, width) and text contexts it will be trained on."""
+    channels, size = latent_shape[0], latent_shape[-1]
+    folder = init_folder(config)
+    if folder is None:
+        return UNet2DConditionModel(sample_size=size, in_channels=channels, out_channels=channels,
+                                    cross_attention_dim=context_width, **config.model)
+    unet = UNet2DConditionModel.from_pretrained(folder, torch_dtype=torch.float32)
+    found = (unet.config.in_channels, unet.config.cross_attention_dim)
+    if found != (channels, context_width):
+        raise ValueError(f"`init`: the UNet in {str(folder)!r} takes {found[0]} latent channels and text contexts "
+                         f"{found[1]} wide; the VAE and text tower here give {channels} and {context_width}")
+    return unet
+
+
 def train_unet(config: UnetConfig, resume: bool = False, progress: bool = True) -> UNet2DConditionModel:
     """Train, save the UNet (EMA weights) in `output_dir/model`, and return it."""
     for name in ("clip", "vae"):
         check_stage_folder(name, getattr(config, name))
+    init_folder(config)  # checked before any data is drawn and encoded
     clip = CLIPModel.from_pretrained(config.clip).eval()
     tokenizer = CLIPTokenizer.from_pretrained(config.clip)
     text_encoder = clip.text_model.requires_grad_(False)
     vae = AutoencoderKL.from_pretrained(config.vae).eval().requires_grad_(False)
     scheduler = DDPMScheduler.from_config(config.scheduler)
     dataset = data.open_dataset(config.data, length=config.cache_size, seed=config.loop.seed,
-                                max_objects=config.max_objects,
-                                partial_captions=config.partial_captions)
+                                max_objects=config.max_objects, partial_captions=config.partial_captions,
+                                three_objects_prob=config.three_objects_prob)
     means, stds, captions = encode_dataset(vae, dataset, config.cache_size, config.image_size)
     scale = vae.config.scaling_factor
-    unet = UNet2DConditionModel(sample_size=means.shape[-1], in_channels=means.shape[1],
-                                out_channels=means.shape[1], cross_attention_dim=text_encoder.config.hidden_size,
-                                **config.model)
+    unet = initial_unet(config, tuple(means.shape[1:]), text_encoder.config.hidden_size)
 
     # The text tower is frozen, so every caption (and "" for dropped ones) is encoded once, here,
     # with the pipeline's own function, instead of at every step, when the table fits in memory.
