@@ -315,10 +315,13 @@ def test_unet_trainer_with_and_without_the_caption_table_takes_the_same_steps(tr
     assert per_step == pytest.approx(with_table, rel=1e-5)
 
 
-def test_a_unet_stage_can_start_from_a_trained_unet(trained, tmp_path):
+def test_a_unet_stage_can_start_from_a_trained_unet(trained, tmp_path, monkeypatch):
     import shutil
 
+    from diffusers import UNet2DConditionModel
     from safetensors.torch import load_file
+
+    from ldm_pipeline.training import unet as unet_stage
 
     root = trained[0]
     start = load_file(root / "unet" / "model" / "diffusion_pytorch_model.safetensors")
@@ -338,12 +341,14 @@ def test_a_unet_stage_can_start_from_a_trained_unet(trained, tmp_path):
     moved = train_unet(config("moved", learning_rate=1e-3, init=str(tmp_path / "model")), progress=False)
     assert any(not torch.allclose(value, start[name], rtol=1e-3, atol=1e-5) for name, value in moved.state_dict().items())
 
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("data encoded before the settings were checked")
+
+    monkeypatch.setattr(unet_stage, "encode_dataset", no_encoding)
     with pytest.raises(ValueError, match=r"`model`: got settings .* with `init`"):
         train_unet(config("both", init=str(tmp_path / "model"), model=TINY_UNET), progress=False)
     with pytest.raises(ValueError, match=r"`init`: got .*nowhere.*; expected a UNet folder"):
         train_unet(config("missing", init=str(tmp_path / "nowhere")), progress=False)
-    from diffusers import UNet2DConditionModel
-
     UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, cross_attention_dim=64,
                          **TINY_UNET).save_pretrained(tmp_path / "wide")
     with pytest.raises(ValueError, match=r"`init`: .* text contexts 64 wide; .* give 4 and 32"):

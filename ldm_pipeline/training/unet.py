@@ -116,9 +116,9 @@ def unet_loss(unet, scheduler: DDPMScheduler, latents: torch.Tensor, context: to
     return per_sample.mean()
 
 
-def init_folder(config: UnetConfig) -> Path | None:
-    """The UNet folder `config.init` names (a UNet folder, or a model folder with unet/), checked; None
-    for new weights."""
+def init_folder(config: UnetConfig, latent_channels: int, context_width: int) -> Path | None:
+    """The UNet folder `config.init` names (a UNet folder, or a model folder with unet/), checked against the
+    latents and text contexts it will be trained on; None for new weights."""
     if not config.init:
         return None
     if config.model:
@@ -130,41 +130,42 @@ def init_folder(config: UnetConfig) -> Path | None:
     if not (folder / "config.json").is_file():
         raise ValueError(f"`init`: got {config.init!r}; expected a UNet folder (with config.json) or a model "
                          "folder with unet/ in it")
+    settings = UNet2DConditionModel.load_config(folder)
+    found = (settings.get("in_channels"), settings.get("cross_attention_dim"))
+    if found != (latent_channels, context_width):
+        raise ValueError(f"`init`: the UNet in {str(folder)!r} takes {found[0]} latent channels and text contexts "
+                         f"{found[1]} wide; the VAE and text tower here give {latent_channels} and {context_width}")
     return folder
 
 
-def initial_unet(config: UnetConfig, latent_shape: tuple[int, ...], context_width: int) -> UNet2DConditionModel:
-    """New weights shaped by `config.model`, or the UNet at `config.init` (fine-tuning), checked
-    against the latents (channels, height, width) and text contexts it will be trained on."""
+def initial_unet(config: UnetConfig, init: Path | None, latent_shape: tuple[int, ...],
+                 context_width: int) -> UNet2DConditionModel:
+    """The UNet at `init` (fine-tuning, see `init_folder`), or new weights shaped by `config.model` for
+    latents (channels, height, width) and text contexts `context_width` wide."""
+    if init is not None:
+        return UNet2DConditionModel.from_pretrained(init, torch_dtype=torch.float32)
     channels, size = latent_shape[0], latent_shape[-1]
-    folder = init_folder(config)
-    if folder is None:
-        return UNet2DConditionModel(sample_size=size, in_channels=channels, out_channels=channels,
-                                    cross_attention_dim=context_width, **config.model)
-    unet = UNet2DConditionModel.from_pretrained(folder, torch_dtype=torch.float32)
-    found = (unet.config.in_channels, unet.config.cross_attention_dim)
-    if found != (channels, context_width):
-        raise ValueError(f"`init`: the UNet in {str(folder)!r} takes {found[0]} latent channels and text contexts "
-                         f"{found[1]} wide; the VAE and text tower here give {channels} and {context_width}")
-    return unet
+    return UNet2DConditionModel(sample_size=size, in_channels=channels, out_channels=channels,
+                                cross_attention_dim=context_width, **config.model)
 
 
 def train_unet(config: UnetConfig, resume: bool = False, progress: bool = True) -> UNet2DConditionModel:
     """Train, save the UNet (EMA weights) in `output_dir/model`, and return it."""
     for name in ("clip", "vae"):
         check_stage_folder(name, getattr(config, name))
-    init_folder(config)  # checked before any data is drawn and encoded
     clip = CLIPModel.from_pretrained(config.clip).eval()
     tokenizer = CLIPTokenizer.from_pretrained(config.clip)
     text_encoder = clip.text_model.requires_grad_(False)
     vae = AutoencoderKL.from_pretrained(config.vae).eval().requires_grad_(False)
+    # checked before any data is drawn and encoded
+    init = init_folder(config, vae.config.latent_channels, text_encoder.config.hidden_size)
     scheduler = DDPMScheduler.from_config(config.scheduler)
     dataset = data.open_dataset(config.data, length=config.cache_size, seed=config.loop.seed,
                                 max_objects=config.max_objects, partial_captions=config.partial_captions,
                                 three_objects_prob=config.three_objects_prob)
     means, stds, captions = encode_dataset(vae, dataset, config.cache_size, config.image_size)
     scale = vae.config.scaling_factor
-    unet = initial_unet(config, tuple(means.shape[1:]), text_encoder.config.hidden_size)
+    unet = initial_unet(config, init, tuple(means.shape[1:]), text_encoder.config.hidden_size)
 
     # The text tower is frozen, so every caption (and "" for dropped ones) is encoded once, here,
     # with the pipeline's own function, instead of at every step, when the table fits in memory.
