@@ -220,8 +220,8 @@ def save_components(components: dict, path: str | os.PathLike, defaults: dict | 
     """Write the diffusers folder layout, which diffusers' StableDiffusionPipeline also loads.
 
     The folder is written next to the target and moved into place at the end (`files.atomic_folder`),
-    so a failure half-way never leaves a broken model where a good one was. A target that exists and is not a model folder is
-    refused rather than overwritten.
+    so a failure half-way never leaves a broken model where a good one was. A target that exists and
+    is not a model folder is refused rather than overwritten.
     """
     target = Path(path)
     if target.exists() and (not target.is_dir() or (any(target.iterdir()) and

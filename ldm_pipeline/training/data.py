@@ -77,14 +77,10 @@ def open_dataset(spec: str, length: int = 1_000_000, seed: int = 0, max_objects:
         return ShapesDataset.with_max_objects(length, seed=seed, max_objects=max_objects,
                                               partial_captions=partial_captions,
                                               three_objects_prob=three_objects_prob)
-    if max_objects != 2:
-        raise ValueError(f"`max_objects`: got {max_objects!r} for data {spec!r}; it applies to the shapes data only")
-    if partial_captions:
-        raise ValueError(f"`partial_captions`: got {partial_captions!r} for data {spec!r}; "
-                         "it applies to the shapes data only")
-    if three_objects_prob is not None:
-        raise ValueError(f"`three_objects_prob`: got {three_objects_prob!r} for data {spec!r}; "
-                         "it applies to the shapes data only")
+    for name, value, unset in (("max_objects", max_objects, 2), ("partial_captions", partial_captions, 0.0),
+                               ("three_objects_prob", three_objects_prob, None)):
+        if value != unset:
+            raise ValueError(f"`{name}`: got {value!r} for data {spec!r}; it applies to the shapes data only")
     return ImageFolderDataset(spec)
 
 
