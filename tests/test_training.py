@@ -367,16 +367,19 @@ def test_a_recipe_with_finetune_json_goes_on_from_the_unet_stage(tmp_path, monke
     monkeypatch.setattr(recipe_module, "run_stage", lambda path, *a, **k: ran.append(Path(path).stem))
     monkeypatch.setattr(unet_module, "assemble", lambda clip, vae, unet, *a, **k: assembled.update(unet=str(unet)))
 
-    def finetune(init):
+    def finetune(init, vae="{run}/vae/model"):
         (folder / "finetune.json").write_text(json.dumps({
-            "stage": "unet", "init": init, "clip": "{run}/clip/model", "vae": "{run}/vae/model",
+            "stage": "unet", "init": init, "clip": "{run}/clip/model", "vae": vae,
             "loop": {"output_dir": "{run}/finetune", "steps": 10, "seed": 1}}))
 
     finetune("{run}/elsewhere/model")
     with pytest.raises(ValueError, match=r'finetune.json.* must be a UNet stage with "init": "\{run\}/unet/model"'):
         recipe_module.run_recipe(folder, tmp_path / "run", tmp_path / "out")
+    finetune("{run}/unet/model", vae="{run}/other-vae/model")
+    with pytest.raises(ValueError, match=r'finetune.json.* has "vae": .*other-vae.*; a fine-tune must use the same vae'):
+        recipe_module.run_recipe(folder, tmp_path / "run", tmp_path / "out")
     assert ran == []  # refused before any stage ran
-    finetune("{run}/unet/model")
+    finetune("{run}/unet/model/")  # a trailing slash names the same folder
     recipe_module.run_recipe(folder, tmp_path / "run", tmp_path / "out")
     assert ran == ["tokenizer", "clip", "vae", "unet", "finetune"]
     assert assembled["unet"] == str(tmp_path / "run" / "finetune" / "model")

@@ -112,10 +112,14 @@ def run_recipe(recipe_dir: str | Path, run_dir: str | Path, out: str | Path, res
     _, unet = read_stage(recipe / "unet.json", run_dir)
     if finetune.is_file():
         stage, further = read_stage(finetune, run_dir)
-        first = str(Path(unet.loop.output_dir) / "model")
-        if stage != "unet" or further.init != first:
+        first = Path(unet.loop.output_dir) / "model"
+        if stage != "unet" or not further.init or Path(further.init) != first:
             raise ValueError(f"`config`: {str(finetune)!r} must be a UNet stage with \"init\": "
                              f"\"{{run}}/{Path(unet.loop.output_dir).name}/model\" (it goes on from the unet stage)")
+        for part in ("vae", "clip"):  # other latents or other text encodings would undo what the UNet learned
+            if Path(getattr(further, part)) != Path(getattr(unet, part)):
+                raise ValueError(f"`config`: {str(finetune)!r} has \"{part}\": {getattr(further, part)!r}, but the "
+                                 f"unet stage uses {getattr(unet, part)!r}; a fine-tune must use the same {part}")
         unet = further
     stages = [*STAGES, *(name for name, file in ((FINETUNE_STAGE, finetune), (DECODER_STAGE, decoder))
                          if file.is_file())]
