@@ -25,7 +25,6 @@ from ldm_pipeline import DEFAULT_MODEL
 from ldm_pipeline.evaluation import strict
 from ldm_pipeline.evaluation.accuracy import training_captions
 from ldm_pipeline.evaluation.report import shapes_sets
-from ldm_pipeline.training.shapes import parse_caption
 
 
 @torch.no_grad()
@@ -58,13 +57,8 @@ def by_pair(vae: AutoencoderKL, n: int) -> dict:
     """One-object kinds: the strict "correct" share per colour/shape pair and per size word."""
     result = {}
     for kind in shapes_sets(n, 0, training_captions(20_000), kinds=("seen", "held_out")):
-        groups: dict[str, list[bool]] = {}
-        for image, prompt in zip(round_trip(vae, kind.real), kind.prompts):
-            correct = strict.strict_judge(image, prompt).correct
-            (obj,) = parse_caption(prompt)
-            for key in (f"{obj.colour} {obj.shape}", f"size {obj.size}"):
-                groups.setdefault(key, []).append(correct)
-        result[kind.name] = {key: {"strict": float(np.mean(v)), "n": len(v)} for key, v in sorted(groups.items())}
+        verdicts = [strict.strict_judge(image, prompt) for image, prompt in zip(round_trip(vae, kind.real), kind.prompts)]
+        result[kind.name] = strict.by_pair(verdicts, kind.prompts)
     return result
 
 

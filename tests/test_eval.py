@@ -287,6 +287,9 @@ def test_ldm_eval_writes_a_reproducible_report(tmp_path, capsys):
     assert set(a["sets"]) == {"seen", "held_out", "two", "three"}
     assert {"fid", "fid_real", "clip_score", "position", "strict_correct"} <= set(a["all"])
     assert "| held_out | 3 |" in first.with_suffix(".md").read_text()
+    assert "strict_by_pair" in a["sets"]["held_out"] and "strict_by_pair" not in a["sets"]["two"]
+    assert sum(g["n"] for k, g in a["sets"]["held_out"]["strict_by_pair"].items() if k.startswith("size ")) == 3
+    assert "Strict by pair and size, held_out: " in first.with_suffix(".md").read_text()
     assert (tmp_path / "a-two.png").is_file() and (tmp_path / "a-three.png").is_file()
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 5  # four kinds and all: computed once, then reused
     only = json.loads(_eval(tmp_path, "c", "--kinds", "three", "seen").read_text())

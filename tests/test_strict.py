@@ -126,3 +126,18 @@ def test_prompt_accuracy_reports_the_strict_measure_beside_the_judge():
     scores = judge_images(images, ["a blue square in the center"] * 2)
     assert scores["correct"] == 1.0 and scores["shape"] == 1.0  # the judge forgives the rounded corners
     assert scores["strict_correct"] == scores["strict_shape"] == 0.5
+
+
+def test_one_object_verdicts_are_broken_down_by_pair_and_size():
+    from ldm_pipeline.evaluation.accuracy import judge_images
+
+    rounded = _blend("rounded", 0.5, "orange", (0.27, 0.27), 0.14)  # an orange circle drawn as a rounded square
+    images = [rounded, render(Scene((ShapeObject("orange", "circle", "top left"),))),
+              render(Scene((ShapeObject("white", "square", "center", "small", half_size=0.1),)))]
+    prompts = ["an orange circle in the top left", "an orange circle in the top left", "a small white square in the center"]
+    pairs = judge_images(images, prompts)["strict_by_pair"]
+    assert pairs == {"orange circle": {"strict": 0.5, "n": 2}, "size default": {"strict": 0.5, "n": 2},
+                     "size small": {"strict": 1.0, "n": 1}, "white square": {"strict": 1.0, "n": 1}}
+    two = "a red circle in the top left and a blue square in the bottom right"
+    assert "strict_by_pair" not in judge_images(images[:1] + [render(sample_scene(np.random.default_rng(0)))],
+                                                prompts[:1] + [two])  # only for one-object sets

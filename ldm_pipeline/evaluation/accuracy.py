@@ -33,8 +33,10 @@ def judge_images(images: list, prompts: list[str]) -> dict:
     Returns:
         The fraction of images with every object right and nothing extra ("correct") and per
         attribute ("colour", "shape", "position"), "extra", the mean count of objects not
-        asked for, and the strict measure's "strict_correct" and "strict_shape" (see `strict`).
+        asked for, the strict measure's "strict_correct" and "strict_shape" (see `strict`), and
+        for one-object prompts "strict_by_pair" (`strict.by_pair`: which pairs and sizes fail).
     """
     verdicts = [strict.strict_judge(image, prompt) for image, prompt in zip(images, prompts, strict=True)]
     scores = {key: float(np.mean([getattr(v.judge, key) for v in verdicts])) for key in ATTRIBUTES}
-    return {**scores, **strict.summary(verdicts)}
+    pairs = strict.by_pair(verdicts, prompts)
+    return {**scores, **strict.summary(verdicts), **({"strict_by_pair": pairs} if pairs else {})}

@@ -242,6 +242,11 @@ def markdown(report: dict) -> str:
              "|---|" + "---:|" * len(columns)]
     for name, scores in rows.items():
         lines.append(f"| {name} | " + " | ".join(_cell(scores.get(key), form) for key, _, form in columns) + " |")
+    for name, scores in rows.items():
+        if "strict_by_pair" in scores:
+            groups = scores["strict_by_pair"].items()
+            lines.append(f"\nStrict by pair and size, {name}: "
+                         + ", ".join(f"{key} {_cell(g['strict'], '{:.0%}')} ({g['n']})" for key, g in groups) + ".")
     return "\n".join(lines) + "\n"
 
 

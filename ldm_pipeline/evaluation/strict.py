@@ -160,6 +160,19 @@ def summary(verdicts: list[StrictVerdict]) -> dict:
             "strict_shape": float(np.mean([v.shape for v in verdicts]))}
 
 
+def by_pair(verdicts: list[StrictVerdict], prompts: list[str]) -> dict:
+    """Where one-object prompts fail: the strict "correct" share and count per colour/shape pair
+    ("orange circle") and per size word ("size small"); empty unless every prompt names one object."""
+    objects = [parse_caption(prompt) for prompt in prompts]
+    if not objects or any(len(found) != 1 for found in objects):
+        return {}
+    groups: dict[str, list[bool]] = {}
+    for verdict, (obj,) in zip(verdicts, objects, strict=True):
+        for key in (f"{obj.colour} {obj.shape}", f"size {obj.size}"):
+            groups.setdefault(key, []).append(verdict.correct)
+    return {key: {"strict": float(np.mean(values)), "n": len(values)} for key, values in sorted(groups.items())}
+
+
 def strict_images(images: list, prompts: list[str]) -> dict:
     """`summary` of the strict verdicts on images and their prompts."""
     return summary([strict_judge(image, prompt) for image, prompt in zip(images, prompts, strict=True)])
