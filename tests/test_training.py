@@ -383,3 +383,16 @@ def test_a_recipe_with_finetune_json_goes_on_from_the_unet_stage(tmp_path, monke
     recipe_module.run_recipe(folder, tmp_path / "run", tmp_path / "out")
     assert ran == ["tokenizer", "clip", "vae", "unet", "finetune"]
     assert assembled["unet"] == str(tmp_path / "run" / "finetune" / "model")
+
+    # finetune2.json goes on from finetune.json (finetune4.json, after a gap, is not read)
+    second = {"stage": "unet", "init": "{run}/unet/model", "clip": "{run}/clip/model", "vae": "{run}/vae/model",
+              "loop": {"output_dir": "{run}/finetune2", "steps": 10, "seed": 2}}
+    (folder / "finetune2.json").write_text(json.dumps(second))
+    (folder / "finetune4.json").write_text(json.dumps({**second, "init": "{run}/nowhere"}))
+    ran.clear()
+    with pytest.raises(ValueError, match=r'finetune2.json.* must be a UNet stage with "init": "\{run\}/finetune/model"'):
+        recipe_module.run_recipe(folder, tmp_path / "run", tmp_path / "out")
+    (folder / "finetune2.json").write_text(json.dumps({**second, "init": "{run}/finetune/model"}))
+    recipe_module.run_recipe(folder, tmp_path / "run", tmp_path / "out")
+    assert ran == ["tokenizer", "clip", "vae", "unet", "finetune", "finetune2"]
+    assert assembled["unet"] == str(tmp_path / "run" / "finetune2" / "model")

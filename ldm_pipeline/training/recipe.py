@@ -2,7 +2,8 @@
 
 A recipe folder (such as `configs/shapes/`) holds `tokenizer.json`, `clip.json`, `vae.json`
 and `unet.json`, and may hold `finetune.json`: a second UNet stage that goes on from the first
-(`"init"`), run after it, whose UNet the assembled model then uses; and `decoder.json`: a VAE
+(`"init"`), run after it, whose UNet the assembled model then uses (and `finetune2.json`,
+`finetune3.json`, ...: each going on from the one before); and `decoder.json`: a VAE
 stage that fine-tunes the trained VAE's decoder (`"train_encoder": false`), run last; the
 assembled model then decodes with it. Paths inside them that start with `{run}` are placed under
 the run folder.
@@ -18,7 +19,7 @@ from .loop import LoopConfig
 
 STAGES = ("tokenizer", "clip", "vae", "unet")
 SHAPES_ONLY = ("max_objects", "partial_captions", "three_objects_prob")  # stage settings of the shapes data alone
-FINETUNE_STAGE = "finetune"  # optional: finetune.json, a UNet stage that starts from the unet stage's UNet
+FINETUNE_STAGE = "finetune"  # optional: finetune.json (then finetune2.json, ...), UNet stages that go on in turn
 DECODER_STAGE = "decoder"  # optional: decoder.json, a decoder-only VAE stage run after the UNet
 
 
@@ -95,14 +96,38 @@ def build_tokenizer(config: dict):
                                 config.get("model_max_length", 77))
 
 
+def finetune_stages(recipe: Path) -> list[str]:
+    """The recipe's fine-tune stages in order: `finetune`, then `finetune2`, `finetune3`, ... up to the
+    first number without a file."""
+    names = []
+    while (recipe / f"{FINETUNE_STAGE}{len(names) + 1 if names else ''}.json").is_file():
+        names.append(f"{FINETUNE_STAGE}{len(names) + 1 if names else ''}")
+    return names
+
+
+def _check_finetune(path: Path, previous, run_dir) -> object:
+    """The fine-tune stage at `path`, refused unless it goes on from `previous` (a UNet stage's config)
+    with the same VAE and text tower; returns its config."""
+    stage, further = read_stage(path, run_dir)
+    first = Path(previous.loop.output_dir) / "model"
+    if stage != "unet" or not further.init or Path(further.init) != first:
+        raise ValueError(f"`config`: {str(path)!r} must be a UNet stage with \"init\": "
+                         f"\"{{run}}/{first.parent.name}/model\" (it goes on from the stage before it)")
+    for part in ("vae", "clip"):  # other latents or other text encodings would undo what the UNet learned
+        if Path(getattr(further, part)) != Path(getattr(previous, part)):
+            raise ValueError(f"`config`: {str(path)!r} has \"{part}\": {getattr(further, part)!r}, but the "
+                             f"stage before it uses {getattr(previous, part)!r}; a fine-tune must use the same {part}")
+    return further
+
+
 def run_recipe(recipe_dir: str | Path, run_dir: str | Path, out: str | Path, resume: bool = False,
                progress: bool = True) -> Path:
-    """All four stages in order (then `finetune.json` and `decoder.json` when the recipe has them), then the
+    """All four stages in order (then the fine-tunes and `decoder.json` when the recipe has them), then the
     parts assembled into one model folder at `out`."""
     from .unet import assemble
 
     recipe = Path(recipe_dir)
-    decoder, finetune = recipe / f"{DECODER_STAGE}.json", recipe / f"{FINETUNE_STAGE}.json"
+    decoder = recipe / f"{DECODER_STAGE}.json"
     # the optional stages are checked before hours of training, not after
     if decoder.is_file():
         stage, tuned = read_stage(decoder, run_dir)
@@ -110,19 +135,10 @@ def run_recipe(recipe_dir: str | Path, run_dir: str | Path, out: str | Path, res
             raise ValueError(f"`config`: {str(decoder)!r} must be a VAE stage with \"train_encoder\": false "
                              "(a decoder fine-tune keeps the latents the UNet was trained on)")
     _, unet = read_stage(recipe / "unet.json", run_dir)
-    if finetune.is_file():
-        stage, further = read_stage(finetune, run_dir)
-        first = Path(unet.loop.output_dir) / "model"
-        if stage != "unet" or not further.init or Path(further.init) != first:
-            raise ValueError(f"`config`: {str(finetune)!r} must be a UNet stage with \"init\": "
-                             f"\"{{run}}/{Path(unet.loop.output_dir).name}/model\" (it goes on from the unet stage)")
-        for part in ("vae", "clip"):  # other latents or other text encodings would undo what the UNet learned
-            if Path(getattr(further, part)) != Path(getattr(unet, part)):
-                raise ValueError(f"`config`: {str(finetune)!r} has \"{part}\": {getattr(further, part)!r}, but the "
-                                 f"unet stage uses {getattr(unet, part)!r}; a fine-tune must use the same {part}")
-        unet = further
-    stages = [*STAGES, *(name for name, file in ((FINETUNE_STAGE, finetune), (DECODER_STAGE, decoder))
-                         if file.is_file())]
+    finetunes = finetune_stages(recipe)
+    for name in finetunes:
+        unet = _check_finetune(recipe / f"{name}.json", unet, run_dir)
+    stages = [*STAGES, *finetunes, *([DECODER_STAGE] if decoder.is_file() else [])]
     for stage in stages:
         run_stage(recipe / f"{stage}.json", run_dir, resume=resume, progress=progress)
     vae = str(Path(tuned.loop.output_dir) / "model") if decoder.is_file() else unet.vae
