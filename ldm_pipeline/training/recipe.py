@@ -100,9 +100,11 @@ def finetune_stages(recipe: Path) -> list[str]:
     """The recipe's fine-tune stages in order: `finetune`, then `finetune2`, `finetune3`, ... up to the
     first number without a file."""
     names = []
-    while (recipe / f"{FINETUNE_STAGE}{len(names) + 1 if names else ''}.json").is_file():
-        names.append(f"{FINETUNE_STAGE}{len(names) + 1 if names else ''}")
-    return names
+    while True:
+        name = FINETUNE_STAGE + (str(len(names) + 1) if names else "")
+        if not (recipe / f"{name}.json").is_file():
+            return names
+        names.append(name)
 
 
 def _check_finetune(path: Path, previous, run_dir) -> object:
