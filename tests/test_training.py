@@ -296,16 +296,18 @@ def test_unet_trainer_with_and_without_the_caption_table_takes_the_same_steps(tr
 
     root = trained[0]
 
-    def run(name):
+    def run(name, **settings):
         torch.manual_seed(0)  # the UNet's initial weights come from the global generator
         config = UnetConfig(loop=LoopConfig(output_dir=str(tmp_path / name), steps=3, batch_size=8, warmup_steps=1,
                                             log_every=1, checkpoint_every=100),
                             clip=str(root / "clip" / "model"), vae=str(root / "vae" / "model"), image_size=32,
-                            cache_size=32, model=TINY_UNET, scheduler=SCHEDULER)
+                            cache_size=32, model=TINY_UNET, scheduler=SCHEDULER, **settings)
         train_unet(config, progress=False)
         return _losses(tmp_path / name)
 
     with_table = run("table")
+    # the outline-weighted loss (tests/test_outline_weights.py) is what the stage trains on when asked
+    assert run("outlines", edge_weight=4.0)[0] != pytest.approx(with_table[0], rel=1e-4)
     monkeypatch.setattr(unet_stage, "TEXT_TABLE_BYTES", 0)  # too big: captions encoded at every step
     calls = []
     real = unet_stage.encode_text
