@@ -8,6 +8,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
+from ldm_pipeline.training import data
 from ldm_pipeline.training.loop import LoopConfig
 from ldm_pipeline.training.shapes import BACKGROUND, COLOURS
 from ldm_pipeline.training.unet import UnetConfig, outline_weights, unet_loss
@@ -17,12 +18,12 @@ def square(colour):
     image = PIL.Image.new("RGB", (64, 64), BACKGROUND)
     if colour is not None:
         PIL.ImageDraw.Draw(image).rectangle((18, 18, 41, 41), fill=COLOURS[colour])  # pixels 18..41
-    return {"image": image, "text": ""}
+    return image
 
 
 def test_cells_on_an_outline_weigh_more_whatever_the_contrast():
-    items = [square("purple"), square("white"), square(None)]
-    weights = outline_weights(items, 3, 64, (16, 16), 4.0, batch_size=2)
+    pixels = data.pixels([square("purple"), square("white"), square(None)], 64)
+    weights = outline_weights(pixels, (16, 16), 4.0)
     assert weights.shape == (3, 1, 16, 16)
     purple, white, flat = weights[:, 0]
     assert torch.equal(flat, torch.ones(16, 16))

@@ -126,7 +126,7 @@ def train_lora(config: LoraTrainConfig, resume: bool = False, progress: bool = T
     for model in (unet, text_encoder, vae):
         model.requires_grad_(False).eval()
     size = config.image_size or unet.config.sample_size * pipe.vae_scale_factor
-    means, stds, captions = encode_dataset(vae, dataset, len(dataset), size)
+    means, stds, captions, _ = encode_dataset(vae, dataset, len(dataset), size)
     scale = vae.config.scaling_factor
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 

@@ -22,7 +22,7 @@ from transformers import CLIPModel, CLIPTokenizer
 from ..text import encode_text
 from . import data
 from .loop import LoopConfig, check_stage_folder, train
-from .vae import edge_weights
+from .vae import gradient_magnitude
 
 
 @dataclass
@@ -51,10 +51,28 @@ class UnetConfig:
             raise ValueError(f"`edge_weight`: got {self.edge_weight!r}; expected a number >= 0")
 
 
+OUTLINE = 0.05  # a pixel gradient (vae.gradient_magnitude) above this is an outline; flat renders read 0
+
+
+def outline_weights(pixels: torch.Tensor, cells: tuple[int, int], edge_weight: float) -> torch.Tensor:
+    """(B, 1, *cells) loss weights on the latent grid (`cells`: its height and width) for pixels
+    (B, 3, H, W): 1 + edge_weight in a cell that holds an outline of its image (a pixel gradient
+    above `OUTLINE`), 1 elsewhere.
+
+    On or off, not scaled by contrast: a purple object on the grey background, the colour nearest
+    it, weighs as much as a white one. On photographs nearly every cell holds an edge, so the
+    weights are nearly even there; they are meant for flat backgrounds.
+    """
+    outline = F.adaptive_max_pool2d(gradient_magnitude(pixels), cells) > OUTLINE
+    return 1 + edge_weight * outline.float()
+
+
 @torch.no_grad()
-def encode_dataset(vae: AutoencoderKL, dataset, count: int, image_size: int, batch_size: int = 128):
-    """Posterior means and standard deviations of the first `count` items, and their captions."""
-    means, stds, captions = [], [], []
+def encode_dataset(vae: AutoencoderKL, dataset, count: int, image_size: int, batch_size: int = 128,
+                   edge_weight: float = 0.0):
+    """Posterior means and standard deviations of the first `count` items, their captions, and with
+    `edge_weight` their `outline_weights` on the latent grid (else None), from the same pixels."""
+    means, stds, captions, outlines = [], [], [], []
     for start in range(0, min(count, len(dataset)), batch_size):
         pixels, texts = data.batch(dataset, list(range(start, min(start + batch_size, count, len(dataset)))),
                                    image_size)
@@ -62,28 +80,9 @@ def encode_dataset(vae: AutoencoderKL, dataset, count: int, image_size: int, bat
         means.append(posterior.mean)
         stds.append(posterior.std)
         captions.extend(texts)
-    return torch.cat(means), torch.cat(stds), captions
-
-
-OUTLINE = 0.05  # a pixel gradient (see vae.edge_weights) above this is an outline; flat renders read 0
-
-
-@torch.no_grad()
-def outline_weights(dataset, count: int, image_size: int, cells: tuple[int, int], edge_weight: float,
-                    batch_size: int = 512) -> torch.Tensor:
-    """(count, 1, *cells) loss weights on the latent grid (`cells`: its height and width): 1 + edge_weight
-    in a cell that holds an outline of its image (a pixel gradient above `OUTLINE`), 1 elsewhere.
-
-    On or off, not scaled by contrast: a purple object on the grey background, the colour nearest
-    it, weighs as much as a white one. On photographs nearly every cell holds an edge, so the
-    weights are nearly even there; they are meant for flat backgrounds.
-    """
-    weights = []
-    for start in range(0, min(count, len(dataset)), batch_size):
-        pixels, _ = data.batch(dataset, list(range(start, min(start + batch_size, count, len(dataset)))), image_size)
-        gradient = edge_weights(pixels, 1.0) - 1
-        weights.append(1 + edge_weight * (F.adaptive_max_pool2d(gradient, cells) > OUTLINE).float())
-    return torch.cat(weights)
+        if edge_weight:
+            outlines.append(outline_weights(pixels, tuple(posterior.mean.shape[-2:]), edge_weight))
+    return torch.cat(means), torch.cat(stds), captions, torch.cat(outlines) if outlines else None
 
 
 TEXT_TABLE_BYTES = 2 * 2**30  # caption embeddings are precomputed up to this size, else encoded per step
@@ -199,11 +198,9 @@ def train_unet(config: UnetConfig, resume: bool = False, progress: bool = True) 
     dataset = data.open_dataset(config.data, length=config.cache_size, seed=config.loop.seed,
                                 max_objects=config.max_objects, partial_captions=config.partial_captions,
                                 three_objects_prob=config.three_objects_prob)
-    means, stds, captions = encode_dataset(vae, dataset, config.cache_size, config.image_size)
+    means, stds, captions, outlines = encode_dataset(vae, dataset, config.cache_size, config.image_size,
+                                                     edge_weight=config.edge_weight)
     scale = vae.config.scaling_factor
-    outlines = (outline_weights(dataset, config.cache_size, config.image_size, tuple(means.shape[-2:]),
-                                config.edge_weight)
-                if config.edge_weight else None)
     unet = initial_unet(config, init, tuple(means.shape[1:]), text_encoder.config.hidden_size)
 
     # The text tower is frozen, so every caption (and "" for dropped ones) is encoded once, here,

@@ -49,13 +49,18 @@ class VaeConfig:
             raise ValueError(f"`edge_weight`: got {self.edge_weight!r}; expected a number >= 0")
 
 
-def edge_weights(pixels: torch.Tensor, edge_weight: float) -> torch.Tensor:
-    """(B, 1, H, W) loss weights: 1 + edge_weight * |gradient| of the target (central differences,
-    summed over channels), so flat areas weigh 1 and outlines more."""
+def gradient_magnitude(pixels: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W): |gradient| of the pixels (central differences, summed over channels); 0 on flat areas."""
     padded = F.pad(pixels, (1, 1, 1, 1), mode="replicate")
     dx = (padded[..., 1:-1, 2:] - padded[..., 1:-1, :-2]) / 2
     dy = (padded[..., 2:, 1:-1] - padded[..., :-2, 1:-1]) / 2
-    return 1 + edge_weight * (dx.square() + dy.square()).sqrt().sum(dim=1, keepdim=True)
+    return (dx.square() + dy.square()).sqrt().sum(dim=1, keepdim=True)
+
+
+def edge_weights(pixels: torch.Tensor, edge_weight: float) -> torch.Tensor:
+    """(B, 1, H, W) loss weights: 1 + edge_weight * `gradient_magnitude` of the target, so flat areas
+    weigh 1 and outlines more."""
+    return 1 + edge_weight * gradient_magnitude(pixels)
 
 
 class VaeObjective(torch.nn.Module):
