@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                                "bundled model; costs a VAE decode and a CLIP pass per step)")
     generate.add_argument("--clip-model", default=None,
                           help="the CLIP for --clip-guidance: a CLIPModel folder or Hub id (default: the bundled one)")
+    generate.add_argument("--prompt-composition", action="store_true",
+                          help="read 'A AND B :0.5' as composed prompts, each part guiding on its own "
+                               "(AUTOMATIC1111's AND; see README)")
     generate.add_argument("--preview", type=Path, default=None, metavar="STRIP.png",
                           help="also write a strip of live previews (the predicted image every --preview-every "
                                "steps, a row per image) to this PNG")
@@ -112,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--clip-guidance", type=float, default=0.0,
                           help="CLIP guidance scale (steers with the --clip CLIP; default 0: off)")
     evaluate.add_argument("--sweep-clip-guidance", type=float, nargs="+", default=None)
+    evaluate.add_argument("--prompt-composition", action="store_true",
+                          help="read AND as composed prompts; the shapes prompts of several objects are drawn "
+                               "with their objects joined by AND (and judged as written)")
     evaluate.add_argument("--batch-size", type=int, default=25)
     evaluate.add_argument("--device", default="cpu")
     evaluate.add_argument("--cache-dir", default=None, help="where real-image FID statistics are cached")
@@ -168,7 +174,8 @@ def train(args: argparse.Namespace) -> None:
 
 # generation settings that --from takes from the recipe instead (and their defaults, to notice them given)
 _RECIPE_OPTIONS = {"prompt": [], "negative_prompt": None, "steps": None, "guidance": None, "seed": None, "size": None,
-                   "num_images": 1, "scheduler": None, "strength": 0.8, "clip_guidance": 0.0, "clip_model": None}
+                   "num_images": 1, "scheduler": None, "strength": 0.8, "clip_guidance": 0.0, "clip_model": None,
+                   "prompt_composition": False}
 
 
 def _lora_spec(spec: str) -> tuple[str, float]:
@@ -265,6 +272,7 @@ def generate(args: argparse.Namespace) -> None:
                       guidance_scale=args.guidance, height=height, width=width,
                       num_images_per_prompt=args.num_images, seed=args.seed, image=args.image,
                       strength=args.strength, clip_guidance_scale=args.clip_guidance, clip_model=args.clip_model,
+                      prompt_composition=args.prompt_composition,
                       preview=frames.append if args.preview else None, preview_every=args.preview_every)
         rows = len(args.prompt)
         if args.preview:
@@ -309,7 +317,7 @@ def evaluate(args: argparse.Namespace) -> None:
         sets = [prompt_file]
     else:
         exclude = training_captions(args.exclude_training) if args.exclude_training else set()
-        sets = rep.shapes_sets(args.n, args.prompt_seed, exclude, kinds)
+        sets = rep.shapes_sets(args.n, args.prompt_seed, exclude, kinds, composed=args.prompt_composition)
     if real_folder is not None:
         real = {sets[0].name if len(sets) == 1 else "all": real_folder}
     else:
@@ -327,7 +335,8 @@ def evaluate(args: argparse.Namespace) -> None:
                 "guidance": args.sweep_guidance or rep.SWEEP_GUIDANCE,
                 "clip_guidance": args.sweep_clip_guidance or (args.clip_guidance,)}
         reports = [{**about, **r} for r in rep.sweep(pipe, sets, seeds, clip, extractor, references,
-                                                    batch_size=args.batch_size, **axes)]
+                                                    batch_size=args.batch_size,
+                                                    prompt_composition=args.prompt_composition, **axes)]
         args.out.write_text(json.dumps(reports, indent=2))
         args.out.with_suffix(".md").write_text(rep.sweep_markdown(reports))
         rep.plot_sweep(reports, args.out.with_suffix(".png"))
@@ -335,7 +344,8 @@ def evaluate(args: argparse.Namespace) -> None:
     else:
         report = {**about, **rep.evaluate(pipe, sets, seeds, clip, extractor, references, args.batch_size,
                                           num_inference_steps=args.steps, guidance_scale=args.guidance,
-                                          clip_guidance_scale=args.clip_guidance, clip_model=clip)}
+                                          clip_guidance_scale=args.clip_guidance, clip_model=clip,
+                                          prompt_composition=args.prompt_composition)}
         for name, images in report.pop("images").items():
             make_grid(images, cols=8).save(args.out.with_name(f"{args.out.stem}-{name}.png"))
         args.out.write_text(json.dumps(report, indent=2))

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from . import (adapters, checks, fast, guards, guidance, images, latents as latent_ops, loading, memory, previews,
-               recipes, schedulers, single_file, text)
+from . import (adapters, checks, composition, fast, guards, guidance, images, latents as latent_ops, loading, memory,
+               previews, recipes, schedulers, single_file, text)
 from .model_hash import ModelIdentity
 from .output import PipelineOutput
 from .sampling import ClassifierFree, StepCallback, denoise
@@ -211,6 +211,7 @@ class LatentDiffusionPipeline(memory.MemoryMethods, adapters.AdapterMethods):
         progress: bool = True,
         eta: float = 0.0,
         prompt_weighting: bool = False,
+        prompt_composition: bool = False,
         clip_guidance_scale: float = 0.0,
         clip_model=None,
         clip_guidance_every: int = 1,
@@ -224,7 +225,8 @@ class LatentDiffusionPipeline(memory.MemoryMethods, adapters.AdapterMethods):
         its seed; `generator=` behaves exactly as in diffusers. `strength` (image-to-image only)
         runs `int(num_inference_steps * strength)` steps. `callback(step, timestep, latents)`
         may return False to stop early. Prompts longer than the text encoder's 77 tokens are read in
-        75-token windows; `prompt_weighting=True` reads `(word:1.3)` weights (see `prompts.py`).
+        75-token windows; `prompt_weighting=True` reads `(word:1.3)` weights (see `prompts.py`), and
+        `prompt_composition=True` reads `A AND B :0.5` as composed prompts (see `composition.py`).
         `clip_guidance_scale > 0` steers every `clip_guidance_every`-th step up a CLIP's gradient
         (`clip_model`: default the bundled shapes CLIP; see `guidance.py`). `preview(images)` receives
         a cheap picture of the predicted clean image every `preview_every` steps (see `previews.py`).
@@ -249,6 +251,7 @@ class LatentDiffusionPipeline(memory.MemoryMethods, adapters.AdapterMethods):
                           latent_channels=self.unet.config.in_channels, context_dim=self.unet.config.cross_attention_dim,
                           max_steps=self.scheduler.config.get("num_train_timesteps"),
                           embeds=dict(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds))
+        composition.check_composition(prompt_composition, prompts)
         guidance.check_clip_guidance(clip_guidance_scale, clip_model, prompts, clip_guidance_every)
         previews.check_preview(preview, preview_every)
         reference = images.load_image(image) if image is not None else None
@@ -262,11 +265,13 @@ class LatentDiffusionPipeline(memory.MemoryMethods, adapters.AdapterMethods):
         if generator is None:
             seeds = latent_ops.seeds_for(seed, batch)
             generator = latent_ops.generators_for(seeds)
-        guided = guidance_scale > 1
-        cond, uncond = text.encode_prompts(self.tokenizer, self.text_encoder, prompts, negatives,
+        slots, part_weights = composition.split_prompts(prompts) if prompt_composition else ([prompts], None)
+        guided = guidance_scale > 1 or len(slots) > 1  # composed parts are each guided against the negative
+        cond, uncond = text.encode_prompts(self.tokenizer, self.text_encoder, composition.joined(slots),
+                                           composition.negatives_for(negatives, prompts, len(slots)),
                                            num_images_per_prompt, guided, prompt_embeds, negative_prompt_embeds,
                                            self.embedding_cache, prompt_weighting)
-        cond = cond.to(self.device, self.dtype)
+        cond, *others = cond.to(self.device, self.dtype).chunk(len(slots))
         uncond = uncond.to(self.device, self.dtype) if uncond is not None else None
 
         scheduler = schedulers.fresh_copy(self.scheduler)
@@ -286,6 +291,9 @@ class LatentDiffusionPipeline(memory.MemoryMethods, adapters.AdapterMethods):
         compiled = self.compiled and not adapters.unfused(self)  # a package holds no unfused LoRA layers
         unet = self.compiled.runner_for(self.unet, start.shape[1:], cond.shape[1:]) if compiled else self.unet
         guidances = [ClassifierFree(uncond, guidance_scale)] if uncond is not None else []
+        if others:
+            weights = part_weights.repeat_interleave(num_images_per_prompt, dim=1)
+            guidances = [composition.Composed(uncond, others, weights, guidance_scale)]
         if clip_guidance_scale > 0:
             texts = [p for p in prompts for _ in range(num_images_per_prompt)]
             guidances.append(guidance.ClipGuidance(guidance.clip_for(clip_model, self.device), self.vae, texts,

@@ -51,6 +51,7 @@ class Recipe:
     scheduler_config: dict | None = None  # the scheduler's whole config (None when read from A1111 text)
     eta: float = 0.0
     prompt_weighting: bool = False  # whether `(word:1.3)` was read as a weight (see prompts.py)
+    prompt_composition: bool = False  # whether `A AND B` was read as composed prompts (see composition.py)
     strength: float | None = None  # image-to-image only
     clip_guidance_scale: float = 0.0  # CLIP guidance (guidance.py); 0 = off
     clip_guidance_every: int = 1
@@ -277,8 +278,8 @@ def read_recipe(path: str | os.PathLike) -> Recipe:
 
 # fields that must agree for recipes to be drawn in one call (prompt, negative prompt and seed may differ)
 _CALL_FIELDS = ("num_inference_steps", "guidance_scale", "height", "width", "scheduler", "scheduler_config", "eta",
-                "prompt_weighting", "strength", "image_hash", "image_path", "model_hash", "steps_run",
-                "clip_guidance_scale", "clip_guidance_every", "clip_model", "loras")
+                "prompt_weighting", "prompt_composition", "strength", "image_hash", "image_path", "model_hash",
+                "steps_run", "clip_guidance_scale", "clip_guidance_every", "clip_model", "loras")
 
 
 def _scheduler_for(recipe: Recipe, pipe):
@@ -364,6 +365,7 @@ def reproduce(pipe, source, image=None, ignore_model_hash: bool = False, progres
                 height=first.height, width=first.width, seed=[r.seed for r in recipes], image=reference,
                 strength=first.strength if first.strength is not None else 0.8, eta=first.eta, callback=callback,
                 progress=progress, prompt_weighting=first.prompt_weighting,
+                prompt_composition=first.prompt_composition,
                 clip_guidance_scale=first.clip_guidance_scale, clip_guidance_every=first.clip_guidance_every,
                 clip_model=clip)
 

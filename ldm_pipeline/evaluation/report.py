@@ -16,7 +16,7 @@ import numpy as np
 import PIL.Image
 
 from ..images import load_image
-from ..training.shapes import caption, eval_scenes, render
+from ..training.shapes import caption, composed_caption, eval_scenes, render
 from .accuracy import KINDS, judge_images, scenes_for
 from .clip import Clip
 from .fid import FeatureStats, cached_stats, feature_stats, frechet_distance
@@ -38,14 +38,19 @@ class PromptSet:
     prompts: list[str]
     real: list[PIL.Image.Image] | None = None
     judged: bool = False
+    drawn: list[str] | None = None  # the texts the images are drawn from, where they differ from `prompts`
 
 
-def shapes_sets(n: int, seed: int = 0, exclude: set[str] = frozenset(), kinds=KINDS) -> list[PromptSet]:
-    """`n` shapes prompts per kind (seen pairs, held-out pairs, two objects, three objects) with their renders."""
+def shapes_sets(n: int, seed: int = 0, exclude: set[str] = frozenset(), kinds=KINDS,
+                composed: bool = False) -> list[PromptSet]:
+    """`n` shapes prompts per kind (seen pairs, held-out pairs, two objects, three objects) with their renders;
+    with `composed`, drawn from the captions with their objects joined by AND (`composed_caption`)."""
     sets = []
     for kind in kinds:
         scenes = scenes_for(kind, n, seed, exclude)
-        sets.append(PromptSet(kind, [caption(s) for s in scenes], [render(s) for s in scenes], judged=True))
+        drawn = [composed_caption(s) for s in scenes] if composed else None
+        sets.append(PromptSet(kind, [caption(s) for s in scenes], [render(s) for s in scenes], judged=True,
+                              drawn=drawn))
     return sets
 
 
@@ -176,8 +181,8 @@ def evaluate(pipe, sets: list[PromptSet], seeds: list[int], clip: Clip, extracto
     report = {"features": extractor.name, "clip": clip.name, "seeds": seeds_text(seeds), "sets": {}}
     generated, samples, seconds, last = [], {}, 0.0, None
     for prompt_set in sets:
-        images, last, spent = draw(pipe, prompt_set.prompts, seeds[:len(prompt_set.prompts)], batch_size,
-                                   **call_kwargs)
+        images, last, spent = draw(pipe, prompt_set.drawn or prompt_set.prompts, seeds[:len(prompt_set.prompts)],
+                                   batch_size, **call_kwargs)
         seconds += spent
         features = extractor(images)
         scores = _scores(images, prompt_set.prompts, features, references.get(prompt_set.name), clip,
@@ -188,7 +193,8 @@ def evaluate(pipe, sets: list[PromptSet], seeds: list[int], clip: Clip, extracto
         samples[prompt_set.name] = images[:32]
     report["settings"] = {"num_inference_steps": last.num_inference_steps, "scheduler": last.scheduler,
                           "guidance_scale": last.guidance_scale,
-                          "clip_guidance_scale": float(call_kwargs.get("clip_guidance_scale", 0.0))}
+                          "clip_guidance_scale": float(call_kwargs.get("clip_guidance_scale", 0.0)),
+                          "prompt_composition": bool(call_kwargs.get("prompt_composition", False))}
     if len(sets) > 1:
         real_features = [real[s.name][1] for s in sets if s.name in real]
         report["all"] = _pooled(report["sets"], generated, real_features, references.get("all"))
@@ -260,7 +266,7 @@ SWEEP_GUIDANCE = (2.0, 4.0, 7.5)
 def sweep(pipe, sets: list[PromptSet], seeds: list[int], clip: Clip, extractor,
           references: dict[str, FeatureStats] | None,
           steps=SWEEP_STEPS, schedulers=SWEEP_SCHEDULERS, guidance=SWEEP_GUIDANCE, batch_size: int = 25,
-          progress=print, clip_guidance=(0.0,)) -> list[dict]:
+          progress=print, clip_guidance=(0.0,), prompt_composition: bool = False) -> list[dict]:
     """`evaluate` for every (scheduler, steps, guidance, CLIP guidance); the pipeline's own scheduler is
     restored after. CLIP guidance steers with `clip`, the CLIP that also scores: read its CLIP score
     as optimised, not measured (the judge and FID are independent of it)."""
@@ -271,7 +277,7 @@ def sweep(pipe, sets: list[PromptSet], seeds: list[int], clip: Clip, extractor,
             pipe.set_scheduler(scheduler)
             report = evaluate(pipe, sets, seeds, clip, extractor, references, batch_size, real,
                               num_inference_steps=count, guidance_scale=scale, clip_guidance_scale=clip_scale,
-                              clip_model=clip)
+                              clip_model=clip, prompt_composition=prompt_composition)
             report.pop("images")
             reports.append(report)
             if progress:

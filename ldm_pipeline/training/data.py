@@ -67,18 +67,18 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
 
 def open_dataset(spec: str, length: int = 1_000_000, seed: int = 0, max_objects: int = 2,
-                 partial_captions: float = 0.0, three_objects_prob: float | None = None):
-    """`"shapes"` for the procedural shapes set (training split, scenes of up to `max_objects`
-    objects, `three_objects_prob` of them three when set, some captions partial at
-    `partial_captions`), else a folder with metadata.jsonl."""
+                 partial_captions: float = 0.0, three_objects_prob: float | None = None, split: str = "train"):
+    """`"shapes"` for the procedural shapes set (training split, or every pair with `split` "any";
+    scenes of up to `max_objects` objects, `three_objects_prob` of them three when set, some
+    captions partial at `partial_captions`), else a folder with metadata.jsonl."""
     if spec == "shapes":
         from .shapes import ShapesDataset
 
         return ShapesDataset.with_max_objects(length, seed=seed, max_objects=max_objects,
                                               partial_captions=partial_captions,
-                                              three_objects_prob=three_objects_prob)
+                                              three_objects_prob=three_objects_prob, split=split)
     for name, value, unset in (("max_objects", max_objects, 2), ("partial_captions", partial_captions, 0.0),
-                               ("three_objects_prob", three_objects_prob, None)):
+                               ("three_objects_prob", three_objects_prob, None), ("split", split, "train")):
         if value != unset:
             raise ValueError(f"`{name}`: got {value!r} for data {spec!r}; it applies to the shapes data only")
     return ImageFolderDataset(spec)

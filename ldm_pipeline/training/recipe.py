@@ -18,7 +18,7 @@ from pathlib import Path
 from .loop import LoopConfig
 
 STAGES = ("tokenizer", "clip", "vae", "unet")
-SHAPES_ONLY = ("max_objects", "partial_captions", "three_objects_prob")  # stage settings of the shapes data alone
+SHAPES_ONLY = ("max_objects", "partial_captions", "three_objects_prob", "split")  # stage settings of the shapes data alone
 FINETUNE_STAGE = "finetune"  # optional: finetune.json (then finetune2.json, ...), UNet stages that go on in turn
 DECODER_STAGE = "decoder"  # optional: decoder.json, a decoder-only VAE stage run after the UNet
 

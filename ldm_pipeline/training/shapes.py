@@ -101,6 +101,11 @@ def caption(scene: Scene) -> str:
     return " and ".join(_phrase(obj) for obj in scene.objects)
 
 
+def composed_caption(scene: Scene) -> str:
+    """The caption as a composed prompt: one part per object, joined by " AND " (see `composition.py`)."""
+    return " AND ".join(_phrase(obj) for obj in scene.objects)
+
+
 PARTIAL_NOUN = "shape"  # the noun of a phrase that names the colour only ("a red shape in the top left")
 
 
@@ -298,9 +303,12 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     @classmethod
     def with_max_objects(cls, length: int, seed: int = 0, max_objects: int = 2, partial_captions: float = 0.0,
-                         three_objects_prob: float | None = None) -> ShapesDataset:
-        """The training split with up to `max_objects` objects a scene (see `object_chances`)."""
-        return cls(length, seed, "train", *object_chances(max_objects, three_objects_prob),
+                         three_objects_prob: float | None = None, split: str = "train") -> ShapesDataset:
+        """The training split (or `split` "any", every pair) with up to `max_objects` objects a scene
+        (see `object_chances`)."""
+        if split not in ("train", "any"):
+            raise ValueError(f"`split`: got {split!r}; expected 'train' or 'any' (training data of several objects)")
+        return cls(length, seed, split, *object_chances(max_objects, three_objects_prob),
                    partial_captions=partial_captions)
 
     def __len__(self) -> int:

@@ -31,6 +31,7 @@ class VaeConfig:
     loop: LoopConfig
     data: str = "shapes"
     max_objects: int = 2  # shapes data: scenes of up to 2 objects (the bundled model) or 3
+    split: str = "train"  # shapes data: "train" (no held-out pair) or "any" (images of every pair; no captions are used)
     image_size: int = 64
     model: dict = field(default_factory=dict)  # diffusers AutoencoderKL settings
     kl_weight: float = 1e-6
@@ -102,7 +103,7 @@ def measure_scaling_factor(vae: AutoencoderKL, dataset, config: VaeConfig) -> fl
 
 def train_vae(config: VaeConfig, resume: bool = False, progress: bool = True) -> AutoencoderKL:
     """Train, measure the scaling factor, save in `output_dir/model` (diffusers layout) and return the VAE."""
-    dataset = data.open_dataset(config.data, seed=config.loop.seed, max_objects=config.max_objects)
+    dataset = data.open_dataset(config.data, seed=config.loop.seed, max_objects=config.max_objects, split=config.split)
     if config.init:
         check_stage_folder("init", config.init)
         vae = AutoencoderKL.from_pretrained(config.init).float()
