@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--prompt-composition", action="store_true",
                           help="read 'A AND B :0.5' as composed prompts, each part guiding on its own "
                                "(AUTOMATIC1111's AND; see README)")
+    generate.add_argument("--region", action="append", default=[], type=_region, metavar="L,T,R,B",
+                          help="with --prompt-composition: the box of the next AND part, as fractions of the image "
+                               "(0,0,0.5,0.5 is the top left quarter; 'all' for the whole image); one per part")
     generate.add_argument("--preview", type=Path, default=None, metavar="STRIP.png",
                           help="also write a strip of live previews (the predicted image every --preview-every "
                                "steps, a row per image) to this PNG")
@@ -118,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--prompt-composition", action="store_true",
                           help="read AND as composed prompts; the shapes prompts of several objects are drawn "
                                "with their objects joined by AND (and judged as written)")
+    evaluate.add_argument("--regions", action="store_true",
+                          help="with --prompt-composition: keep each object's part of a shapes prompt to the box "
+                               "of its position (a corner's quadrant, the middle for the center)")
     evaluate.add_argument("--batch-size", type=int, default=25)
     evaluate.add_argument("--device", default="cpu")
     evaluate.add_argument("--cache-dir", default=None, help="where real-image FID statistics are cached")
@@ -175,7 +181,21 @@ def train(args: argparse.Namespace) -> None:
 # generation settings that --from takes from the recipe instead (and their defaults, to notice them given)
 _RECIPE_OPTIONS = {"prompt": [], "negative_prompt": None, "steps": None, "guidance": None, "seed": None, "size": None,
                    "num_images": 1, "scheduler": None, "strength": 0.8, "clip_guidance": 0.0, "clip_model": None,
-                   "prompt_composition": False}
+                   "prompt_composition": False, "region": []}
+
+
+def _region(text: str) -> tuple[float, ...] | None:
+    """`L,T,R,B` (fractions of the image) or `all` -> a box for `regions=`; the pipeline checks the values."""
+    if text.strip().lower() == "all":
+        return None
+    try:
+        box = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"got {text!r}; expected L,T,R,B fractions such as 0,0,0.5,0.5, "
+                                         "or 'all'") from None
+    if len(box) != 4:
+        raise argparse.ArgumentTypeError(f"got {text!r}; expected four numbers L,T,R,B, or 'all'")
+    return box
 
 
 def _lora_spec(spec: str) -> tuple[str, float]:
@@ -273,6 +293,7 @@ def generate(args: argparse.Namespace) -> None:
                       num_images_per_prompt=args.num_images, seed=args.seed, image=args.image,
                       strength=args.strength, clip_guidance_scale=args.clip_guidance, clip_model=args.clip_model,
                       prompt_composition=args.prompt_composition,
+                      regions=[args.region] * len(args.prompt) if args.region else None,
                       preview=frames.append if args.preview else None, preview_every=args.preview_every)
         rows = len(args.prompt)
         if args.preview:
@@ -308,6 +329,9 @@ def evaluate(args: argparse.Namespace) -> None:
     kinds = tuple(args.kinds or KINDS)
     if set(kinds) - set(KINDS) or len(set(kinds)) < len(kinds):
         raise ValueError(f"--kinds: got {' '.join(args.kinds)!r}; expected some of {' '.join(KINDS)}, each once")
+    if args.regions and (not args.prompt_composition or args.prompts != "shapes"):
+        raise ValueError("--regions: applies to the shapes prompts with --prompt-composition (it boxes each "
+                         "object's part by its position word)")
     prompt_file = rep.file_set(args.prompts, args.n) if args.prompts != "shapes" else None
     real_folder = rep.folder_images(args.real) if args.real else None
     clip = Clip.from_pretrained(args.clip, device=args.device)
@@ -317,7 +341,8 @@ def evaluate(args: argparse.Namespace) -> None:
         sets = [prompt_file]
     else:
         exclude = training_captions(args.exclude_training) if args.exclude_training else set()
-        sets = rep.shapes_sets(args.n, args.prompt_seed, exclude, kinds, composed=args.prompt_composition)
+        sets = rep.shapes_sets(args.n, args.prompt_seed, exclude, kinds, composed=args.prompt_composition,
+                               regions=args.regions)
     if real_folder is not None:
         real = {sets[0].name if len(sets) == 1 else "all": real_folder}
     else:

@@ -212,6 +212,7 @@ class LatentDiffusionPipeline(memory.MemoryMethods, adapters.AdapterMethods):
         eta: float = 0.0,
         prompt_weighting: bool = False,
         prompt_composition: bool = False,
+        regions: list | None = None,
         clip_guidance_scale: float = 0.0,
         clip_model=None,
         clip_guidance_every: int = 1,
@@ -226,7 +227,8 @@ class LatentDiffusionPipeline(memory.MemoryMethods, adapters.AdapterMethods):
         runs `int(num_inference_steps * strength)` steps. `callback(step, timestep, latents)`
         may return False to stop early. Prompts longer than the text encoder's 77 tokens are read in
         75-token windows; `prompt_weighting=True` reads `(word:1.3)` weights (see `prompts.py`), and
-        `prompt_composition=True` reads `A AND B :0.5` as composed prompts (see `composition.py`).
+        `prompt_composition=True` reads `A AND B :0.5` as composed prompts, and `regions` gives each
+        part a (left, top, right, bottom) box of the image to guide (see `composition.py`).
         `clip_guidance_scale > 0` steers every `clip_guidance_every`-th step up a CLIP's gradient
         (`clip_model`: default the bundled shapes CLIP; see `guidance.py`). `preview(images)` receives
         a cheap picture of the predicted clean image every `preview_every` steps (see `previews.py`).
@@ -252,6 +254,7 @@ class LatentDiffusionPipeline(memory.MemoryMethods, adapters.AdapterMethods):
                           max_steps=self.scheduler.config.get("num_train_timesteps"),
                           embeds=dict(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds))
         composition.check_composition(prompt_composition, prompts)
+        regions = composition.check_regions(regions, prompt, prompts, prompt_composition)
         guidance.check_clip_guidance(clip_guidance_scale, clip_model, prompts, clip_guidance_every)
         previews.check_preview(preview, preview_every)
         reference = images.load_image(image) if image is not None else None
@@ -292,8 +295,10 @@ class LatentDiffusionPipeline(memory.MemoryMethods, adapters.AdapterMethods):
         unet = self.compiled.runner_for(self.unet, start.shape[1:], cond.shape[1:]) if compiled else self.unet
         guidances = [ClassifierFree(uncond, guidance_scale)] if uncond is not None else []
         if others:
-            weights = part_weights.repeat_interleave(num_images_per_prompt, dim=1)
-            guidances = [composition.Composed(uncond, others, weights, guidance_scale)]
+            weights = part_weights if regions is None else composition.region_weights(part_weights, regions,
+                                                                                      *start.shape[-2:])
+            guidances = [composition.Composed(uncond, others, weights.repeat_interleave(num_images_per_prompt, dim=1),
+                                              guidance_scale, regions)]
         if clip_guidance_scale > 0:
             texts = [p for p in prompts for _ in range(num_images_per_prompt)]
             guidances.append(guidance.ClipGuidance(guidance.clip_for(clip_model, self.device), self.vae, texts,

@@ -52,6 +52,7 @@ class Recipe:
     eta: float = 0.0
     prompt_weighting: bool = False  # whether `(word:1.3)` was read as a weight (see prompts.py)
     prompt_composition: bool = False  # whether `A AND B` was read as composed prompts (see composition.py)
+    regions: list | None = None  # composed prompts: each part's (left, top, right, bottom) box, or None
     strength: float | None = None  # image-to-image only
     clip_guidance_scale: float = 0.0  # CLIP guidance (guidance.py); 0 = off
     clip_guidance_every: int = 1
@@ -154,13 +155,15 @@ def recipes_of(output) -> list[Recipe]:
                   model=pipe.identity.name, model_hash=model_hash, steps_run=output.steps_run,
                   dtype=str(pipe.dtype).removeprefix("torch."), device=pipe.device.type, versions=_versions(),
                   not_reproducible=call.not_reproducible, prompt_weighting=call.prompt_weighting, **call.settings)
+    shared_regions = shared.pop("regions", None)  # per prompt, not per call
     recipes = []
     for i in range(count):
         row = i // call.images_per_prompt
         prompt = call.prompts[row] if call.prompts else ""
         negative = call.negatives[row] if call.negatives else ""
         seed = output.seeds[i] if output.seeds else None
-        recipes.append(Recipe(prompt=prompt, negative_prompt=negative, seed=seed, **shared))
+        regions = shared_regions[row] if shared_regions else None
+        recipes.append(Recipe(prompt=prompt, negative_prompt=negative, seed=seed, regions=regions, **shared))
     return recipes
 
 
@@ -366,6 +369,7 @@ def reproduce(pipe, source, image=None, ignore_model_hash: bool = False, progres
                 strength=first.strength if first.strength is not None else 0.8, eta=first.eta, callback=callback,
                 progress=progress, prompt_weighting=first.prompt_weighting,
                 prompt_composition=first.prompt_composition,
+                regions=[r.regions for r in recipes] if any(r.regions for r in recipes) else None,
                 clip_guidance_scale=first.clip_guidance_scale, clip_guidance_every=first.clip_guidance_every,
                 clip_model=clip)
 

@@ -116,3 +116,82 @@ def test_shapes_sets_draw_composed_captions_and_judge_the_plain_ones():
     assert three.prompts == plain.prompts and plain.drawn is None
     assert [d.replace(" AND ", " and ") for d in three.drawn] == three.prompts
     assert all(len(composition.split_prompt(d)) == 3 for d in three.drawn)
+
+
+# -- regions ---------------------------------------------------------------------------------
+
+TL, BR = (0.0, 0.0, 0.5, 0.5), (0.5, 0.5, 1.0, 1.0)
+
+
+def test_region_weights_keep_each_part_to_its_box_and_share_the_rest():
+    slots, weights = composition.split_prompts([f"{A} AND {B} :2", "p"])
+    masks = composition.region_weights(weights, [[TL, BR], None], 4, 4)
+    assert masks.shape == (2, 2, 1, 4, 4)
+    first, second = masks[0, 0, 0], masks[1, 0, 0]
+    assert first[:2, :2].eq(1).all() and first[2:, 2:].eq(0).all() and second[2:, 2:].eq(2).all()
+    assert second[:2, :2].eq(0).all()
+    # the quadrants in no box are shared: half of each part's weight
+    assert first[:2, 2:].eq(0.5).all() and second[2:, :2].eq(1.0).all()
+    assert masks[0, 1].eq(1).all() and masks[1, 1].eq(0).all()  # no regions: its weights everywhere
+    whole = composition.region_weights(weights, [[None, TL], None], 4, 4)
+    assert whole[0, 0].eq(1).all() and whole[1, 0, 0, :2, :2].eq(2).all() and whole[1, 0, 0, 2:].eq(0).all()
+
+
+@pytest.mark.parametrize("regions, error, match", [
+    ([TL, BR], ValueError, r"pass prompt_composition=True"),
+    ("TL", TypeError, r"`regions`: got str"),
+    ([TL], ValueError, r"prompt 0 has 2 part\(s\)"),
+    ([TL, (0.5, 0.5, 0.5, 1.0)], ValueError, r"prompt 0, part 1 is \(0.5, 0.5, 0.5, 1.0\); expected 0 <= left < right"),
+    ([TL, (0, 0, 1.5, 1)], ValueError, r"0 <= left < right <= 1"),
+    ([TL, (0, 0, float("nan"), 1)], ValueError, r"expected \(left, top, right, bottom\)"),
+    ([TL, (0, 0, 1)], ValueError, r"expected \(left, top, right, bottom\)"),
+    ([TL, (0, 0, True, 1)], ValueError, r"expected \(left, top, right, bottom\)"),
+])
+def test_bad_regions_are_refused_before_the_text_encoder_runs(pipe, monkeypatch, regions, error, match):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the text encoder ran")
+
+    monkeypatch.setattr(pipe.text_encoder, "forward", forbidden)
+    with pytest.raises(error, match=match):
+        pipe(f"{A} AND {B}", regions=regions, prompt_composition=match != r"pass prompt_composition=True", **FAST)
+
+
+def test_regions_per_prompt_for_a_list_of_prompts(pipe):
+    with pytest.raises(ValueError, match=r"`regions`: 1 lists of boxes for 2 prompts"):
+        pipe([f"{A} AND {B}", A], regions=[[TL, BR]], prompt_composition=True, **FAST)
+    plain = pipe([f"{A} AND {B}", A], seed=0, prompt_composition=True, **FAST).images
+    # boxes of None are the whole image: the same pixels as no regions
+    assert np.array_equal(pipe([f"{A} AND {B}", A], seed=0, prompt_composition=True, regions=[[None, None], None],
+                               **FAST).images, plain)
+    boxed = pipe([f"{A} AND {B}", A], seed=0, prompt_composition=True, regions=[[TL, BR], None], **FAST).images
+    assert not np.allclose(boxed[0], plain[0], atol=1e-3)
+    np.testing.assert_allclose(boxed[1], plain[1], atol=1e-5)  # the prompt without regions is unchanged
+
+
+def test_regions_are_in_the_recipe_and_draw_again(pipe, model, tmp_path):
+    result = pipe(f"{A} AND {B}", seed=2, num_inference_steps=3, progress=False, prompt_composition=True,
+                  regions=[TL, BR])
+    [path] = result.save(tmp_path / "regions.png")
+    assert read_recipe(path).regions == [list(TL), list(BR)]
+    again = pipe.reproduce(path, progress=False)
+    assert np.array_equal(np.asarray(again.images[0]), np.asarray(result.images[0]))
+    out = tmp_path / "cli.png"
+    assert main(["generate", f"{A} AND {B}", "--prompt-composition", "--region", "0,0,0.5,0.5", "--region", "all",
+                 "--model", str(model), "--steps", "2", "--seed", "1", "--size", "16x16", "--out", str(out)]) == 0
+    assert read_recipe(out).regions == [[0, 0, 0.5, 0.5], None]
+    assert main(["generate", f"{A} AND {B}", "--prompt-composition", "--region", "0,0,0.5,0.5",
+                 "--model", str(model), "--steps", "2", "--out", str(out)]) == 2  # one box for two parts
+
+
+def test_every_shapes_object_lies_in_its_positions_box():
+    from ldm_pipeline.evaluation import report as rep
+    from ldm_pipeline.training.shapes import ShapesDataset, scene_regions
+
+    data = ShapesDataset.with_max_objects(600, seed=9, max_objects=3)
+    for i in range(600):
+        scene = data.scene(i)
+        for obj, (left, top, right, bottom) in zip(scene.objects, scene_regions(scene), strict=True):
+            x0, y0, x1, y1 = obj.bbox
+            assert left <= x0 and x1 <= right and top <= y0 and y1 <= bottom, (obj, i)
+    [three] = rep.shapes_sets(4, seed=5, kinds=("three",), regions=True)
+    assert all(len(r) == 3 for r in three.regions) and all(" AND " in d for d in three.drawn)

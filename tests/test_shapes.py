@@ -150,3 +150,20 @@ def test_eval_prompts():
         assert not {(first.colour, first.shape), (second.colour, second.shape)} & HELD_OUT_PAIRS
     with pytest.raises(ValueError, match="kind"):
         eval_prompts("unseen", 3, 0)
+
+
+def test_split_any_shows_held_out_pairs_for_a_vae_and_is_refused_elsewhere():
+    from ldm_pipeline.training.data import open_dataset
+    from ldm_pipeline.training.vae import VaeConfig
+
+    data = open_dataset("shapes", length=400, seed=2, max_objects=3, split="any")
+    pairs = {(o.colour, o.shape) for i in range(400) for o in data.scene(i).objects}
+    assert HELD_OUT_PAIRS <= pairs and len(pairs) == len(COLOURS) * len(SHAPES)
+    assert max(len(data.scene(i).objects) for i in range(400)) == 3
+    train = open_dataset("shapes", length=400, seed=2, max_objects=3)
+    assert not HELD_OUT_PAIRS & {(o.colour, o.shape) for i in range(400) for o in train.scene(i).objects}
+    assert VaeConfig(loop=None, split="any").split == "any"
+    with pytest.raises(ValueError, match=r"`split`: got 'held_out'; expected 'train' or 'any'"):
+        open_dataset("shapes", split="held_out")
+    with pytest.raises(ValueError, match=r"`split`: got 'any' for data 'some/folder'"):
+        open_dataset("some/folder", split="any")

@@ -84,3 +84,20 @@ def test_a_recipe_with_decoder_json_runs_it_last_and_assembles_with_it(tmp_path,
     recipe_module.run_recipe(folder, tmp_path / "run", tmp_path / "out")
     assert ran == ["tokenizer", "clip", "vae", "unet", "decoder"]
     assert assembled["vae"] == str(tmp_path / "run" / "decoder" / "model")
+
+
+def test_the_shipped_recipe_ends_with_a_decoder_fine_tune_on_every_pair(tmp_path, monkeypatch):
+    from ldm_pipeline.training import recipe as recipe_module
+    from ldm_pipeline.training import unet as unet_module
+
+    source = recipe_module.Path(__file__).parents[1] / "configs" / "shapes"
+    ran, assembled = [], {}
+    monkeypatch.setattr(recipe_module, "run_stage", lambda path, *a, **k: ran.append(recipe_module.Path(path).stem))
+    monkeypatch.setattr(unet_module, "assemble", lambda clip, vae, unet, *a, **k: assembled.update(vae=vae, unet=unet))
+    recipe_module.run_recipe(source, tmp_path / "run", tmp_path / "out")
+    assert ran == ["tokenizer", "clip", "vae", "unet", "finetune", "finetune2", "finetune3", "decoder"]
+    assert assembled["vae"] == str(tmp_path / "run" / "decoder" / "model")
+    assert assembled["unet"] == tmp_path / "run" / "finetune3" / "model"
+    stage, config = recipe_module.read_stage(source / "decoder.json", tmp_path / "run")
+    assert (stage, config.split, config.train_encoder, config.init) == ("vae", "any", False,
+                                                                        str(tmp_path / "run" / "vae" / "model"))

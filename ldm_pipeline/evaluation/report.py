@@ -16,7 +16,7 @@ import numpy as np
 import PIL.Image
 
 from ..images import load_image
-from ..training.shapes import caption, composed_caption, eval_scenes, render
+from ..training.shapes import caption, composed_caption, eval_scenes, render, scene_regions
 from .accuracy import KINDS, judge_images, scenes_for
 from .clip import Clip
 from .fid import FeatureStats, cached_stats, feature_stats, frechet_distance
@@ -39,18 +39,20 @@ class PromptSet:
     real: list[PIL.Image.Image] | None = None
     judged: bool = False
     drawn: list[str] | None = None  # the texts the images are drawn from, where they differ from `prompts`
+    regions: list | None = None  # per drawn text, its parts' boxes (`regions=`), for composed prompts
 
 
 def shapes_sets(n: int, seed: int = 0, exclude: set[str] = frozenset(), kinds=KINDS,
-                composed: bool = False) -> list[PromptSet]:
+                composed: bool = False, regions: bool = False) -> list[PromptSet]:
     """`n` shapes prompts per kind (seen pairs, held-out pairs, two objects, three objects) with their renders;
-    with `composed`, drawn from the captions with their objects joined by AND (`composed_caption`)."""
+    with `composed`, drawn from the captions with their objects joined by AND (`composed_caption`), and
+    with `regions` too each object's part kept to its position's box (`scene_regions`)."""
     sets = []
     for kind in kinds:
         scenes = scenes_for(kind, n, seed, exclude)
-        drawn = [composed_caption(s) for s in scenes] if composed else None
+        drawn = [composed_caption(s) for s in scenes] if composed or regions else None
         sets.append(PromptSet(kind, [caption(s) for s in scenes], [render(s) for s in scenes], judged=True,
-                              drawn=drawn))
+                              drawn=drawn, regions=[scene_regions(s) for s in scenes] if regions else None))
     return sets
 
 
@@ -116,10 +118,14 @@ def seeds_text(seeds: list[int]) -> str:
     return ",".join(map(str, seeds))
 
 
-def draw(pipe, prompts: list[str], seeds: list[int], batch_size: int = 25, **call_kwargs):
-    """Images for `prompts`, image i from `seeds[i]`; returns (images, the last call's output, seconds)."""
+def draw(pipe, prompts: list[str], seeds: list[int], batch_size: int = 25, regions: list | None = None,
+         **call_kwargs):
+    """Images for `prompts`, image i from `seeds[i]` (and `regions[i]`, for composed prompts); returns
+    (images, the last call's output, seconds)."""
     images, result, start = [], None, time.perf_counter()
     for i in range(0, len(prompts), batch_size):
+        if regions is not None:
+            call_kwargs["regions"] = regions[i:i + batch_size]
         result = pipe(prompts[i:i + batch_size], seed=seeds[i:i + batch_size], progress=False, **call_kwargs)
         images += result.images
     return images, result, time.perf_counter() - start
@@ -182,7 +188,7 @@ def evaluate(pipe, sets: list[PromptSet], seeds: list[int], clip: Clip, extracto
     generated, samples, seconds, last = [], {}, 0.0, None
     for prompt_set in sets:
         images, last, spent = draw(pipe, prompt_set.drawn or prompt_set.prompts, seeds[:len(prompt_set.prompts)],
-                                   batch_size, **call_kwargs)
+                                   batch_size, prompt_set.regions, **call_kwargs)
         seconds += spent
         features = extractor(images)
         scores = _scores(images, prompt_set.prompts, features, references.get(prompt_set.name), clip,
@@ -194,7 +200,8 @@ def evaluate(pipe, sets: list[PromptSet], seeds: list[int], clip: Clip, extracto
     report["settings"] = {"num_inference_steps": last.num_inference_steps, "scheduler": last.scheduler,
                           "guidance_scale": last.guidance_scale,
                           "clip_guidance_scale": float(call_kwargs.get("clip_guidance_scale", 0.0)),
-                          "prompt_composition": bool(call_kwargs.get("prompt_composition", False))}
+                          "prompt_composition": bool(call_kwargs.get("prompt_composition", False)),
+                          "regions": any(s.regions is not None for s in sets)}
     if len(sets) > 1:
         real_features = [real[s.name][1] for s in sets if s.name in real]
         report["all"] = _pooled(report["sets"], generated, real_features, references.get("all"))

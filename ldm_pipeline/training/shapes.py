@@ -106,6 +106,18 @@ def composed_caption(scene: Scene) -> str:
     return " AND ".join(_phrase(obj) for obj in scene.objects)
 
 
+# Each position word's box (left, top, right, bottom, fractions of the side): the quadrant of a corner,
+# the middle of the picture for the center; every object of the data lies inside its position's box.
+POSITION_BOXES = {"top left": (0.0, 0.0, 0.5, 0.5), "top right": (0.5, 0.0, 1.0, 0.5),
+                  "bottom left": (0.0, 0.5, 0.5, 1.0), "bottom right": (0.5, 0.5, 1.0, 1.0),
+                  "center": (0.25, 0.25, 0.75, 0.75)}
+
+
+def scene_regions(scene: Scene) -> list[tuple[float, float, float, float]]:
+    """The box of each object's position, in the order of `composed_caption`'s parts (`regions=`)."""
+    return [POSITION_BOXES[obj.position] for obj in scene.objects]
+
+
 PARTIAL_NOUN = "shape"  # the noun of a phrase that names the colour only ("a red shape in the top left")
 
 
