@@ -239,7 +239,9 @@ class LatentDiffusionPipeline(memory.MemoryMethods, adapters.AdapterMethods):
         """
         if num_inference_steps is None:
             num_inference_steps = self.defaults["num_inference_steps"]
-        guidance_scale = self.defaults["guidance_scale"] if guidance_scale is None else guidance_scale
+        if guidance_scale is None:  # a model may store its best scale for composed prompts in regions apart
+            key = "regions_guidance_scale" if regions is not None and prompt_composition is True else "guidance_scale"
+            guidance_scale = self.defaults.get(key, self.defaults["guidance_scale"])
         prompts = checks.prompts_of(prompt, prompt_embeds)
         num_prompts = len(prompts) if prompts is not None else prompt_embeds.shape[0]
         negatives = checks.negatives_of(negative_prompt, num_prompts, negative_prompt_embeds, prompt_embeds)

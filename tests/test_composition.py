@@ -195,3 +195,19 @@ def test_every_shapes_object_lies_in_its_positions_box():
             assert left <= x0 and x1 <= right and top <= y0 and y1 <= bottom, (obj, i)
     [three] = rep.shapes_sets(4, seed=5, kinds=("three",), regions=True)
     assert all(len(r) == 3 for r in three.regions) and all(" AND " in d for d in three.drawn)
+
+
+def test_a_model_may_store_its_guidance_for_composed_prompts_in_regions(components, tmp_path):
+    from ldm_pipeline import LatentDiffusionPipeline
+
+    pipe = LatentDiffusionPipeline(**components, defaults={"guidance_scale": 4.0, "regions_guidance_scale": 1.5})
+    assert pipe(f"{A} AND {B}", prompt_composition=True, regions=[TL, BR], seed=0, **FAST).guidance_scale == 1.5
+    assert pipe(f"{A} AND {B}", prompt_composition=True, seed=0, **FAST).guidance_scale == 4.0
+    assert pipe(A, seed=0, **FAST).guidance_scale == 4.0
+    assert pipe(f"{A} AND {B}", prompt_composition=True, regions=[TL, BR], guidance_scale=3.0, seed=0,
+                **FAST).guidance_scale == 3.0
+    again = LatentDiffusionPipeline.from_pretrained(pipe.save_pretrained(tmp_path / "model"))
+    assert again.defaults["regions_guidance_scale"] == 1.5
+    # a model without the key uses its guidance_scale for regions too
+    plain = LatentDiffusionPipeline(**components, defaults={"guidance_scale": 4.0})
+    assert plain(f"{A} AND {B}", prompt_composition=True, regions=[TL, BR], seed=0, **FAST).guidance_scale == 4.0
