@@ -295,12 +295,13 @@ class LatentDiffusionPipeline(memory.MemoryMethods, adapters.AdapterMethods):
 
         compiled = self.compiled and not adapters.unfused(self)  # a package holds no unfused LoRA layers
         unet = self.compiled.runner_for(self.unet, start.shape[1:], cond.shape[1:]) if compiled else self.unet
-        guidances = [ClassifierFree(uncond, guidance_scale)] if uncond is not None else []
-        if others:
+        if others:  # composed prompts (uncond is always encoded for them)
             weights = part_weights if regions is None else composition.region_weights(part_weights, regions,
                                                                                       *start.shape[-2:])
             guidances = [composition.Composed(uncond, others, weights.repeat_interleave(num_images_per_prompt, dim=1),
                                               guidance_scale, regions)]
+        else:
+            guidances = [ClassifierFree(uncond, guidance_scale)] if uncond is not None else []
         if clip_guidance_scale > 0:
             texts = [p for p in prompts for _ in range(num_images_per_prompt)]
             guidances.append(guidance.ClipGuidance(guidance.clip_for(clip_model, self.device), self.vae, texts,

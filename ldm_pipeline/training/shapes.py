@@ -89,8 +89,8 @@ def _phrase(obj: ShapeObject) -> str:
     return f"{_article(words[0])} {' '.join(words)} in the {obj.position}"
 
 
-def caption(scene: Scene) -> str:
-    """The caption of a scene: one phrase per object, joined by " and ".
+def caption(scene: Scene, joiner: str = " and ") -> str:
+    """The caption of a scene: one phrase per object, joined by `joiner`.
 
     Args:
         scene: the scene to describe.
@@ -98,12 +98,12 @@ def caption(scene: Scene) -> str:
     Returns:
         e.g. "an orange circle in the top left and a large blue square in the bottom right".
     """
-    return " and ".join(_phrase(obj) for obj in scene.objects)
+    return joiner.join(_phrase(obj) for obj in scene.objects)
 
 
 def composed_caption(scene: Scene) -> str:
     """The caption as a composed prompt: one part per object, joined by " AND " (see `composition.py`)."""
-    return " AND ".join(_phrase(obj) for obj in scene.objects)
+    return caption(scene, " AND ")
 
 
 # Each position word's box (left, top, right, bottom, fractions of the side): the quadrant of a corner,
