@@ -49,6 +49,18 @@ def test_compiled_pipeline_draws_the_eager_pixels_and_skips_the_eager_unet(compo
     assert_same_pixels(got, expected)
 
 
+def test_the_text_keys_and_values_are_computed_once_per_call_not_per_step(components, cache, monkeypatch):
+    pipe = LatentDiffusionPipeline(**components).compile(cache_dir=cache, verbose=False)
+    calls = []
+    real = fast.keys_values
+    monkeypatch.setattr(fast, "keys_values", lambda *args: calls.append(1) or real(*args))
+    got = draw(pipe, num_inference_steps=5)
+    assert len(calls) == 1
+    assert_same_pixels(got, draw(LatentDiffusionPipeline(**components), num_inference_steps=5))
+    draw(pipe, num_inference_steps=5, negative_prompt="a blue square")  # a new context, new keys
+    assert len(calls) == 2
+
+
 def test_a_new_process_reuses_the_package_from_disk(components, cache, monkeypatch):
     LatentDiffusionPipeline(**components).compile(cache_dir=cache, verbose=False)  # built by now, or here
     monkeypatch.setattr(fast, "build_package", lambda *a, **k: pytest.fail("rebuilt a cached package"))
