@@ -1,7 +1,9 @@
 """A prompt file rendered into a folder, resumably, split across processes with accelerate.
 
 `ldm generate --prompts FILE --out DIR` reads one job per line: a plain prompt, or a JSON
-object with `prompt` and optionally `seed`, `negative_prompt`, `steps`. Job n (its line
+object with `prompt` and optionally `seed`, `negative_prompt`, `steps`, `prompt_composition`
+(read AND as composed parts; default: `--prompt-composition`) and `regions` (a box or null per
+AND part, as `pipe(..., regions=)`). Job n (its line
 number, from 1) is written to `DIR/<n, six digits>-<seed>.png` with its recipe, atomically, so
 a finished file is always whole and a rerun skips it. Under `accelerate launch` every process
 lists what is left, then takes its share with `PartialState().split_between_processes`; each
@@ -19,11 +21,12 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .composition import check_regions
 from .files import atomic_path
 from .recipes import write_png
 
 MANIFEST = "manifest.jsonl"
-JOB_KEYS = {"prompt", "seed", "negative_prompt", "steps"}
+JOB_KEYS = {"prompt", "seed", "negative_prompt", "steps", "prompt_composition", "regions"}
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,8 @@ class Job:
     seed: int  # from the line, or the base seed plus the line number
     negative_prompt: str | None = None
     steps: int | None = None  # None: the pipeline's default
+    prompt_composition: bool = False
+    regions: list | None = None  # a (left, top, right, bottom) box or None per AND part
 
     @property
     def file_name(self) -> str:
@@ -46,12 +51,12 @@ def _is_int(value) -> bool:
 
 
 def read_prompt_file(path: str | os.PathLike, base_seed: int = 0, steps: int | None = None,
-                     negative_prompt: str | None = None) -> list[Job]:
+                     negative_prompt: str | None = None, prompt_composition: bool = False) -> list[Job]:
     """The jobs of a prompt file: a prompt per line, or JSON lines; blank lines and `#` comments are skipped.
 
     Args:
         base_seed: a line with no seed of its own gets `base_seed + its line number`.
-        steps, negative_prompt: for lines that do not give their own.
+        steps, negative_prompt, prompt_composition: for lines that do not give their own.
 
     Raises:
         ValueError naming the line, for a line that is not a valid job, before any model loads.
@@ -69,7 +74,7 @@ def read_prompt_file(path: str | os.PathLike, base_seed: int = 0, steps: int | N
             continue
         where = f"`--prompts`: {path.name} line {number}"
         if not text.startswith("{"):
-            jobs.append(Job(number, text, base_seed + number, negative_prompt, steps))
+            jobs.append(Job(number, text, base_seed + number, negative_prompt, steps, prompt_composition))
             continue
         try:
             entry = json.loads(text)
@@ -89,7 +94,16 @@ def read_prompt_file(path: str | os.PathLike, base_seed: int = 0, steps: int | N
         negative = entry.get("negative_prompt", negative_prompt)
         if negative is not None and not isinstance(negative, str):
             raise ValueError(f"{where}: \"negative_prompt\" must be a string, got {negative!r}")
-        jobs.append(Job(number, entry["prompt"], seed, negative, line_steps))
+        composed = entry.get("prompt_composition", prompt_composition)
+        if not isinstance(composed, bool):
+            raise ValueError(f"{where}: \"prompt_composition\" must be true or false, got {composed!r}")
+        regions = entry.get("regions")
+        if regions is not None:
+            try:
+                check_regions(regions, entry["prompt"], [entry["prompt"]], composed)
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"{where}: {error}") from None
+        jobs.append(Job(number, entry["prompt"], seed, negative, line_steps, composed, regions))
     if not jobs:
         raise ValueError(f"`--prompts`: {str(path)!r} holds no prompt")
     return jobs
@@ -119,7 +133,8 @@ def render(pipe, jobs: list[Job], out_dir: str | os.PathLike, progress: bool = T
                    disable=not progress, position=state.process_index)
         for job in bar:
             result = pipe(job.prompt, negative_prompt=job.negative_prompt, num_inference_steps=job.steps,
-                          seed=job.seed, progress=False, **call_kwargs)
+                          seed=job.seed, prompt_composition=job.prompt_composition, regions=job.regions,
+                          progress=False, **call_kwargs)
             written.append(write_png(result.images[0], out / job.file_name, result.recipes()))
     state.wait_for_everyone()
     if state.is_main_process:

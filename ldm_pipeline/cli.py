@@ -56,9 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
                                "model, size and batch compiles it (about a minute), later runs load it from the cache")
     generate.add_argument("--prompts", type=Path, default=None, metavar="FILE",
                           help="render a prompt file (a prompt per line, or JSON lines with prompt, seed, "
-                               "negative_prompt, steps) into the folder --out, resumably; under accelerate launch "
-                               "the prompts are split across processes. --seed, --steps and --negative-prompt are "
-                               "the defaults for lines that do not say (a line's seed: --seed plus its number)")
+                               "negative_prompt, steps, prompt_composition, regions) into the folder --out, "
+                               "resumably; under accelerate launch the prompts are split across processes. --seed, "
+                               "--steps, --negative-prompt and --prompt-composition are the defaults for lines that "
+                               "do not say (a line's seed: --seed plus its number)")
     generate.add_argument("--low-memory", action="store_true",
                           help="for small GPUs: attention and VAE slicing, VAE tiling and, on a GPU, model CPU "
                                "offload (each model on the GPU only while it runs); same pixels but for tiling")
@@ -214,14 +215,14 @@ def _prompt_jobs(args: argparse.Namespace):
     from .batch import read_prompt_file
 
     clashes = [flag for flag, given in (("prompt", bool(args.prompt)), ("--from", args.source is not None),
-                                        ("--image", args.image is not None), ("--num-images", args.num_images != 1))
-               if given]
+                                        ("--image", args.image is not None), ("--num-images", args.num_images != 1),
+                                        ("--region", bool(args.region))) if given]
     if clashes:
         raise ValueError(f"--prompts: the prompt file gives the prompts, an image each; drop {', '.join(clashes)}")
     if args.out.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp") or args.out.is_file():
         raise ValueError(f"--out: got {str(args.out)!r}; with --prompts it is a folder to render into")
     return read_prompt_file(args.prompts, base_seed=args.seed or 0, steps=args.steps,
-                            negative_prompt=args.negative_prompt)
+                            negative_prompt=args.negative_prompt, prompt_composition=args.prompt_composition)
 
 
 def generate(args: argparse.Namespace) -> None:

@@ -53,6 +53,11 @@ def test_prompt_file_lines_become_jobs(prompt_file):
     ('{"prompt": "a cat", "seed": -1}', r"line 2: \"seed\" must be an integer"),
     ('{"prompt": "a cat", "steps": 0}', r"line 2: \"steps\" must be an integer >= 1"),
     ('{"prompt": "a cat"', r"line 2: not valid JSON"),
+    ('{"prompt": "a cat", "prompt_composition": "yes"}', r"line 2: \"prompt_composition\" must be true or false"),
+    ('{"prompt": "a cat AND a dog", "regions": [null, null]}', r"line 2: `regions`: .*prompt_composition=True"),
+    ('{"prompt": "a cat AND a dog", "prompt_composition": true, "regions": [[0, 0, 1, 1]]}',
+     r"line 2: `regions`: prompt 0 has 2 part\(s\)"),
+    ('{"prompt": "a cat", "prompt_composition": true, "regions": [[0, 0, 2, 1]]}', r"line 2: `regions`: .*part 0"),
 ])
 def test_a_bad_line_is_named_before_any_model_loads(tmp_path, line, message):
     path = tmp_path / "bad.jsonl"
@@ -73,7 +78,7 @@ def test_a_folder_is_rendered_with_recipes_a_manifest_and_resumed(model, prompt_
     manifest = [json.loads(line) for line in files[MANIFEST].decode().splitlines()]
     assert [m["file"] for m in manifest] == sorted(n for n in files if n != MANIFEST)
     assert manifest[1] == {"file": "000004-42.png", "line": 4, "prompt": "a dog", "seed": 42,
-                           "negative_prompt": "blurry", "steps": 3}
+                           "negative_prompt": "blurry", "steps": 3, "prompt_composition": False, "regions": None}
     assert "wrote 5 image(s)" in capsys.readouterr().out
     # a rerun draws nothing; one lost image is drawn again, the same bytes
     assert _generate(model, prompt_file, out) == 0 and "wrote 0 image(s)" in capsys.readouterr().out
@@ -108,3 +113,30 @@ def test_two_processes_under_accelerate_write_the_bytes_one_process_writes(model
     reports = re.findall(r"wrote (\d+) image\(s\) into (.+?) \(5 in prompts\.txt; see manifest\.jsonl\)", run.stdout)
     assert sorted(reports) == [("2", str(shared)), ("3", str(shared))]  # 3 + 2 split
     assert _files(shared) == _files(single)
+
+
+def test_composed_lines_with_regions_draw_what_the_pipeline_draws(model, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from ldm_pipeline import LatentDiffusionPipeline
+
+    prompt = "a red circle in the top left AND a blue square in the bottom right"
+    boxes = [[0, 0, 0.5, 0.5], [0.5, 0.5, 1, 1]]
+    path = tmp_path / "composed.jsonl"
+    path.write_text(json.dumps({"prompt": prompt, "seed": 3, "regions": boxes}) + "\n" + prompt + "\n")
+    jobs = read_prompt_file(path, prompt_composition=True)
+    assert [(j.prompt_composition, j.regions) for j in jobs] == [(True, boxes), (True, None)]
+    with pytest.raises(ValueError, match="line 1: `regions`: boxes belong to the parts of a composed prompt"):
+        read_prompt_file(path)  # regions, but AND read as plain words
+    out = tmp_path / "out"
+    assert _generate(model, path, out, "--prompt-composition") == 0
+    pipe = LatentDiffusionPipeline.from_pretrained(str(model))
+    expected = pipe(prompt, seed=3, num_inference_steps=2, height=16, width=16, prompt_composition=True,
+                    regions=boxes, progress=False).images[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "000001-3.png").convert("RGB")), np.asarray(expected))
+    recipe = read_recipe(out / "000001-3.png")
+    assert recipe.prompt_composition and recipe.regions == boxes
+    assert read_recipe(out / "000002-102.png").regions is None
+    assert main(["generate", "--prompts", str(path), "--model", str(model), "--region", "all", "--out", str(out)]) == 2
+    assert "drop --region" in capsys.readouterr().err
