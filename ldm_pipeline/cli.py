@@ -187,16 +187,12 @@ _RECIPE_OPTIONS = {"prompt": [], "negative_prompt": None, "steps": None, "guidan
 
 def _region(text: str) -> tuple[float, ...] | None:
     """`L,T,R,B` (fractions of the image) or `all` -> a box for `regions=`; the pipeline checks the values."""
-    if text.strip().lower() == "all":
-        return None
+    from .composition import parse_box
+
     try:
-        box = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"got {text!r}; expected L,T,R,B fractions such as 0,0,0.5,0.5, "
-                                         "or 'all'") from None
-    if len(box) != 4:
-        raise argparse.ArgumentTypeError(f"got {text!r}; expected four numbers L,T,R,B, or 'all'")
-    return box
+        return parse_box(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _lora_spec(spec: str) -> tuple[str, float]:

@@ -91,6 +91,27 @@ def _box(value, where: str) -> Box | None:
     return left, top, right, bottom
 
 
+def parse_box(text: str) -> Box | None:
+    """`L,T,R,B` (fractions of the image) or `all` -> a box for `regions=` (None for `all`); the
+    pipeline checks the values. Raises ValueError naming the text."""
+    if text.strip().lower() == "all":
+        return None
+    try:
+        box = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"got {text!r}; expected L,T,R,B fractions such as 0,0,0.5,0.5, or 'all'") from None
+    if len(box) != 4:
+        raise ValueError(f"got {text!r}; expected four numbers L,T,R,B, or 'all'")
+    return box
+
+
+def parse_regions(text: str) -> list[Box | None] | None:
+    """`L,T,R,B; L,T,R,B; all` -> a box per AND part (the web page's field); None for empty text."""
+    if not text.strip():
+        return None
+    return [parse_box(part) for part in text.split(";")]
+
+
 def check_regions(regions, prompt, prompts: list[str] | None, composed: bool) -> list[list[Box | None] | None] | None:
     """Refuse bad `regions` before any work; return them per prompt (None: that prompt has none).
 

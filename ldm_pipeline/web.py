@@ -35,6 +35,7 @@ if "gradio" not in sys.modules and "GRADIO_TEMP_DIR" not in os.environ:
 import gradio as gr  # noqa: E402
 import PIL.Image  # noqa: E402
 
+from .composition import parse_regions  # noqa: E402
 from .schedulers import SCHEDULERS  # noqa: E402
 
 MODEL_SCHEDULER = "model default"  # the scheduler the pipeline already has
@@ -151,8 +152,10 @@ def _drawn(drawing) -> PIL.Image.Image | None:
 
 def _settings(pipe):
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    regions_guidance = pipe.defaults.get("regions_guidance_scale")
     return dict(steps=int(pipe.defaults["num_inference_steps"]), guidance=float(pipe.defaults["guidance_scale"]),
-                size=int(size), multiple=int(pipe.vae_scale_factor))
+                size=int(size), multiple=int(pipe.vae_scale_factor),
+                regions_guidance=None if regions_guidance is None else float(regions_guidance))
 
 
 def _whole(name: str, value) -> int:
@@ -182,22 +185,23 @@ def build_app(pipe, title: str = "ldm-pipeline") -> gr.Blocks:
 
     # The inputs' defaults are the components' values (shown by `Client.view_api()`), not Python defaults.
     def generate(prompt: str, negative_prompt: str, steps: float, guidance: float, scheduler: str, width: float,
-                 height: float, seed: float, num_images: float, request: gr.Request = None, progress=gr.Progress()):
+                 height: float, seed: float, num_images: float, composition: bool = False, regions: str = "",
+                 request: gr.Request = None, progress=gr.Progress()):
         return _draw(prompt, negative_prompt, steps, guidance, scheduler, width, height, seed, num_images,
-                     None, None, request, progress)
+                     None, None, composition, regions, request, progress)
 
     def transform(reference, strength: float, prompt: str, negative_prompt: str, steps: float, guidance: float,
                   scheduler: str, width: float, height: float, seed: float, num_images: float, drawing=None,
-                  request: gr.Request = None, progress=gr.Progress()):
+                  composition: bool = False, regions: str = "", request: gr.Request = None, progress=gr.Progress()):
         if reference is None:  # then the drawing, if anything was drawn
             reference = _drawn(drawing)
         if reference is None:
             raise gr.Error("image: upload or draw a reference picture for image-to-image", print_exception=False)
         return _draw(prompt, negative_prompt, steps, guidance, scheduler, width, height, seed, num_images,
-                     reference, strength, request, progress)
+                     reference, strength, composition, regions, request, progress)
 
     def _draw(prompt, negative_prompt, steps, guidance, scheduler, width, height, seed, num_images, reference,
-              strength, request, progress):
+              strength, composition, regions, request, progress):
         if not isinstance(prompt, str) or not prompt.strip():
             raise gr.Error(f"prompt: got {prompt!r}; type what to draw", print_exception=False)
         if scheduler not in scheduler_names:
@@ -208,7 +212,11 @@ def build_app(pipe, title: str = "ldm-pipeline") -> gr.Blocks:
                          num_inference_steps=_whole("steps", steps), guidance_scale=float(guidance),
                          width=_whole("width", width), height=_whole("height", height),
                          num_images_per_prompt=_whole("number of images", num_images),
-                         seed=None if seed == RANDOM_SEED else seed)
+                         seed=None if seed == RANDOM_SEED else seed, prompt_composition=bool(composition))
+        try:
+            arguments["regions"] = parse_regions(regions or "")
+        except ValueError as error:
+            raise gr.Error(f"regions: {error}", print_exception=False) from None
         if reference is not None:
             arguments.update(image=reference, strength=float(strength))
         session = getattr(request, "session_hash", None)
@@ -233,6 +241,14 @@ def build_app(pipe, title: str = "ldm-pipeline") -> gr.Blocks:
                     width = gr.Number(s["size"], precision=0, step=s["multiple"], label="Width", elem_id="width")
                     height = gr.Number(s["size"], precision=0, step=s["multiple"], label="Height", elem_id="height")
                     seed = gr.Number(RANDOM_SEED, precision=0, label="Seed (-1: random)", elem_id="seed")
+                with gr.Accordion("Composed prompts (AND) and regions", open=False):
+                    composition = gr.Checkbox(False, label="Read AND as composed parts, each guiding on its own "
+                                              "('A AND B :0.5'; AUTOMATIC1111's AND)", elem_id="composition")
+                    hint = "" if s["regions_guidance"] is None else \
+                        f"; this model draws parts in regions best at guidance {s['regions_guidance']:g}"
+                    regions = gr.Textbox("", label="Regions: a box per AND part, ';' between parts",
+                                         placeholder="0,0,0.5,0.5; 0.5,0.5,1,1", elem_id="regions",
+                                         info="left,top,right,bottom as fractions of the image, or 'all'" + hint)
                 with gr.Tab("Text to image"):
                     go = gr.Button("Generate", variant="primary", elem_id="generate")
                 with gr.Tab("Image to image"):
@@ -257,9 +273,11 @@ def build_app(pipe, title: str = "ldm-pipeline") -> gr.Blocks:
                                  elem_id="seed-used")
         settings = [prompt, negative, steps, guidance, scheduler, width, height, seed, num_images]
         one_model = dict(concurrency_id="model", concurrency_limit=1)  # every drawing event waits in one line
-        text_run = go.click(generate, settings, [gallery, used], api_name="generate", **one_model)
-        submit_run = prompt.submit(generate, settings, [gallery, used], api_visibility="private", **one_model)
-        image_run = go_image.click(transform, [reference, strength, *settings, drawing], [gallery, used],
+        parts = [composition, regions]
+        text_run = go.click(generate, [*settings, *parts], [gallery, used], api_name="generate", **one_model)
+        submit_run = prompt.submit(generate, [*settings, *parts], [gallery, used], api_visibility="private",
+                                   **one_model)
+        image_run = go_image.click(transform, [reference, strength, *settings, drawing, *parts], [gallery, used],
                                    api_name="transform", **one_model)
         stop.click(runner.stop, None, None, cancels=[text_run, submit_run, image_run], queue=False,
                    api_visibility="private")

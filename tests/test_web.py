@@ -103,6 +103,22 @@ def test_generate_named_inputs_same_pixels(pipe, server, tmp_path):
     assert pipe.scheduler.__class__.__name__ != "EulerAncestralDiscreteScheduler"  # the server's pipe is unchanged
 
 
+def test_generate_composed_parts_in_regions_same_pixels(pipe, server, tmp_path):
+    client = gradio_client.Client(server[0], verbose=False, download_files=str(tmp_path))
+    prompt = "a red circle in the top left AND a blue square in the bottom right"
+    gallery, _ = client.predict(prompt, steps=STEPS, guidance=1.5, seed=5, composition=True,
+                                regions="0,0,0.5,0.5; 0.5,0.5,1,1", api_name="/generate")
+    expected = pipe(prompt, num_inference_steps=STEPS, guidance_scale=1.5, seed=5, prompt_composition=True,
+                    regions=[(0, 0, 0.5, 0.5), (0.5, 0.5, 1, 1)], progress=False).images[0]
+    np.testing.assert_array_equal(_pixels(_file(gallery[0])), np.asarray(expected))
+    recipe = read_recipe(_file(gallery[0]))
+    assert recipe.prompt_composition and recipe.regions == [[0, 0, 0.5, 0.5], [0.5, 0.5, 1, 1]]
+    with pytest.raises(Exception, match="regions"):
+        client.predict(prompt, steps=STEPS, composition=True, regions="0,0,0.5", api_name="/generate")
+    with pytest.raises(Exception, match="regions"):  # one box for two parts: the pipeline's own message
+        client.predict(prompt, steps=STEPS, composition=True, regions="all", api_name="/generate")
+
+
 def test_bad_input_is_an_error_message_and_the_server_goes_on(server, tmp_path):
     client = gradio_client.Client(server[0], verbose=False, download_files=str(tmp_path))
     with pytest.raises(Exception, match="height"):
