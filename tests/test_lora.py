@@ -195,10 +195,19 @@ def test_a_compiled_pipeline_runs_unfused_adapters_eagerly(pipe, lora):
 def test_fusing_is_seen_by_the_compiled_unet_and_the_model_hash(pipe, lora, monkeypatch):
     """peft merges through `.data`, which no version counter shows: a package or hash from before must not stay."""
     from ldm_pipeline import fast
+    from ldm_pipeline.text_keys import GivenText, text_attentions
 
-    # a stand-in "aot" package: the UNet as it was when the package was built (a real one bakes its weights in)
-    monkeypatch.setattr(fast, "flat_runner", lambda frozen: lambda inputs: frozen(
-        inputs[0], inputs[1], encoder_hidden_states=inputs[2], return_dict=False))
+    def stand_in(frozen):
+        """A stand-in "aot" package: the UNet as it was when the package was built (a real one bakes its
+        weights in), taking (sample, timestep, the text's keys and values) as a real package does."""
+        def run(inputs):
+            given = GivenText(frozen, text_attentions(frozen))
+            try:
+                return [given(*inputs)]
+            finally:
+                given.restore()
+        return run
+    monkeypatch.setattr(fast, "flat_runner", stand_in)
     pipe.compile(batch=None, verbose=False)
     builds = []
     pipe.compiled._load_or_build = lambda unet, *args: builds.append(copy.deepcopy(unet)) or builds[-1]
