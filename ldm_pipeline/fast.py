@@ -68,7 +68,8 @@ def package_key(unet, digest: str, sample_shape: tuple, context_shape: tuple, ba
     config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_") or k == "_class_name"}
     weight = next(unet.parameters())  # diffusers' `unet.dtype` and `unet.device` walk every module
     parts = dict(format=FORMAT, weights=digest, config=config, sample=list(sample_shape),
-                 context=list(context_shape), text="keys" if text_attentions(unet) else "context", batch=batch, dtype=str(weight.dtype), device=weight.device.type,
+                 context=list(context_shape), text="keys" if text_attentions(unet) else "context", batch=batch,
+                 dtype=str(weight.dtype), device=weight.device.type,
                  torch=torch.__version__, cpu=torch.backends.cpu.get_cpu_capability())
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
