@@ -158,6 +158,22 @@ def _settings(pipe):
                 regions_guidance=None if regions_guidance is None else float(regions_guidance))
 
 
+def guidance_after_regions(regions: str, guidance: float, plain: float, for_regions: float | None) -> float:
+    """The guidance slider's value once the regions box has changed.
+
+    Boxes typed in while the slider holds the model's plain guidance move it to the model's guidance
+    for parts in regions; boxes cleared while it holds that move it back. A value the user chose stays.
+    """
+    if for_regions is None:
+        return guidance
+    boxes = bool((regions or "").strip())
+    if boxes and guidance == plain:
+        return for_regions
+    if not boxes and guidance == for_regions:
+        return plain
+    return guidance
+
+
 def _whole(name: str, value) -> int:
     """Gradio's number boxes send floats; the pipeline wants integers (and names a bad one itself)."""
     if isinstance(value, float) and value.is_integer():
@@ -245,7 +261,8 @@ def build_app(pipe, title: str = "ldm-pipeline") -> gr.Blocks:
                     composition = gr.Checkbox(False, label="Read AND as composed parts, each guiding on its own "
                                               "('A AND B :0.5'; AUTOMATIC1111's AND)", elem_id="composition")
                     hint = "" if s["regions_guidance"] is None else \
-                        f"; this model draws parts in regions best at guidance {s['regions_guidance']:g}"
+                        f"; this model draws parts in regions best at guidance {s['regions_guidance']:g}, " \
+                        "which the guidance slider takes when boxes are typed in"
                     regions = gr.Textbox("", label="Regions: a box per AND part, ';' between parts",
                                          placeholder="0,0,0.5,0.5; 0.5,0.5,1,1", elem_id="regions",
                                          info="left,top,right,bottom as fractions of the image, or 'all'" + hint)
@@ -281,6 +298,8 @@ def build_app(pipe, title: str = "ldm-pipeline") -> gr.Blocks:
                                    api_name="transform", **one_model)
         stop.click(runner.stop, None, None, cancels=[text_run, submit_run, image_run], queue=False,
                    api_visibility="private")
+        regions.change(lambda boxes, value: guidance_after_regions(boxes, value, s["guidance"], s["regions_guidance"]),
+                       [regions, guidance], guidance, queue=False, api_visibility="private")
         gr.Timer(PREVIEW_POLL).tick(runner.latest_preview, None, live, queue=False, api_visibility="private")
     demo.queue(default_concurrency_limit=1)
     demo.ldm_runner = runner  # its folder holds the served PNGs (removed at exit)

@@ -20,7 +20,7 @@ gr = pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
 
 from ldm_pipeline import LatentDiffusionPipeline, read_recipe  # noqa: E402
-from ldm_pipeline.web import build_app  # noqa: E402
+from ldm_pipeline.web import build_app, guidance_after_regions  # noqa: E402
 
 STEPS = 4
 ROOT = Path(__file__).resolve().parents[1]
@@ -405,3 +405,44 @@ def test_browser_draw_a_reference(pipe, server, browser, tmp_path):
     blank = PIL.Image.new("RGB", (256, 256), "white")
     assert (recipe.seed, recipe.strength) == (2, 0.8)
     assert recipe.image_hash is not None and recipe.image_hash != image_hash(blank)  # the strokes were drawn from
+
+
+def test_guidance_slider_follows_the_regions_box_unless_the_user_moved_it():
+    assert guidance_after_regions("0,0,0.5,1; 0.5,0,1,1", 2.5, plain=2.5, for_regions=1.5) == 1.5
+    assert guidance_after_regions("  ", 1.5, plain=2.5, for_regions=1.5) == 2.5  # boxes cleared
+    assert guidance_after_regions("0,0,1,1", 1.5, plain=2.5, for_regions=1.5) == 1.5  # typing on
+    assert guidance_after_regions("0,0,1,1", 7, plain=2.5, for_regions=1.5) == 7  # the user's value stays
+    assert guidance_after_regions("", 7, plain=2.5, for_regions=1.5) == 7
+    assert guidance_after_regions("0,0,1,1", 2.5, plain=2.5, for_regions=None) == 2.5  # a model without one
+
+
+def test_browser_regions_move_the_guidance_slider_and_draw_with_it(pipe, server, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    plain, for_regions = pipe.defaults["guidance_scale"], pipe.defaults["regions_guidance_scale"]
+    assert plain != for_regions
+    wait = WebDriverWait(browser, 60)
+    browser.get(server[0])
+    prompt = wait.until(lambda b: b.find_element(By.CSS_SELECTOR, "#prompt textarea"))
+    slider = lambda: float(browser.find_element(By.CSS_SELECTOR, "#guidance input[type=number]")  # noqa: E731
+                           .get_attribute("value"))
+    assert slider() == plain
+    next(b for b in browser.find_elements(By.CSS_SELECTOR, "button") if "Composed prompts" in b.text).click()
+    wait.until(lambda b: b.find_element(By.CSS_SELECTOR, "#composition input").is_displayed())
+    browser.find_element(By.CSS_SELECTOR, "#composition input").click()
+    boxes = browser.find_element(By.CSS_SELECTOR, "#regions textarea")
+    boxes.send_keys("0,0,0.5,1; 0.5,0,1,1")
+    wait.until(lambda b: slider() == for_regions)
+    prompt.send_keys("a red circle in the top left AND a blue square in the top right")
+    _set(browser.find_element(By.CSS_SELECTOR, "#steps input[type=number]"), STEPS)
+    _set(browser.find_element(By.CSS_SELECTOR, "#seed input"), 5)
+    browser.find_element(By.CSS_SELECTOR, "#generate").click()
+    wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#gallery img")) == 1)
+    source = browser.find_element(By.CSS_SELECTOR, "#gallery img").get_attribute("src")
+    (tmp_path / "parts.png").write_bytes(urllib.request.urlopen(source, timeout=30).read())
+    recipe = read_recipe(tmp_path / "parts.png")
+    assert (recipe.guidance_scale, recipe.regions) == (for_regions, [[0, 0, 0.5, 1], [0.5, 0, 1, 1]])
+    boxes.clear()
+    boxes.send_keys(" ")  # an edit the page sees; the box holds no boxes now
+    wait.until(lambda b: slider() == plain)
