@@ -7,12 +7,18 @@
 The prompt comes first (it may span lines); `Negative prompt: ...` follows when there is one;
 the last line holds `Key: value` settings, a value JSON-quoted when it holds `,` `:` `"` or a
 newline. Written and read here as plain dicts keyed by our `Recipe` field names.
+
+A1111 reads every prompt's `(word:1.3)` weights and cuts it at `AND` into composed parts; text read
+from such a tool turns both on (`prompt_weighting`, and `prompt_composition` when the prompt has an
+AND), so that it is drawn as that tool drew it.
 """
 
 from __future__ import annotations
 
 import json
 import re
+
+from .composition import split_prompt
 
 HASH_SHOWN = 10  # hex digits of the model hash that A1111 shows
 
@@ -83,7 +89,8 @@ def parse_parameters(text: str, source: str = "parameters") -> dict:
     names = [ours for ours, theirs in SAMPLERS.items() if theirs == sampler]
     scheduler = ("dpm++_karras" if karras else "dpm++") if sampler == "DPM++ 2M" else (names[0] if names else sampler)
     fields = dict(prompt=prompt.strip(), negative_prompt=negative.strip(), scheduler=scheduler,
-                  model=settings.get("Model"), model_hash=settings.get("Model hash"))
+                  model=settings.get("Model"), model_hash=settings.get("Model hash"),
+                  prompt_weighting=True, prompt_composition=len(split_prompt(prompt)) > 1)
     try:
         fields["num_inference_steps"] = int(settings["Steps"])
         fields["width"], fields["height"] = (int(v) for v in settings.get("Size", "512x512").split("x"))

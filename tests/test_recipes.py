@@ -127,6 +127,25 @@ def test_an_a1111_parameters_chunk_alone_is_read_and_drawn(pipe, tmp_path):
     assert (parsed["scheduler"], parsed["seed"], parsed["model_hash"]) == ("dpm++_karras", 42, pipe.model_hash()[:10])
 
 
+def test_an_a1111_prompt_is_read_with_its_weights_and_and_parts(pipe, tmp_path):
+    # A1111 reads (word:1.3) and AND in every prompt; a recipe read from its text draws them so
+    prompt = "a (red:1.4) circle AND a [blue] square :0.5"
+    info = PIL.PngImagePlugin.PngInfo()
+    info.add_text("parameters", f"{prompt}\nNegative prompt: (blurry)\nSteps: 3, Sampler: DDIM, CFG scale: 5, "
+                                "Seed: 7, Size: 16x16")
+    PIL.Image.new("RGB", (16, 16)).save(tmp_path / "a1111.png", pnginfo=info)
+    recipe = read_recipe(tmp_path / "a1111.png")
+    assert (recipe.prompt, recipe.prompt_weighting, recipe.prompt_composition) == (prompt, True, True)
+    again = pipe.reproduce(tmp_path / "a1111.png", ignore_model_hash=True, progress=False)
+    settings = dict(negative_prompt="(blurry)", num_inference_steps=3, guidance_scale=5, seed=7, progress=False)
+    direct = pipe.set_scheduler("ddim")(prompt, prompt_weighting=True, prompt_composition=True, **settings)
+    literal = pipe(prompt, **settings)
+    assert np.array_equal(_pixels(again.images[0]), _pixels(direct.images[0]))
+    assert not np.array_equal(_pixels(again.images[0]), _pixels(literal.images[0]))
+    plain = parse_parameters("a red circle\nSteps: 3, Seed: 1")  # no AND: one prompt, weights still read
+    assert (plain["prompt_composition"], plain["prompt_weighting"]) == (False, True)
+
+
 def test_a_changed_model_is_refused_unless_asked(pipe, tmp_path):
     [path] = pipe(PROMPTS[0], num_inference_steps=3, seed=0, progress=False).save(tmp_path / "x.png")
     before = pipe.model_hash()
