@@ -2,6 +2,9 @@
 
 from types import SimpleNamespace
 
+import pytest
+import scipy.stats
+
 from ldm_pipeline.evaluation.accuracy import KINDS, judge_images, scenes_for, training_captions
 from ldm_pipeline.evaluation.report import draw
 from ldm_pipeline.training.shapes import Scene, caption, parse_caption, render
@@ -58,3 +61,17 @@ def test_evaluation_prompts_leave_out_training_captions():
     assert len(two) == 30 and not set(two) & seen
     held_out = prompts_for("held_out", 10, exclude=seen)
     assert not set(held_out) & seen  # held-out pairs never appear in training at all
+
+
+def test_wilson_intervals_agree_with_scipy_and_stay_in_0_to_1():
+    from ldm_pipeline.evaluation.accuracy import intervals, wilson_interval
+
+    for successes, n in [(0, 10), (5, 10), (10, 10), (8, 12), (188, 200), (197, 200), (200, 200)]:
+        expected = scipy.stats.binomtest(successes, n).proportion_ci(method="wilson")
+        assert wilson_interval(successes, n) == pytest.approx((expected.low, expected.high), abs=1e-9)
+    low, high = wilson_interval(200, 200)
+    assert high == 1.0 and 0.98 < low < 0.985  # all 200 right still only bounds the rate below
+    assert intervals({"n": 200, "correct": 1.0, "strict_correct": 0.94, "fid": 5.0}) == {
+        "correct": list(wilson_interval(200, 200)), "strict_correct": list(wilson_interval(188, 200))}
+    with pytest.raises(ValueError, match="successes.*201.*n = 200"):
+        wilson_interval(201, 200)

@@ -204,7 +204,9 @@ def test_plumbing_a_model_that_replays_the_real_images_scores_as_the_real_images
         assert scores["fid"] == pytest.approx(scores["fid_real"]) and scores["fid"] > 0
     assert report["all"]["n"] == 48 and report["features"] == extractor.name
     table = rep.markdown({**report, "model": "replay"})
-    assert "| three | 12 | 100.0 % | 100.0 % |" in table and "| all | 48 | 100.0 % | 100.0 % |" in table and "FID (real)" in table and "correct (strict)" in table
+    assert "| three | 12 | 100.0 % (75.8-100.0) | 100.0 % (75.8-100.0) |" in table  # 95 % Wilson intervals
+    assert "| all | 48 | 100.0 % (92.6-100.0) | 100.0 % (92.6-100.0) |" in table
+    assert "FID (real)" in table and "correct (strict)" in table and "95 % intervals" in table
 
 
 class MeanColour:
@@ -222,7 +224,7 @@ def _fid_by_scipy(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_a_model_that_gets_the_colour_of_4_in_12_wrong_is_scored_so(clip, tmp_path):
-    from ldm_pipeline.evaluation.accuracy import scenes_for
+    from ldm_pipeline.evaluation.accuracy import scenes_for, wilson_interval
 
     sets, rng, wrong = rep.shapes_sets(12, seed=5), np.random.default_rng(6), 4
     drawn = {}
@@ -239,6 +241,7 @@ def test_a_model_that_gets_the_colour_of_4_in_12_wrong_is_scored_so(clip, tmp_pa
     for prompt_set in sets:
         scores, images = report["sets"][prompt_set.name], drawn[prompt_set.name]
         assert scores["correct"] == scores["colour"] == scores["strict_correct"] == pytest.approx(8 / 12)
+        assert scores["interval_95"]["strict_correct"] == pytest.approx(wilson_interval(8, 12))
         assert scores["strict_shape"] == 1.0
         assert scores["shape"] == scores["position"] == 1.0 and scores["extra"] == 0
         assert scores["clip_score"] == pytest.approx(clip.score(images, prompt_set.prompts).mean(), rel=1e-6)
@@ -248,7 +251,7 @@ def test_a_model_that_gets_the_colour_of_4_in_12_wrong_is_scored_so(clip, tmp_pa
         assert expected > 1 and scores["fid"] == pytest.approx(expected, rel=1e-6)
     everything = [image for s in sets for image in drawn[s.name]]
     assert report["all"]["correct"] == report["all"]["strict_correct"] == pytest.approx(32 / 48)
-    assert report["all"]["n"] == 48
+    assert report["all"]["n"] == 48 and report["all"]["interval_95"]["correct"] == pytest.approx(wilson_interval(32, 48))
     assert report["all"]["fid"] == pytest.approx(
         _fid_by_scipy(extractor(everything), extractor([image for s in sets for image in s.real])), rel=1e-6)
 

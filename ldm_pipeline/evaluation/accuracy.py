@@ -5,6 +5,9 @@ Drawing the images is `report.draw`; `report.evaluate` puts the two together.
 
 from __future__ import annotations
 
+import math
+from statistics import NormalDist
+
 import numpy as np
 
 from ..training.shapes import Scene, ShapesDataset, caption, eval_scenes
@@ -12,6 +15,8 @@ from . import strict
 
 KINDS = ("seen", "held_out", "two", "three")
 ATTRIBUTES = ("correct", "colour", "shape", "position", "extra")
+INTERVAL_KEYS = ("correct", "strict_correct")  # the fractions a report gives a 95 % interval for
+Z95 = NormalDist().inv_cdf(0.975)  # 1.96: a two-sided 95 % interval
 
 
 def training_captions(count: int, seed: int = 0) -> set[str]:
@@ -40,3 +45,24 @@ def judge_images(images: list, prompts: list[str]) -> dict:
     scores = {key: float(np.mean([getattr(v.judge, key) for v in verdicts])) for key in ATTRIBUTES}
     pairs = strict.by_pair(verdicts, prompts)
     return {**scores, **strict.summary(verdicts), **({"strict_by_pair": pairs} if pairs else {})}
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval of a fraction `successes / n` (95 % for the default z).
+
+    Unlike the plain "p +- z * sqrt(p(1 - p) / n)", it stays inside [0, 1] and is not empty at 0 or n:
+    100 % of 200 images still only says the true rate is above 98.1 %.
+    """
+    if n < 1 or not 0 <= successes <= n:
+        raise ValueError(f"`successes`: got {successes!r} of n = {n!r}; expected 0 <= successes <= n and n >= 1")
+    p, z2 = successes / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    # exactly 0 and 1 at the ends, where rounding would leave 1e-17 and 0.9999999999999999
+    return (0.0 if successes == 0 else centre - half), (1.0 if successes == n else centre + half)
+
+
+def intervals(scores: dict) -> dict[str, list[float]]:
+    """95 % Wilson intervals of a set's `INTERVAL_KEYS` fractions (those it has), from its "n" images."""
+    return {key: list(wilson_interval(round(scores[key] * scores["n"]), scores["n"]))
+            for key in INTERVAL_KEYS if key in scores}

@@ -17,7 +17,7 @@ import PIL.Image
 
 from ..images import load_image
 from ..training.shapes import caption, composed_caption, eval_scenes, render, scene_regions
-from .accuracy import KINDS, judge_images, scenes_for
+from .accuracy import INTERVAL_KEYS, KINDS, intervals, judge_images, scenes_for
 from .clip import Clip
 from .fid import FeatureStats, cached_stats, feature_stats, frechet_distance
 
@@ -137,6 +137,7 @@ def _scores(images, prompts, features, reference: FeatureStats | None, clip: Cli
         scores["fid"] = frechet_distance(feature_stats(features), reference)
     if judged:
         scores.update(judge_images(images, prompts))
+        scores["interval_95"] = intervals(scores)
     return scores
 
 
@@ -205,6 +206,8 @@ def evaluate(pipe, sets: list[PromptSet], seeds: list[int], clip: Clip, extracto
     if len(sets) > 1:
         real_features = [real[s.name][1] for s in sets if s.name in real]
         report["all"] = _pooled(report["sets"], generated, real_features, references.get("all"))
+        if any(key in report["all"] for key in INTERVAL_KEYS):
+            report["all"]["interval_95"] = intervals(report["all"])
     report["timing"] = {"seconds_per_image": seconds / max(sum(len(s.prompts) for s in sets), 1)}
     report["images"] = samples  # popped before saving
     return report
@@ -235,8 +238,12 @@ COLUMNS = [("n", "n", "{:d}"), ("correct", "correct", "{:.1%}"), ("strict_correc
            ("fid", "FID", "{:.2f}"), ("fid_real", "FID (real)", "{:.2f}")]
 
 
-def _cell(value, form: str) -> str:
-    return "" if value is None else form.format(value).replace("%", " %")
+def _cell(value, form: str, interval: list[float] | None = None) -> str:
+    """A table cell; a fraction with its 95 % interval reads "97.0 % (93.6-98.6)"."""
+    if value is None:
+        return ""
+    text = form.format(value).replace("%", " %")
+    return text + f" ({100 * interval[0]:.1f}-{100 * interval[1]:.1f})" if interval else text
 
 
 def markdown(report: dict) -> str:
@@ -250,11 +257,15 @@ def markdown(report: dict) -> str:
              f"guidance {settings['guidance_scale']}"
              + (f", CLIP guidance {settings['clip_guidance_scale']:g}" if settings.get("clip_guidance_scale") else "")
              + f", seeds {report['seeds']}. "
-             f"FID features: `{report['features']}`; CLIP score: `{report['clip']}`.", "",
+             f"FID features: `{report['features']}`; CLIP score: `{report['clip']}`."
+             + (" In brackets: 95 % intervals (Wilson) of the fractions." if any("interval_95" in s for s in rows.values())
+                else ""), "",
              "| prompts | " + " | ".join(title for _, title, _ in columns) + " |",
              "|---|" + "---:|" * len(columns)]
     for name, scores in rows.items():
-        lines.append(f"| {name} | " + " | ".join(_cell(scores.get(key), form) for key, _, form in columns) + " |")
+        bounds = scores.get("interval_95", {})
+        lines.append(f"| {name} | " + " | ".join(_cell(scores.get(key), form, bounds.get(key))
+                                                 for key, _, form in columns) + " |")
     for name, scores in rows.items():
         if "strict_by_pair" in scores:
             groups = scores["strict_by_pair"].items()
