@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", required=True, type=Path,
                           help="JSON report; the Markdown table (.md) and pictures (.png) go beside it")
 
+    paired = commands.add_parser("compare", help="two `ldm eval` reports of the same prompts, image by image")
+    paired.add_argument("reports", nargs=2, type=Path, help="two JSON reports, A and B")
+
     serve = commands.add_parser("serve", help="serve a web page (Gradio) drawing with a model; needs the [web] extra")
     serve.add_argument("--model", default=None, help="model folder or Hub id (default: the bundled model)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
@@ -150,6 +153,11 @@ def serve(args: argparse.Namespace) -> None:
         raise ValueError(f"serve: the web page needs Gradio ({error}); pip install 'ldm-pipeline[web]'") from None
     pipe = LatentDiffusionPipeline.from_pretrained(args.model, device=args.device)
     serve_app(pipe, host=args.host, port=args.port)
+
+
+def compare(args: argparse.Namespace) -> None:
+    from .evaluation import compare as paired
+    print(paired.markdown(paired.compare(*map(paired.read_report, args.reports)), *map(str, args.reports)), end="")
 
 
 def shapes_data(args: argparse.Namespace) -> None:
@@ -379,7 +387,8 @@ def evaluate(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        {"generate": generate, "train": train, "eval": evaluate, "serve": serve, "shapes-data": shapes_data}[args.command](args)
+        {"generate": generate, "train": train, "eval": evaluate, "compare": compare, "serve": serve,
+         "shapes-data": shapes_data}[args.command](args)
     except (ValueError, TypeError, FileNotFoundError) as error:
         print(f"ldm: error: {error}", file=sys.stderr)
         return 2

@@ -7,6 +7,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import scipy.linalg
+import scipy.stats
 import torch
 
 from ldm_pipeline.cli import main
@@ -242,6 +243,7 @@ def test_a_model_that_gets_the_colour_of_4_in_12_wrong_is_scored_so(clip, tmp_pa
         scores, images = report["sets"][prompt_set.name], drawn[prompt_set.name]
         assert scores["correct"] == scores["colour"] == scores["strict_correct"] == pytest.approx(8 / 12)
         assert scores["interval_95"]["strict_correct"] == pytest.approx(wilson_interval(8, 12))
+        assert scores["verdicts"] == {"correct": "0000" + "1" * 8, "strict_correct": "0000" + "1" * 8}
         assert scores["strict_shape"] == 1.0
         assert scores["shape"] == scores["position"] == 1.0 and scores["extra"] == 0
         assert scores["clip_score"] == pytest.approx(clip.score(images, prompt_set.prompts).mean(), rel=1e-6)
@@ -351,3 +353,58 @@ def test_a_hub_clip_that_cannot_be_reached_gives_a_clear_error(tmp_path):
     assert run.returncode == 2
     assert "cannot download 'some-owner/some-clip'" in run.stderr and "HF_HUB_OFFLINE=1" in run.stderr
     assert not (tmp_path / "r.json").exists()
+
+
+# -- paired comparison -------------------------------------------------------------------------
+
+def test_mcnemar_p_is_scipys_exact_binomial_test_on_the_discordant_images():
+    from ldm_pipeline.evaluation.compare import mcnemar_p
+
+    for only_a, only_b in [(0, 0), (0, 1), (3, 3), (2, 9), (12, 4), (0, 20), (40, 55)]:
+        expected = 1.0 if only_a + only_b == 0 else scipy.stats.binomtest(only_a, only_a + only_b, 0.5).pvalue
+        assert mcnemar_p(only_a, only_b) == pytest.approx(expected, rel=1e-9)
+
+
+def _report(seeds="0-5", digest="abc", correct="111100", strict="110100"):
+    return {"seeds": seeds, "sets": {"held_out": {"n": len(correct), "prompts_digest": digest,
+                                                  "verdicts": {"correct": correct, "strict_correct": strict}}}}
+
+
+def test_compare_counts_the_images_only_one_report_gets_right(tmp_path):
+    from ldm_pipeline.evaluation import compare as paired
+
+    rows = paired.compare(_report(strict="110100"), _report(strict="011111"))
+    strict = next(row for row in rows if row["measure"] == "strict_correct")
+    assert (strict["only_a"], strict["only_b"], strict["n"]) == (1, 3, 6)  # image 0 for A; 2, 4 and 5 for B
+    assert strict["a"] == pytest.approx(3 / 6) and strict["b"] == pytest.approx(5 / 6)
+    assert strict["p"] == pytest.approx(scipy.stats.binomtest(1, 4, 0.5).pvalue)
+    same = next(row for row in rows if row["measure"] == "correct")
+    assert (same["only_a"], same["only_b"], same["p"]) == (0, 0, 1.0)
+    assert "| held_out | correct (strict) | 6 | 50.0 % | 83.3 % | 1 | 3 | 0.625 |" in paired.markdown(rows)
+    with pytest.raises(ValueError, match="seeds '0-5' and '6-11'"):
+        paired.compare(_report(), _report(seeds="6-11"))
+    with pytest.raises(ValueError, match="set 'held_out' has other prompts"):
+        paired.compare(_report(), _report(digest="abd"))
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"seeds": "0-5", "sets": {"held_out": {"n": 6, "correct": 0.5}}}))
+    with pytest.raises(ValueError, match="no per-image verdicts"):
+        paired.read_report(old)
+    with pytest.raises(ValueError, match="report.*none.json"):
+        paired.read_report(tmp_path / "none.json")
+
+
+def test_ldm_compare_pairs_two_ldm_eval_reports(tmp_path, capsys):
+    a = _eval(tmp_path, "a", "--kinds", "seen", "held_out")
+    b = _eval(tmp_path, "b", "--kinds", "held_out", "--guidance", "1")
+    capsys.readouterr()
+    assert main(["compare", str(a), str(b)]) == 0
+    table = capsys.readouterr().out
+    report_a, report_b = json.loads(a.read_text()), json.loads(b.read_text())
+    for key, title in (("correct", "correct"), ("strict_correct", "correct (strict)")):
+        row = f"| held_out | {title} | 3 | {100 * report_a['sets']['held_out'][key]:.1f} % | " \
+              f"{100 * report_b['sets']['held_out'][key]:.1f} % |"
+        assert row in table
+    assert "| seen |" not in table  # only sets in both are compared
+    c = _eval(tmp_path, "c", "--kinds", "held_out", "--seeds", "5")
+    assert main(["compare", str(a), str(c)]) == 2
+    assert "same seeds" in capsys.readouterr().err

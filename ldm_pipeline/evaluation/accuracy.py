@@ -39,12 +39,16 @@ def judge_images(images: list, prompts: list[str]) -> dict:
         The fraction of images with every object right and nothing extra ("correct") and per
         attribute ("colour", "shape", "position"), "extra", the mean count of objects not
         asked for, the strict measure's "strict_correct" and "strict_shape" (see `strict`), and
-        for one-object prompts "strict_by_pair" (`strict.by_pair`: which pairs and sizes fail).
+        for one-object prompts "strict_by_pair" (`strict.by_pair`: which pairs and sizes fail), and
+        "verdicts": per image, a string of "1" (right) and "0" for "correct" and "strict_correct".
     """
     verdicts = [strict.strict_judge(image, prompt) for image, prompt in zip(images, prompts, strict=True)]
     scores = {key: float(np.mean([getattr(v.judge, key) for v in verdicts])) for key in ATTRIBUTES}
     pairs = strict.by_pair(verdicts, prompts)
-    return {**scores, **strict.summary(verdicts), **({"strict_by_pair": pairs} if pairs else {})}
+    # image by image, "1" right and "0" wrong, for paired comparisons of two reports (`compare`)
+    marks = {"correct": "".join("01"[v.judge.correct] for v in verdicts),
+             "strict_correct": "".join("01"[v.correct] for v in verdicts)}
+    return {**scores, **strict.summary(verdicts), **({"strict_by_pair": pairs} if pairs else {}), "verdicts": marks}
 
 
 def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:

@@ -7,6 +7,7 @@ trade-off. Every image is drawn from a recorded seed, so a report is reproducibl
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import time
 from dataclasses import dataclass
@@ -195,6 +196,8 @@ def evaluate(pipe, sets: list[PromptSet], seeds: list[int], clip: Clip, extracto
         scores = _scores(images, prompt_set.prompts, features, references.get(prompt_set.name), clip,
                          prompt_set.judged)
         scores.update(real[prompt_set.name][0] if prompt_set.name in real else {})
+        # which prompts, so that `compare` pairs only reports of the same ones
+        scores["prompts_digest"] = hashlib.sha256("\n".join(prompt_set.prompts).encode()).hexdigest()[:16]
         report["sets"][prompt_set.name] = scores
         generated.append(features)
         samples[prompt_set.name] = images[:32]
