@@ -127,6 +127,10 @@ def windows(tokenizer, prompts: list[str], chunks: int, weighting: bool = False)
 def apply_weights(embeddings: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Scale each token's embedding by its weight, then restore each prompt's mean (the web UI's way).
 
+    A prompt whose embeddings average to about zero (under a thousandth of their mean magnitude, as a
+    text encoder whose last layer norm has no bias gives) keeps the plain scaling: its mean is rounding
+    noise, and dividing by it would blow the embeddings up or flip their sign.
+
     Args:
         embeddings: (B, T, D); weights: (B, T).
     """
@@ -134,5 +138,7 @@ def apply_weights(embeddings: torch.Tensor, weights: torch.Tensor) -> torch.Tens
         return embeddings
     original = embeddings.float().mean(dim=(1, 2), keepdim=True)
     scaled = embeddings.float() * weights.to(embeddings.device, torch.float32)[:, :, None]
-    restored = scaled * (original / scaled.mean(dim=(1, 2), keepdim=True))
-    return restored.to(embeddings.dtype)
+    mean = scaled.mean(dim=(1, 2), keepdim=True)
+    meaningful = mean.abs() > 1e-3 * scaled.abs().mean(dim=(1, 2), keepdim=True)
+    factor = torch.where(meaningful, original / torch.where(meaningful, mean, torch.ones_like(mean)), 1.0)
+    return (scaled * factor).to(embeddings.dtype)

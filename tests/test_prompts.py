@@ -145,6 +145,20 @@ def test_a_weight_scales_only_its_tokens_then_the_mean_is_restored(pipe):
     assert not torch.equal(pipe.encode_prompt("a (red:1.5) circle"), weighted[:, :77])
 
 
+def test_the_mean_is_restored_only_where_it_is_not_rounding_noise():
+    torch.manual_seed(0)
+    weights = torch.ones(2, 5)
+    weights[:, 1] = 1.8
+    offset = torch.randn(2, 5, 8) + 0.5  # a clear mean, as CLIP's biased last layer norm gives
+    restored = prompts.apply_weights(offset, weights)
+    torch.testing.assert_close(restored.mean(dim=(1, 2)), offset.mean(dim=(1, 2)))
+    centred = torch.randn(2, 5, 8)
+    centred = centred - centred.mean(dim=2, keepdim=True)  # each token averages to zero, as an unbiased layer norm gives
+    scaled = prompts.apply_weights(centred, weights)
+    assert torch.isfinite(scaled).all()
+    torch.testing.assert_close(scaled, centred * weights[:, :, None])  # plain scaling, not divided by noise
+
+
 def test_weighting_reaches_the_pixels_and_applies_to_negative_prompts(pipe):
     plain = pipe("a red circle", **FAST).images
     assert not np.allclose(pipe("a (red:1.8) circle", prompt_weighting=True, **FAST).images, plain, atol=1e-4)
