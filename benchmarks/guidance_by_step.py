@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ldm_pipeline import cli, sampling
+from ldm_pipeline.apps import cli
+from ldm_pipeline.sampling import loop as sampling
 
 
 def guidance_by_split(high: float, split: float, low: float):

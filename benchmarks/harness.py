@@ -54,7 +54,7 @@ CPU_DEFAULT = ["bundled-b1", "bundled-s10", "bundled-s20", "bundled-b4", "bundle
 def components_for(model: str, device: torch.device, dtype: torch.dtype) -> tuple[dict, float]:
     """The shared components and the guidance scale the model is used with."""
     from ldm_pipeline import LatentDiffusionPipeline
-    from ldm_pipeline.components import build_random
+    from ldm_pipeline.loading.random_components import build_random
 
     if model == "bundled":
         pipe = LatentDiffusionPipeline.from_pretrained(device=device, torch_dtype=dtype)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ldm_pipeline import LatentDiffusionPipeline, make_grid
 from ldm_pipeline.evaluation.accuracy import judge_images
-from ldm_pipeline.training.shapes import caption, eval_prompts, new_shape_scenes
+from ldm_pipeline.shapes import caption, eval_prompts, new_shape_scenes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,7 +55,7 @@ def main() -> None:
     args = parser.parse_args()
     data = args.run_dir / "data"
     if not (data / "metadata.jsonl").is_file():  # written once; a second run trains on the same data
-        subprocess.run([sys.executable, "-m", "ldm_pipeline.cli", "shapes-data", "star", "--out", str(data)],
+        subprocess.run([sys.executable, "-m", "ldm_pipeline", "shapes-data", "star", "--out", str(data)],
                        check=True)
     sets = prompt_sets(args.n)
 
@@ -63,7 +63,7 @@ def main() -> None:
     before, before_samples = measure(pipe, sets)
     print("before:", json.dumps({k: round(v["correct"], 3) for k, v in before.items()}), flush=True)
 
-    command = [sys.executable, "-m", "ldm_pipeline.cli", "train", str(ROOT / "configs" / "lora.json"),
+    command = [sys.executable, "-m", "ldm_pipeline", "train", str(ROOT / "configs" / "lora.json"),
                "--data", str(data), "--run-dir", str(args.run_dir)]
     if args.steps:
         command += ["--steps", str(args.steps)]

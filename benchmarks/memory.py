@@ -54,7 +54,7 @@ def _vae(device, dtype):
     import torch
     from diffusers import AutoencoderKL
 
-    from ldm_pipeline.single_file import config_dir
+    from ldm_pipeline.loading.single_file import config_dir
 
     torch.manual_seed(0)
     return AutoencoderKL.from_config(AutoencoderKL.load_config(config_dir("sd15") / "vae")).to(device, dtype).eval()
@@ -65,7 +65,7 @@ def child(name: str, device: str, save: str | None) -> dict:
     import numpy as np
     import torch
 
-    from ldm_pipeline import memory
+    from ldm_pipeline.runtime import memory
 
     torch.set_grad_enabled(False)
     dtype = torch.float16 if device == "cuda" else torch.float32
@@ -89,7 +89,7 @@ def child(name: str, device: str, save: str | None) -> dict:
     elif name.startswith("unet-"):
         from diffusers import UNet2DConditionModel
 
-        from ldm_pipeline.single_file import config_dir
+        from ldm_pipeline.loading.single_file import config_dir
 
         torch.manual_seed(0)
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config_dir("sd15") / "unet"))
@@ -101,7 +101,7 @@ def child(name: str, device: str, save: str | None) -> dict:
         work = lambda: unet(latents, 500, encoder_hidden_states=context).sample  # noqa: E731
     else:
         from ldm_pipeline import LatentDiffusionPipeline
-        from ldm_pipeline.components import build_random
+        from ldm_pipeline.loading.random_components import build_random
 
         dtype = torch.float16  # fp16 on the CPU too: half the memory of this machine, the GPU's byte counts
         pipe = LatentDiffusionPipeline(**build_random("sd15", torch_dtype=dtype))

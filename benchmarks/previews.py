@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 
-from ldm_pipeline import LatentDiffusionPipeline, previews
+from ldm_pipeline import LatentDiffusionPipeline
+from ldm_pipeline.sampling import previews
 from ldm_pipeline.pipeline import DEFAULT_MODEL
-from ldm_pipeline.probes import record_x0
+from ldm_pipeline.sampling.probes import record_x0
 
 COLOURS = ["red", "green", "blue", "yellow", "orange", "purple"]
 SHAPES = ["circle", "square", "triangle"]

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ldm_pipeline import DEFAULT_MODEL
-from ldm_pipeline.training.recipe import read_stage
+from ldm_pipeline.training.plan import read_stage
 from ldm_pipeline.training.unet import train_unet
 
 ROOT = Path(__file__).resolve().parent.parent

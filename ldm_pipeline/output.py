@@ -10,7 +10,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from . import recipes
+from .provenance import png, recipes
 
 
 @dataclass
@@ -36,4 +36,4 @@ class PipelineOutput:
     def save(self, path: str | os.PathLike) -> list[Path]:
         """Write the images as PNGs carrying their recipes, atomically: `path` is a .png file for one
         image, or a folder for any number (image i is `{i:03d}-seed{seed}.png`). Returns the paths."""
-        return recipes.save_output(self, path)
+        return png.save_output(self, path)

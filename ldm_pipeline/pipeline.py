@@ -9,11 +9,19 @@ from pathlib import Path
 
 import torch
 
-from . import (adapters, checks, composition, fast, guards, guidance, images, latents as latent_ops, loading, memory,
-               previews, recipes, schedulers, single_file, text)
-from .model_hash import ModelIdentity
+from .adapters import lora as adapters
+from .runtime import checks, guards, memory
+from .guidance import composition, clip as guidance
+from .fast import compile as fast
+from . import images
+from .sampling import latents as latent_ops, previews, schedulers
+from .loading import folders as loading, single_file
+from .provenance import recipes, reproduce
+from .text import encode as text
+from .provenance.hashes import ModelIdentity
 from .output import PipelineOutput
-from .sampling import ClassifierFree, StepCallback, denoise
+from .guidance.base import ClassifierFree
+from .sampling.loop import StepCallback, denoise
 
 DEFAULT_MODEL = Path(__file__).parent / "models" / "shapes"
 FALLBACK_DEFAULTS = {"guidance_scale": 7.5, "num_inference_steps": 50}
@@ -124,7 +132,7 @@ class LatentDiffusionPipeline(memory.MemoryMethods, adapters.AdapterMethods):
                 if it is still there); refused when its pixels are not the recorded ones.
             ignore_model_hash: draw even when this model's hash differs from the recipe's.
         """
-        return recipes.reproduce(self, source, image, ignore_model_hash, progress)
+        return reproduce.reproduce(self, source, image, ignore_model_hash, progress)
 
     # -- loading and saving -----------------------------------------------------------------
 

@@ -8,7 +8,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from ldm_pipeline import LatentDiffusionPipeline
-from ldm_pipeline.training.tokenizer import build_clip_tokenizer
+from ldm_pipeline.shapes.tokenizer import build_clip_tokenizer
 
 torch.set_num_threads(1)
 

@@ -7,7 +7,7 @@ import scipy.stats
 
 from ldm_pipeline.evaluation.accuracy import KINDS, judge_images, scenes_for, training_captions
 from ldm_pipeline.evaluation.report import draw
-from ldm_pipeline.training.shapes import Scene, caption, parse_caption, render
+from ldm_pipeline.shapes import Scene, caption, parse_caption, render
 
 
 class GroundTruth:

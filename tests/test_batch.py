@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from ldm_pipeline.batch import MANIFEST, read_prompt_file
-from ldm_pipeline.cli import main
-from ldm_pipeline.recipes import read_recipe
+from ldm_pipeline.apps.prompt_files import MANIFEST, read_prompt_file
+from ldm_pipeline.apps.cli import main
+from ldm_pipeline.provenance.png import read_recipe
 
 PROMPTS = """a cat
 # a comment, and a blank line, are skipped
@@ -105,7 +105,7 @@ def test_two_processes_under_accelerate_write_the_bytes_one_process_writes(model
         # `--multi_gpu` starts the processes (torchrun); on a machine without GPUs they draw on the CPU and meet
         # through gloo. (`--cpu --num_processes 2` starts one process unless MPI is set up.)
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ldm_pipeline.cli", "generate",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ldm_pipeline", "generate",
          "--prompts", str(prompt_file), "--model", str(model), "--steps", "2", "--size", "16x16", "--seed", "100",
          "--out", str(shared)], capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]

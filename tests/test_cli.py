@@ -9,7 +9,7 @@ from pathlib import Path
 import PIL.Image
 import pytest
 
-from ldm_pipeline.cli import main
+from ldm_pipeline.apps.cli import main
 
 
 def test_generate_writes_an_image(model, tmp_path, capsys):
@@ -43,7 +43,7 @@ def test_bad_arguments_exit_with_a_message(model, tmp_path, capsys):
 
 
 def test_bad_size_is_refused_by_the_parser(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "ldm_pipeline.cli", "generate", "a cat", "--size", "big",
+    run = subprocess.run([sys.executable, "-m", "ldm_pipeline", "generate", "a cat", "--size", "big",
                           "--out", str(tmp_path / "x.png")], capture_output=True, text=True)
     assert run.returncode == 2 and "--size: got 'big'; expected WIDTHxHEIGHT" in run.stderr
 
@@ -65,7 +65,7 @@ def test_several_prompts_make_a_grid_with_a_row_each(model, tmp_path):
 ], ids=["missing config", "steps for a recipe", "zero steps", "stage before its inputs"])
 def test_ldm_train_errors_exit_with_status_2_and_one_line(tmp_path, arguments, message):
     recipe = str(Path(__file__).parents[1] / "configs" / "shapes")
-    command = [sys.executable, "-m", "ldm_pipeline.cli", "train", *[a.format(recipe=recipe) for a in arguments],
+    command = [sys.executable, "-m", "ldm_pipeline", "train", *[a.format(recipe=recipe) for a in arguments],
                "--run-dir", str(tmp_path / "run")]
     run = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=120,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from ldm_pipeline import composition, read_recipe
-from ldm_pipeline.cli import main
-from ldm_pipeline.sampling import ClassifierFree
+from ldm_pipeline.guidance import composition
+from ldm_pipeline import read_recipe
+from ldm_pipeline.apps.cli import main
+from ldm_pipeline.guidance.base import ClassifierFree
 
 FAST = dict(num_inference_steps=3, progress=False, output_type="np")
 A, B = "a red circle in the top left", "a blue square in the bottom right"
@@ -185,7 +186,7 @@ def test_regions_are_in_the_recipe_and_draw_again(pipe, model, tmp_path):
 
 def test_every_shapes_object_lies_in_its_positions_box():
     from ldm_pipeline.evaluation import report as rep
-    from ldm_pipeline.training.shapes import ShapesDataset, scene_regions
+    from ldm_pipeline.shapes import ShapesDataset, scene_regions
 
     data = ShapesDataset.with_max_objects(600, seed=9, max_objects=3)
     for i in range(600):

@@ -4,7 +4,7 @@ import hashlib
 
 import torch
 
-from ldm_pipeline.digests import hash_state, weights_state
+from ldm_pipeline.provenance.hashes import hash_state, weights_state
 
 
 def _digest(state, **options) -> str:

@@ -5,7 +5,7 @@ import torch
 from transformers import CLIPModel, CLIPTokenizer
 
 from ldm_pipeline import DEFAULT_MODEL, LatentDiffusionPipeline
-from ldm_pipeline.text import EmbeddingCache, encode_text
+from ldm_pipeline.text.encode import EmbeddingCache, encode_text
 from ldm_pipeline.training.unet import encode_captions
 
 PROMPT = "a red circle in the top left"

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from ldm_pipeline.latents import decode_latents
+from ldm_pipeline.sampling.latents import decode_latents
 
 
 # Every way the pipeline reaches a model's weights: `__call__` goes through `forward`, but the pipeline
@@ -94,7 +94,7 @@ CASES = [
     (dict(num_inference_steps=10**9), ValueError, r"`num_inference_steps`: got 1000000000; expected at most 1000"),
     (dict(num_images_per_prompt=10**9), ValueError, r"`num_images_per_prompt`, `height`, `width`: 1000000000 "
                                                     r"image\(s\) of 16x16 .* GiB, more than the memory of the cpu "
-                                                    r"device .* raise ldm_pipeline.guards.MEMORY_LIMIT"),
+                                                    r"device .* raise ldm_pipeline.runtime.guards.MEMORY_LIMIT"),
     (dict(height=100000, width=100000), ValueError, r"1 image\(s\) of 100000x100000 in torch.float32 need at "
                                                     r"least 1.79e\+03 GiB"),
     (dict(negative_prompt_embeds=torch.zeros(2, 77, 32)), ValueError, r"`negative_prompt_embeds`: 2 rows for 1 "

@@ -10,13 +10,12 @@ import scipy.linalg
 import scipy.stats
 import torch
 
-from ldm_pipeline.cli import main
+from ldm_pipeline.apps.cli import main
 from ldm_pipeline.evaluation import report as rep
 from ldm_pipeline.evaluation.clip import Clip, Preprocess, resize
 from ldm_pipeline.evaluation.features import ClipFeatures, InceptionFeatures, make_extractor
 from ldm_pipeline.evaluation.fid import FeatureStats, cached_stats, feature_stats, fid, frechet_distance
-from ldm_pipeline.training.shapes import (COLOURS, POSITIONS, Scene, ShapeObject, caption, render,
-                                          sample_scene)
+from ldm_pipeline.shapes import COLOURS, POSITIONS, Scene, ShapeObject, caption, render, sample_scene
 
 
 @pytest.fixture(scope="module")
@@ -347,7 +346,7 @@ def test_a_hub_clip_that_cannot_be_reached_gives_a_clear_error(tmp_path):
     import subprocess
     import sys
 
-    run = subprocess.run([sys.executable, "-m", "ldm_pipeline.cli", "eval", "--clip", "some-owner/some-clip", "--n", "2",
+    run = subprocess.run([sys.executable, "-m", "ldm_pipeline", "eval", "--clip", "some-owner/some-clip", "--n", "2",
                           "--exclude-training", "0", "--out", str(tmp_path / "r.json")],
                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
     assert run.returncode == 2

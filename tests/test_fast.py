@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from ldm_pipeline import LatentDiffusionPipeline, digests, fast
+from ldm_pipeline import LatentDiffusionPipeline
+from ldm_pipeline.provenance import hashes as digests
+from ldm_pipeline.fast import compile as fast
 
 PROMPT = "a red circle in the top left"
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from ldm_pipeline import NonFiniteError, guards
-from ldm_pipeline.single_file import config_dir
+from ldm_pipeline import NonFiniteError
+from ldm_pipeline.runtime import guards
+from ldm_pipeline.loading.single_file import config_dir
 
 FAST = dict(num_inference_steps=5, progress=False, output_type="np", seed=0)
 
@@ -120,7 +121,7 @@ def test_finite_calls_give_no_warning_and_the_same_pixels_with_the_guard(pipe, m
 def test_memory_limit_can_be_lowered_and_raised(pipe, monkeypatch):
     monkeypatch.setattr(guards, "MEMORY_LIMIT", 40_000)
     with pytest.raises(ValueError, match=r"1 image\(s\) of 16x16 in torch.float32 need at least 4.58e-05 GiB, more "
-                                         r"than the limit ldm_pipeline.guards.MEMORY_LIMIT \(3.73e-05 GiB\)"):
+                                         r"than the limit ldm_pipeline.runtime.guards.MEMORY_LIMIT \(3.73e-05 GiB\)"):
         pipe("a cat", **FAST)
     pipe("a cat", **{**FAST, "output_type": "latent"})  # no decode: only the UNet's share counts
     monkeypatch.setattr(guards, "MEMORY_LIMIT", float("inf"))

@@ -7,8 +7,9 @@ from diffusers import EulerDiscreteScheduler
 
 from ldm_pipeline import LatentDiffusionPipeline
 from ldm_pipeline.evaluation.clip import Clip
-from ldm_pipeline.guidance import ClipGuidance, image_features
-from ldm_pipeline.sampling import Guidance, StepState, prediction_from_x0, x0_from_prediction
+from ldm_pipeline.guidance.clip import ClipGuidance, image_features
+from ldm_pipeline.guidance.base import Guidance
+from ldm_pipeline.sampling.loop import StepState, prediction_from_x0, x0_from_prediction
 from tests.conftest import SD_SCHEDULER
 
 FAST = dict(num_inference_steps=4, height=16, width=16, progress=False, output_type="np")
@@ -101,8 +102,8 @@ class TowardsZero(Guidance):
 
 
 def test_a_new_guidance_needs_only_the_interface(pipe):
-    from ldm_pipeline.sampling import denoise
-    from ldm_pipeline.schedulers import fresh_copy
+    from ldm_pipeline.sampling.loop import denoise
+    from ldm_pipeline.sampling.schedulers import fresh_copy
 
     cond = pipe.encode_prompt(["a cat"])
     start = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))

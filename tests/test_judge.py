@@ -5,8 +5,7 @@ import pytest
 from PIL import Image
 
 from ldm_pipeline.evaluation.judge import find_objects, judge
-from ldm_pipeline.training.shapes import (BACKGROUND, COLOURS, SHAPES, SIZES, Scene, ShapeObject,
-                                          caption, render, sample_scene)
+from ldm_pipeline.shapes import BACKGROUND, COLOURS, SHAPES, SIZES, Scene, ShapeObject, caption, render, sample_scene
 
 
 def _scene(*objects):

@@ -14,7 +14,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from ldm_pipeline import LatentDiffusionPipeline, ModelNotFoundError
-from ldm_pipeline.components import build_random
+from ldm_pipeline.loading.random_components import build_random
 
 FAST = dict(num_inference_steps=3, progress=False, output_type="np")
 
@@ -239,7 +239,7 @@ def test_single_file_config_is_guessed_from_the_cross_attention_width(tokenizer,
                                                                       config):
     from safetensors.torch import save_file
 
-    from ldm_pipeline import loading, single_file
+    from ldm_pipeline.loading import folders as loading, single_file
 
     # what decides is the width of the UNet's cross-attention keys: 768 for CLIP ViT-L (1.x), 1024 for OpenCLIP (2.x)
     key = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"

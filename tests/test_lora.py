@@ -194,8 +194,8 @@ def test_a_compiled_pipeline_runs_unfused_adapters_eagerly(pipe, lora):
 
 def test_fusing_is_seen_by_the_compiled_unet_and_the_model_hash(pipe, lora, monkeypatch):
     """peft merges through `.data`, which no version counter shows: a package or hash from before must not stay."""
-    from ldm_pipeline import fast
-    from ldm_pipeline.text_keys import GivenText, text_attentions
+    from ldm_pipeline.fast import compile as fast
+    from ldm_pipeline.text.keys import GivenText, text_attentions
 
     def stand_in(frozen):
         """A stand-in "aot" package: the UNet as it was when the package was built (a real one bakes its
@@ -318,7 +318,7 @@ def test_recipes_record_the_adapters_and_reproduce_checks_them(pipe, lora, tmp_p
 
 
 def test_ldm_generate_lora(pipe, lora, tmp_path, capsys):
-    from ldm_pipeline.cli import main
+    from ldm_pipeline.apps.cli import main
 
     model = tmp_path / "model"
     pipe.save_pretrained(model)

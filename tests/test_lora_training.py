@@ -10,12 +10,11 @@ import torch
 from safetensors.torch import load_file
 
 from ldm_pipeline import LatentDiffusionPipeline
-from ldm_pipeline.cli import main
+from ldm_pipeline.apps.cli import main
 from ldm_pipeline.evaluation.judge import judge
 from ldm_pipeline.training.loop import latest_checkpoint
-from ldm_pipeline.training.recipe import read_stage, run_stage
-from ldm_pipeline.training.shapes import (ShapesDataset, caption, eval_scenes, new_shape_scenes, parse_caption,
-                                          render, write_image_folder)
+from ldm_pipeline.training.plan import read_stage, run_stage
+from ldm_pipeline.shapes import ShapesDataset, caption, eval_scenes, new_shape_scenes, parse_caption, render, write_image_folder
 
 
 @pytest.fixture
@@ -203,7 +202,7 @@ def test_a_lora_of_attention_convolutions_and_feed_forwards_loads_whole(tmp_path
     pipe = LatentDiffusionPipeline.from_pretrained(model)
     pipe.load_lora_weights(tmp_path / "run" / "lora" / "lora", adapter_name="all")
     assert not [w for w in recwarn if "not used" in str(w.message)]
-    from ldm_pipeline.adapters import adapted_modules, file_modules
+    from ldm_pipeline.adapters.lora import adapted_modules, file_modules
 
     state = load_file(tmp_path / "run" / "lora" / "lora" / "pytorch_lora_weights.safetensors")
     loaded = adapted_modules(pipe, "all")

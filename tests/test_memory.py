@@ -171,7 +171,7 @@ def test_model_offload_needs_a_device_and_to_takes_it_off(pipe, monkeypatch):
 
 
 def test_cli_low_memory_and_tile_vae_switch_the_helpers_on(pipe, tmp_path, monkeypatch, capsys):
-    from ldm_pipeline.cli import main
+    from ldm_pipeline.apps.cli import main
 
     model = pipe.save_pretrained(tmp_path / "model")
     switched = []
@@ -196,7 +196,7 @@ def test_cli_low_memory_and_tile_vae_switch_the_helpers_on(pipe, tmp_path, monke
 
 
 def test_the_memory_guard_counts_one_image_with_vae_slicing_and_one_tile_with_tiling(pipe):
-    from ldm_pipeline import guards
+    from ldm_pipeline.runtime import guards
 
     def needed():
         return guards.memory_needed(pipe.vae, pipe.unet, 4, 256, 256, torch.float32, decode=True)

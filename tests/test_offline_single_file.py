@@ -13,8 +13,8 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from ldm_format import to_ldm_state_dict, to_openclip_state_dict
 from ldm_pipeline import LatentDiffusionPipeline, ModelNotFoundError
-from ldm_pipeline.loading import check_model_dir, component_class
-from ldm_pipeline.single_file import bundled_clip_tokenizer, config_dir
+from ldm_pipeline.loading.folders import check_model_dir, component_class
+from ldm_pipeline.loading.single_file import bundled_clip_tokenizer, config_dir
 
 # Published ids of OpenAI's CLIP tokenizer (the same in several independent ports' tests)
 PUBLISHED = {

@@ -10,7 +10,7 @@ from diffusers import DDPMScheduler
 
 from ldm_pipeline.training import data
 from ldm_pipeline.training.loop import LoopConfig
-from ldm_pipeline.training.shapes import BACKGROUND, COLOURS
+from ldm_pipeline.shapes import BACKGROUND, COLOURS
 from ldm_pipeline.training.unet import UnetConfig, outline_weights, unet_loss
 
 

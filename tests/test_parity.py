@@ -7,7 +7,7 @@ import torch
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
 from ldm_pipeline import LatentDiffusionPipeline
-from ldm_pipeline.schedulers import make_scheduler
+from ldm_pipeline.sampling.schedulers import make_scheduler
 
 
 def _reference(cls, components, scheduler):

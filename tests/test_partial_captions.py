@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from ldm_pipeline.training.data import open_dataset
-from ldm_pipeline.training.recipe import build_tokenizer, read_stage
-from ldm_pipeline.training.shapes import COLOURS, PARTIAL_NOUN, POSITIONS, SHAPES, ShapesDataset, caption
+from ldm_pipeline.training.plan import build_tokenizer, read_stage
+from ldm_pipeline.shapes import COLOURS, PARTIAL_NOUN, POSITIONS, SHAPES, ShapesDataset, caption
 
 _PLACE = "in the (?:{})".format("|".join(POSITIONS))
 _COLOUR_ONLY = re.compile(r"an? (?:(?:small|large) )?(?P<colour>\w+) {} {}".format(PARTIAL_NOUN, _PLACE))

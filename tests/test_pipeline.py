@@ -9,8 +9,9 @@ import torch
 from diffusers import DDIMScheduler
 
 from ldm_pipeline import LatentDiffusionPipeline
-from ldm_pipeline.sampling import ClassifierFree, denoise
-from ldm_pipeline.schedulers import fresh_copy
+from ldm_pipeline.guidance.base import ClassifierFree
+from ldm_pipeline.sampling.loop import denoise
+from ldm_pipeline.sampling.schedulers import fresh_copy
 
 FAST = dict(num_inference_steps=4, progress=False)
 

@@ -8,9 +8,10 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from ldm_pipeline import LatentDiffusionPipeline, previews
-from ldm_pipeline.cli import main
-from ldm_pipeline.probes import record_x0
+from ldm_pipeline import LatentDiffusionPipeline
+from ldm_pipeline.sampling import previews
+from ldm_pipeline.apps.cli import main
+from ldm_pipeline.sampling.probes import record_x0
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,7 @@ from diffusers import DDIMScheduler
 from diffusers.models.attention_processor import Attention
 
 from conftest import SD_SCHEDULER
-from ldm_pipeline import probes
+from ldm_pipeline.sampling import probes
 
 PROMPT = "a red circle in the top left"
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ldm_pipeline import prompts, text
+from ldm_pipeline.text import windows as prompts, encode as text
 
 FAST = dict(num_inference_steps=2, progress=False, output_type="np", seed=0)
 SHORT = ["a red circle in the top left", "a photo of a cat", "", "a painting of a house by the sea"]

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from ldm_pipeline import Recipe, read_recipe, read_recipes
-from ldm_pipeline.cli import main
-from ldm_pipeline.infotext import parse_parameters
-from ldm_pipeline.recipes import CHUNK, write_png
+from ldm_pipeline.apps.cli import main
+from ldm_pipeline.provenance.infotext import parse_parameters
+from ldm_pipeline.provenance.png import CHUNK, write_png
 
 PROMPTS = ["a red circle in the top left", "a photo of a cat"]
 

@@ -4,9 +4,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from ldm_pipeline.training.shapes import (BACKGROUND, COLOURS, CORNERS, HELD_OUT_PAIRS, IMAGE_SIZE, JITTER,
-                                          POSITIONS, SHAPES, SIZES, Scene, ShapeObject, ShapesDataset,
-                                          caption, eval_prompts, parse_caption, render, sample_scene)
+from ldm_pipeline.shapes import BACKGROUND, COLOURS, CORNERS, HELD_OUT_PAIRS, IMAGE_SIZE, JITTER, POSITIONS, SHAPES, SIZES, Scene, ShapeObject, ShapesDataset, caption, eval_prompts, parse_caption, render, sample_scene
 
 
 def _words(obj):

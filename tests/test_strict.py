@@ -7,8 +7,7 @@ from PIL import Image, ImageDraw
 from ldm_pipeline.evaluation import strict
 from ldm_pipeline.evaluation.judge import find_objects
 from ldm_pipeline.evaluation.strict import fit, fit_shape, strict_images, strict_judge
-from ldm_pipeline.training.shapes import (BACKGROUND, COLOURS, SHAPES, SIZES, SUPERSAMPLE, Scene, ShapeObject,
-                                          caption, render, sample_scene)
+from ldm_pipeline.shapes import BACKGROUND, COLOURS, SHAPES, SIZES, SUPERSAMPLE, Scene, ShapeObject, caption, render, sample_scene
 
 
 def _blend(kind: str, amount: float, colour: str, centre, half_size: float, size: int = 64) -> Image.Image:

@@ -4,8 +4,8 @@ import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0, SlicedAttnProcessor
 
-from ldm_pipeline import fast
-from ldm_pipeline.text_keys import GivenText, keys_values, text_attentions
+from ldm_pipeline.fast import compile as fast
+from ldm_pipeline.text.keys import GivenText, keys_values, text_attentions
 
 
 def inputs(unet, batch=2, length=77):

@@ -9,8 +9,7 @@ from scipy import ndimage
 from ldm_pipeline.evaluation.judge import judge
 from ldm_pipeline.evaluation.strict import strict_judge
 from ldm_pipeline.training.data import open_dataset
-from ldm_pipeline.training.shapes import (BACKGROUND, CORNERS, MIN_GAP_PIXELS, ShapesDataset, caption, eval_prompts,
-                                          eval_scenes, parse_caption, render, sample_scene)
+from ldm_pipeline.shapes import BACKGROUND, CORNERS, MIN_GAP_PIXELS, ShapesDataset, caption, eval_prompts, eval_scenes, parse_caption, render, sample_scene
 
 
 def _digest(dataset, indices):
@@ -47,7 +46,7 @@ def test_max_objects_3_turns_three_object_scenes_on():
 def test_a_share_of_three_object_scenes_can_be_asked_for(tmp_path):
     import json
 
-    from ldm_pipeline.training.recipe import read_stage
+    from ldm_pipeline.training.plan import read_stage
 
     dataset = open_dataset("shapes", length=3000, seed=0, max_objects=3, three_objects_prob=0.1)
     counts = {1: 0, 2: 0, 3: 0}

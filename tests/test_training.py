@@ -13,8 +13,8 @@ import torch
 from ldm_pipeline.training import data
 from ldm_pipeline.training.clip import ClipConfig, train_clip
 from ldm_pipeline.training.loop import LoopConfig, latest_checkpoint, train
-from ldm_pipeline.training.shapes import ShapesDataset
-from ldm_pipeline.training.tokenizer import build_clip_tokenizer, train_bpe
+from ldm_pipeline.shapes import ShapesDataset
+from ldm_pipeline.shapes.tokenizer import build_clip_tokenizer, train_bpe
 from ldm_pipeline.training.unet import UnetConfig, train_unet
 from ldm_pipeline.training.vae import VaeConfig, VaeObjective, train_vae
 
@@ -143,7 +143,7 @@ def test_resume_continues_from_the_checkpoint_and_gives_the_same_weights(tmp_pat
 
 
 def test_ldm_train_resume_of_a_unet_stage_with_ema_ends_as_an_uninterrupted_run(trained, tmp_path, monkeypatch):
-    from ldm_pipeline.cli import main
+    from ldm_pipeline.apps.cli import main
     from ldm_pipeline.training import unet as unet_stage
 
     root = trained[0]
@@ -264,7 +264,7 @@ def test_two_process_run_through_accelerate_launch(tmp_path):
     (tmp_path / "vae.json").write_text(json.dumps(config))
     # on a CPU-only machine `--multi_gpu` starts the processes with torchrun; they meet over gloo
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu", "-m", "ldm_pipeline.cli", "train",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu", "-m", "ldm_pipeline", "train",
                str(tmp_path / "vae.json"), "--run-dir", str(tmp_path / "run")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
@@ -275,7 +275,7 @@ def test_two_process_run_through_accelerate_launch(tmp_path):
 
 
 def test_recipe_configs_are_checked(tmp_path):
-    from ldm_pipeline.training.recipe import read_stage
+    from ldm_pipeline.training.plan import read_stage
 
     stage, config = read_stage("configs/shapes/unet.json", tmp_path, overrides={"steps": 3})
     assert stage == "unet" and config.loop.steps == 3 and config.vae == str(tmp_path / "vae" / "model")
@@ -358,15 +358,15 @@ def test_a_unet_stage_can_start_from_a_trained_unet(trained, tmp_path, monkeypat
 
 
 def test_a_recipe_with_finetune_json_goes_on_from_the_unet_stage(tmp_path, monkeypatch):
-    from ldm_pipeline.training import recipe as recipe_module
+    from ldm_pipeline.training import plan as plan_module
     from ldm_pipeline.training import unet as unet_module
 
     folder = tmp_path / "recipe"
     folder.mkdir()
-    for stage in recipe_module.STAGES:
+    for stage in plan_module.STAGES:
         (folder / f"{stage}.json").write_text((Path("configs/shapes") / f"{stage}.json").read_text())
     ran, assembled = [], {}
-    monkeypatch.setattr(recipe_module, "run_stage", lambda path, *a, **k: ran.append(Path(path).stem))
+    monkeypatch.setattr(plan_module, "run_stage", lambda path, *a, **k: ran.append(Path(path).stem))
     monkeypatch.setattr(unet_module, "assemble", lambda clip, vae, unet, *a, **k: assembled.update(unet=str(unet)))
 
     def finetune(init, vae="{run}/vae/model"):
@@ -376,13 +376,13 @@ def test_a_recipe_with_finetune_json_goes_on_from_the_unet_stage(tmp_path, monke
 
     finetune("{run}/elsewhere/model")
     with pytest.raises(ValueError, match=r'finetune.json.* must be a UNet stage with "init": "\{run\}/unet/model"'):
-        recipe_module.run_recipe(folder, tmp_path / "run", tmp_path / "out")
+        plan_module.run_plan(folder, tmp_path / "run", tmp_path / "out")
     finetune("{run}/unet/model", vae="{run}/other-vae/model")
     with pytest.raises(ValueError, match=r'finetune.json.* has "vae": .*other-vae.*; a fine-tune must use the same vae'):
-        recipe_module.run_recipe(folder, tmp_path / "run", tmp_path / "out")
+        plan_module.run_plan(folder, tmp_path / "run", tmp_path / "out")
     assert ran == []  # refused before any stage ran
     finetune("{run}/unet/model/")  # a trailing slash names the same folder
-    recipe_module.run_recipe(folder, tmp_path / "run", tmp_path / "out")
+    plan_module.run_plan(folder, tmp_path / "run", tmp_path / "out")
     assert ran == ["tokenizer", "clip", "vae", "unet", "finetune"]
     assert assembled["unet"] == str(tmp_path / "run" / "finetune" / "model")
 
@@ -393,8 +393,8 @@ def test_a_recipe_with_finetune_json_goes_on_from_the_unet_stage(tmp_path, monke
     (folder / "finetune4.json").write_text(json.dumps({**second, "init": "{run}/nowhere"}))
     ran.clear()
     with pytest.raises(ValueError, match=r'finetune2.json.* must be a UNet stage with "init": "\{run\}/finetune/model"'):
-        recipe_module.run_recipe(folder, tmp_path / "run", tmp_path / "out")
+        plan_module.run_plan(folder, tmp_path / "run", tmp_path / "out")
     (folder / "finetune2.json").write_text(json.dumps({**second, "init": "{run}/finetune/model"}))
-    recipe_module.run_recipe(folder, tmp_path / "run", tmp_path / "out")
+    plan_module.run_plan(folder, tmp_path / "run", tmp_path / "out")
     assert ran == ["tokenizer", "clip", "vae", "unet", "finetune", "finetune2"]
     assert assembled["unet"] == str(tmp_path / "run" / "finetune2" / "model")

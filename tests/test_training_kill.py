@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ldm_pipeline.cli import main
+from ldm_pipeline.apps.cli import main
 from ldm_pipeline.training import data
 from ldm_pipeline.training.loop import latest_checkpoint
 
@@ -52,7 +52,7 @@ def save(state, file, *args, **kwargs):
 torch.save = save
 torch.set_num_threads(1)
 torch.manual_seed(0)
-from ldm_pipeline.cli import main
+from ldm_pipeline.apps.cli import main
 sys.exit(main(sys.argv[3:]))
 """
 

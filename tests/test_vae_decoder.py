@@ -7,7 +7,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from ldm_pipeline.training.loop import LoopConfig
-from ldm_pipeline.training.recipe import read_stage
+from ldm_pipeline.training.plan import read_stage
 from ldm_pipeline.training.vae import VaeConfig, edge_weights, train_vae
 
 TINY_VAE = {"block_out_channels": [8, 16], "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 4,
@@ -59,45 +59,45 @@ def test_bad_settings_are_named(tmp_path):
 
 
 def test_a_recipe_with_decoder_json_runs_it_last_and_assembles_with_it(tmp_path, monkeypatch):
-    from ldm_pipeline.training import recipe as recipe_module
+    from ldm_pipeline.training import plan as plan_module
     from ldm_pipeline.training import unet as unet_module
 
-    source = recipe_module.Path(__file__).parents[1] / "configs" / "shapes"
+    source = plan_module.Path(__file__).parents[1] / "configs" / "shapes"
     folder = tmp_path / "recipe"
     folder.mkdir()
-    for stage in recipe_module.STAGES:
+    for stage in plan_module.STAGES:
         (folder / f"{stage}.json").write_text((source / f"{stage}.json").read_text())
     ran, assembled = [], {}
-    monkeypatch.setattr(recipe_module, "run_stage", lambda path, *a, **k: ran.append(recipe_module.Path(path).stem))
+    monkeypatch.setattr(plan_module, "run_stage", lambda path, *a, **k: ran.append(plan_module.Path(path).stem))
     monkeypatch.setattr(unet_module, "assemble", lambda clip, vae, *a, **k: assembled.update(vae=vae))
-    recipe_module.run_recipe(folder, tmp_path / "run", tmp_path / "out")
+    plan_module.run_plan(folder, tmp_path / "run", tmp_path / "out")
     assert ran == ["tokenizer", "clip", "vae", "unet"] and assembled["vae"] == str(tmp_path / "run" / "vae" / "model")
 
     (folder / "decoder.json").write_text(json.dumps({"stage": "vae", "init": "{run}/vae/model", "train_encoder": True,
                                                      "loop": {"output_dir": "{run}/decoder"}}))
     ran.clear()
     with pytest.raises(ValueError, match='decoder.json.* must be a VAE stage with "train_encoder": false'):
-        recipe_module.run_recipe(folder, tmp_path / "run", tmp_path / "out")
+        plan_module.run_plan(folder, tmp_path / "run", tmp_path / "out")
     assert ran == []  # refused before any stage ran
     (folder / "decoder.json").write_text(json.dumps({"stage": "vae", "init": "{run}/vae/model", "train_encoder": False,
                                                      "loop": {"output_dir": "{run}/decoder"}}))
-    recipe_module.run_recipe(folder, tmp_path / "run", tmp_path / "out")
+    plan_module.run_plan(folder, tmp_path / "run", tmp_path / "out")
     assert ran == ["tokenizer", "clip", "vae", "unet", "decoder"]
     assert assembled["vae"] == str(tmp_path / "run" / "decoder" / "model")
 
 
 def test_the_shipped_recipe_ends_with_a_decoder_fine_tune_on_every_pair(tmp_path, monkeypatch):
-    from ldm_pipeline.training import recipe as recipe_module
+    from ldm_pipeline.training import plan as plan_module
     from ldm_pipeline.training import unet as unet_module
 
-    source = recipe_module.Path(__file__).parents[1] / "configs" / "shapes"
+    source = plan_module.Path(__file__).parents[1] / "configs" / "shapes"
     ran, assembled = [], {}
-    monkeypatch.setattr(recipe_module, "run_stage", lambda path, *a, **k: ran.append(recipe_module.Path(path).stem))
+    monkeypatch.setattr(plan_module, "run_stage", lambda path, *a, **k: ran.append(plan_module.Path(path).stem))
     monkeypatch.setattr(unet_module, "assemble", lambda clip, vae, unet, *a, **k: assembled.update(vae=vae, unet=unet))
-    recipe_module.run_recipe(source, tmp_path / "run", tmp_path / "out")
+    plan_module.run_plan(source, tmp_path / "run", tmp_path / "out")
     assert ran == ["tokenizer", "clip", "vae", "unet", "finetune", "finetune2", "finetune3", "decoder"]
     assert assembled["vae"] == str(tmp_path / "run" / "decoder" / "model")
     assert assembled["unet"] == tmp_path / "run" / "finetune3" / "model"
-    stage, config = recipe_module.read_stage(source / "decoder.json", tmp_path / "run")
+    stage, config = plan_module.read_stage(source / "decoder.json", tmp_path / "run")
     assert (stage, config.split, config.train_encoder, config.init) == ("vae", "any", False,
                                                                         str(tmp_path / "run" / "vae" / "model"))

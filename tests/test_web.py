@@ -1,4 +1,4 @@
-"""The web page (`ldm serve`, `ldm_pipeline.web.build_app`): a live local server called through
+"""The web page (`ldm serve`, `ldm_pipeline.apps.web.build_app`): a live local server called through
 gradio_client, concurrently, and driven in a real headless Chromium."""
 
 import concurrent.futures
@@ -19,8 +19,8 @@ import pytest
 gr = pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
 
-from ldm_pipeline import LatentDiffusionPipeline, read_recipe  # noqa: E402
-from ldm_pipeline.web import build_app, guidance_after_regions  # noqa: E402
+from ldm_pipeline import LatentDiffusionPipeline, read_recipe# noqa: E402
+from ldm_pipeline.apps.web import build_app, guidance_after_regions  # noqa: E402
 
 STEPS = 4
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,9 +182,9 @@ def getaddrinfo(host, *args, **kwargs):
 socket.socket.connect, socket.getaddrinfo = connect, getaddrinfo
 atexit.register(lambda: print("OUTSIDE CONNECTIONS", attempts, flush=True))
 
-import ldm_pipeline, ldm_pipeline.cli
+import ldm_pipeline, ldm_pipeline.apps.cli
 print("GRADIO IMPORTED BY ldm_pipeline", "gradio" in sys.modules, flush=True)
-sys.exit(ldm_pipeline.cli.main(["serve", "--port", sys.argv[1]]))
+sys.exit(ldm_pipeline.apps.cli.main(["serve", "--port", sys.argv[1]]))
 """
 
 
@@ -221,7 +221,7 @@ def test_ldm_serve_draws_offline_and_cleans_up(pipe, tmp_path):
 
 
 def test_ldm_serve_bad_arguments_are_errors(capsys, tmp_path):
-    from ldm_pipeline.cli import main
+    from ldm_pipeline.apps.cli import main
 
     assert main(["serve", "--port", "70000"]) == 2
     assert "--port" in capsys.readouterr().err
@@ -382,7 +382,7 @@ def test_browser_draw_a_reference(pipe, server, browser, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from ldm_pipeline.recipes import image_hash
+    from ldm_pipeline.provenance.recipes import image_hash
 
     wait = WebDriverWait(browser, 60)
     browser.get(server[0])

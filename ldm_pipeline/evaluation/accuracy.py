@@ -10,7 +10,7 @@ from statistics import NormalDist
 
 import numpy as np
 
-from ..training.shapes import Scene, ShapesDataset, caption, eval_scenes
+from ..shapes import Scene, ShapesDataset, caption, eval_scenes
 from . import strict
 
 KINDS = ("seen", "held_out", "two", "three")

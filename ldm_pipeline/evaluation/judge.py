@@ -1,6 +1,6 @@
 """A rule-based judge: does an image show what its shapes prompt asks for?
 
-`find_objects` reads the objects in an image of the shapes data set (`ldm_pipeline.training.shapes`):
+`find_objects` reads the objects in an image of the shapes data set (`ldm_pipeline.shapes`):
 every pixel takes its nearest palette colour, each colour's connected regions are objects, and an
 object's colour, shape, position and size come from simple measurements of its region. `judge`
 compares what it finds with what a prompt asks for. On the data set's own renders it is right for
@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from ldm_pipeline.training.shapes import BACKGROUND, COLOURS, POSITIONS, SIZES, STAR_INNER, parse_caption, star_corners
+from ..shapes import BACKGROUND, COLOURS, POSITIONS, SIZES, STAR_INNER, parse_caption, star_corners
 
 # A pixel further than this (RGB distance) from every palette colour belongs to no object: it is an
 # antialiased edge or a colour the palette does not have. 60 is below half the distance from the
@@ -205,7 +205,7 @@ def judge(image, prompt: str) -> Verdict:
 
     Args:
         image: a PIL image or an HxWx3 uint8 array.
-        prompt: a caption in the data set's grammar (see `ldm_pipeline.training.shapes.caption`).
+        prompt: a caption in the data set's grammar (see `ldm_pipeline.shapes.caption`).
 
     Returns:
         A `Verdict`; its `found` lists everything seen.

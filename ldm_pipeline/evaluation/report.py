@@ -17,7 +17,7 @@ import numpy as np
 import PIL.Image
 
 from ..images import load_image
-from ..training.shapes import caption, composed_caption, eval_scenes, render, scene_regions
+from ..shapes import caption, composed_caption, eval_scenes, render, scene_regions
 from .accuracy import INTERVAL_KEYS, KINDS, intervals, judge_images, scenes_for
 from .clip import Clip
 from .fid import FeatureStats, cached_stats, feature_stats, frechet_distance

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..training.shapes import SHAPES, parse_caption
+from ..shapes import SHAPES, parse_caption
 from .judge import AREA_PER_H2, Verdict, _template, judge
 
 # Calibrated on renders and blends (tests/test_strict.py): a render fits its own shape at IoU >= 0.98,

@@ -72,7 +72,7 @@ def open_dataset(spec: str, length: int = 1_000_000, seed: int = 0, max_objects:
     scenes of up to `max_objects` objects, `three_objects_prob` of them three when set, some
     captions partial at `partial_captions`), else a folder with metadata.jsonl."""
     if spec == "shapes":
-        from .shapes import ShapesDataset
+        from ..shapes import ShapesDataset
 
         return ShapesDataset.with_max_objects(length, seed=seed, max_objects=max_objects,
                                               partial_captions=partial_captions,

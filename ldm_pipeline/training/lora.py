@@ -17,7 +17,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from ..files import atomic_folder
-from ..text import text_states
+from ..text.encode import text_states
 from . import data
 from .loop import LoopConfig, train
 from .unet import denoising_batch, encode_captions, encode_dataset, unet_loss

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPModel, CLIPTokenizer
 
-from ..text import encode_text
+from ..text.encode import encode_text
 from . import data
 from .loop import LoopConfig, check_stage_folder, train
 from .vae import gradient_magnitude
@@ -237,7 +237,7 @@ def assemble(clip_dir: str | Path, vae_dir: str | Path, unet_dir: str | Path, sc
     a half-precision text encoder would leave diffusers' pipeline with mixed dtypes.
     """
     from ..pipeline import LatentDiffusionPipeline
-    from ..schedulers import make_scheduler
+    from ..sampling.schedulers import make_scheduler
 
     clip = CLIPModel.from_pretrained(clip_dir)
     pipe = LatentDiffusionPipeline(

@@ -1,0 +1,3 @@
+"""What people use without writing Python: the `ldm` command (`cli`), the web page (`web`, needs the
+`[web]` extra) and prompt files rendered across processes (`prompt_files`). They use the public API only.
+"""

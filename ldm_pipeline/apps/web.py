@@ -1,0 +1,317 @@
+"""The web page: a Gradio app over one pipeline (`ldm serve`, or `build_app(pipe).launch()`).
+
+Only this module imports gradio (the `[web]` extra), so `import ldm_pipeline` stays light.
+The app uses the pipeline's public API alone: one model in memory serves the queued requests
+in turn; each image is served as a PNG carrying its recipe (written by `PipelineOutput.save`
+into a temporary folder that is removed when the process ends); bad input is shown in the page
+as an error message and the server goes on serving.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+from collections import deque
+from pathlib import Path
+
+
+def _private_folder(prefix: str) -> Path:
+    """A new temporary folder, removed when the process ends."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no usage reports: nothing leaves the machine
+if "gradio" not in sys.modules and "GRADIO_TEMP_DIR" not in os.environ:
+    # Gradio keeps uploads and served files in this folder (read when gradio is imported): ours, removed at exit
+    os.environ["GRADIO_TEMP_DIR"] = str(_private_folder("ldm-web-uploads-"))
+
+import gradio as gr  # noqa: E402
+import PIL.Image  # noqa: E402
+
+from ..guidance.composition import parse_regions  # noqa: E402
+from ..sampling.schedulers import SCHEDULERS  # noqa: E402
+
+MODEL_SCHEDULER = "model default"  # the scheduler the pipeline already has
+RANDOM_SEED = -1
+KEEP_CALLS = 64  # the output folders of this many recent calls stay on disk (Gradio copies what it serves)
+PREVIEWS = 10  # about this many live previews of the predicted image per run (see previews.py)
+PREVIEW_POLL = 0.5  # seconds between the page's looks at the latest preview
+
+
+def _without_type_stubs(define):
+    """Define a Gradio component class without Gradio writing a `.pyi` stub beside this module.
+
+    Gradio's component metaclass writes `<module>.pyi` next to the source of every component
+    subclass: into site-packages for an installed package (an error where that is read-only).
+    """
+    from gradio import component_meta
+
+    write = getattr(component_meta, "create_or_modify_pyi", None)
+    component_meta.create_or_modify_pyi = lambda *args, **kwargs: None
+    try:
+        return define()
+    finally:
+        if write is not None:
+            component_meta.create_or_modify_pyi = write
+
+
+def _define_reference_image():
+    class _ReferenceImage(gr.Image):
+        """`gr.Image` whose unreadable uploads (a damaged file, a text file named .png) become a readable message."""
+
+        is_template = True  # drawn by the page as a plain gr.Image
+
+        def preprocess(self, payload):
+            try:
+                return super().preprocess(payload)
+            except gr.Error:
+                raise
+            except Exception:
+                name = getattr(payload, "orig_name", None) or "the upload"
+                raise gr.Error(f"image: {name!r} is not a readable image; upload a PNG, JPEG or WebP picture",
+                               print_exception=False) from None
+
+    return _ReferenceImage
+
+
+_ReferenceImage = _without_type_stubs(_define_reference_image)
+
+
+class _Runner:
+    """Runs calls on one pipeline, one at a time; writes their PNGs; lets a session stop its own run."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.lock = threading.Lock()
+        self.folder = _private_folder("ldm-web-images-")
+        self.recent: deque[Path] = deque()
+        self.count = 0
+        self.running: str | None = None  # session of the call now running
+        self.stop_requested: set[str] = set()
+        self.last_steps_run: int | None = None  # of the last call, for tests and logs
+        self.previews: dict[str | None, PIL.Image.Image] = {}  # session -> latest preview not yet shown
+
+    def latest_preview(self, request: gr.Request | None = None):
+        """The session's newest live preview (its first image), once; no change when there is none."""
+        picture = self.previews.pop(getattr(request, "session_hash", None), None)
+        return picture if picture is not None else gr.skip()
+
+    def stop(self, request: gr.Request | None = None):
+        session = getattr(request, "session_hash", None)
+        if session is not None and session == self.running:
+            self.stop_requested.add(session)
+
+    def run(self, session: str | None, progress, scheduler: str, **arguments) -> tuple[list[str], int]:
+        steps = arguments["num_inference_steps"]
+        total = max(1, int(steps * arguments["strength"])) if arguments.get("image") is not None else steps
+
+        def callback(step, timestep, latents):
+            progress((step + 1, total), desc="denoising", unit="steps")
+            return False if session in self.stop_requested else None
+
+        with self.lock:
+            self.running = session
+            self.stop_requested.discard(session)
+            original = self.pipe.scheduler
+            try:
+                if scheduler != MODEL_SCHEDULER:
+                    self.pipe.set_scheduler(scheduler)
+                result = self.pipe(callback=callback, progress=False, preview=lambda shown: self.previews.update({
+                                       session: shown[0]}), preview_every=max(1, steps // PREVIEWS), **arguments)
+            except (ValueError, TypeError) as error:
+                raise gr.Error(str(error), print_exception=False) from None
+            finally:
+                self.pipe.scheduler = original
+                self.running = None
+                self.stop_requested.discard(session)
+            self.last_steps_run = result.steps_run
+            self.count += 1
+            out = self.folder / f"{self.count:06d}"
+            paths = result.save(out)
+            self.recent.append(out)
+            while len(self.recent) > KEEP_CALLS:
+                shutil.rmtree(self.recent.popleft(), ignore_errors=True)
+        return [str(path) for path in paths], result.seeds[0]
+
+
+def _drawn(drawing) -> PIL.Image.Image | None:
+    """The sketchpad's picture, or None when nothing was drawn on it (a canvas of one colour)."""
+    picture = drawing.get("composite") if isinstance(drawing, dict) else None
+    if picture is None:
+        return None
+    low, high = zip(*picture.convert("RGB").getextrema())
+    return None if low == high else picture
+
+
+def _settings(pipe):
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    regions_guidance = pipe.defaults.get("regions_guidance_scale")
+    return dict(steps=int(pipe.defaults["num_inference_steps"]), guidance=float(pipe.defaults["guidance_scale"]),
+                size=int(size), multiple=int(pipe.vae_scale_factor),
+                regions_guidance=None if regions_guidance is None else float(regions_guidance))
+
+
+def guidance_after_regions(regions: str, guidance: float, plain: float, for_regions: float | None) -> float:
+    """The guidance slider's value once the regions box has changed.
+
+    Boxes typed in while the slider holds the model's plain guidance move it to the model's guidance
+    for parts in regions; boxes cleared while it holds that move it back. A value the user chose stays.
+    """
+    if for_regions is None:
+        return guidance
+    boxes = bool((regions or "").strip())
+    if boxes and guidance == plain:
+        return for_regions
+    if not boxes and guidance == for_regions:
+        return plain
+    return guidance
+
+
+def _whole(name: str, value) -> int:
+    """Gradio's number boxes send floats; the pipeline wants integers (and names a bad one itself)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, int):
+        return value
+    raise gr.Error(f"{name}: got {value!r}; expected a whole number", print_exception=False)
+
+
+def build_app(pipe, title: str = "ldm-pipeline") -> gr.Blocks:
+    """A Gradio app drawing with `pipe`: text-to-image and image-to-image, a gallery of PNGs with recipes.
+
+    Args:
+        pipe: a `LatentDiffusionPipeline` (any model it loads). Calls run one at a time.
+        title: the page's title.
+
+    Returns:
+        The `gr.Blocks`, queued; `.launch()` serves it (in a notebook too). Its text-to-image event is
+        the API endpoint `/generate`: `Client(url).predict("a red circle", api_name="/generate")`
+        returns (gallery, seed used); every input but the prompt has a default.
+    """
+    runner = _Runner(pipe)
+    s = _settings(pipe)
+    scheduler_names = [MODEL_SCHEDULER, *SCHEDULERS]
+
+    # The inputs' defaults are the components' values (shown by `Client.view_api()`), not Python defaults.
+    def generate(prompt: str, negative_prompt: str, steps: float, guidance: float, scheduler: str, width: float,
+                 height: float, seed: float, num_images: float, composition: bool = False, regions: str = "",
+                 request: gr.Request = None, progress=gr.Progress()):
+        return _draw(prompt, negative_prompt, steps, guidance, scheduler, width, height, seed, num_images,
+                     None, None, composition, regions, request, progress)
+
+    def transform(reference, strength: float, prompt: str, negative_prompt: str, steps: float, guidance: float,
+                  scheduler: str, width: float, height: float, seed: float, num_images: float, drawing=None,
+                  composition: bool = False, regions: str = "", request: gr.Request = None, progress=gr.Progress()):
+        if reference is None:  # then the drawing, if anything was drawn
+            reference = _drawn(drawing)
+        if reference is None:
+            raise gr.Error("image: upload or draw a reference picture for image-to-image", print_exception=False)
+        return _draw(prompt, negative_prompt, steps, guidance, scheduler, width, height, seed, num_images,
+                     reference, strength, composition, regions, request, progress)
+
+    def _draw(prompt, negative_prompt, steps, guidance, scheduler, width, height, seed, num_images, reference,
+              strength, composition, regions, request, progress):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise gr.Error(f"prompt: got {prompt!r}; type what to draw", print_exception=False)
+        if scheduler not in scheduler_names:
+            raise gr.Error(f"scheduler: got {scheduler!r}; expected one of {', '.join(scheduler_names)}",
+                           print_exception=False)
+        seed = _whole("seed", seed)
+        arguments = dict(prompt=prompt, negative_prompt=negative_prompt or None,
+                         num_inference_steps=_whole("steps", steps), guidance_scale=float(guidance),
+                         width=_whole("width", width), height=_whole("height", height),
+                         num_images_per_prompt=_whole("number of images", num_images),
+                         seed=None if seed == RANDOM_SEED else seed, prompt_composition=bool(composition))
+        try:
+            arguments["regions"] = parse_regions(regions or "")
+        except ValueError as error:
+            raise gr.Error(f"regions: {error}", print_exception=False) from None
+        if reference is not None:
+            arguments.update(image=reference, strength=float(strength))
+        session = getattr(request, "session_hash", None)
+        return runner.run(session, progress, scheduler, **arguments)
+
+    with gr.Blocks(title=title, delete_cache=(3600, 3600)) as demo:
+        gr.Markdown(f"# {title}\nLatent diffusion, text-to-image and image-to-image. Each image downloads as a "
+                    "PNG carrying its recipe (`ldm generate --from image.png` draws it again).")
+        with gr.Row():
+            with gr.Column(scale=1):
+                prompt = gr.Textbox(label="Prompt", lines=2, placeholder="a red circle in the top left",
+                                    elem_id="prompt")
+                negative = gr.Textbox("", label="Negative prompt", lines=1, elem_id="negative-prompt")
+                with gr.Row():
+                    steps = gr.Slider(1, 150, value=s["steps"], step=1, label="Steps", elem_id="steps")
+                    guidance = gr.Slider(0, 20, value=s["guidance"], step=0.5, label="Guidance", elem_id="guidance")
+                with gr.Row():
+                    scheduler = gr.Dropdown(scheduler_names, value=MODEL_SCHEDULER, label="Scheduler",
+                                            elem_id="scheduler")
+                    num_images = gr.Number(1, precision=0, minimum=1, label="Number of images", elem_id="num-images")
+                with gr.Row():
+                    width = gr.Number(s["size"], precision=0, step=s["multiple"], label="Width", elem_id="width")
+                    height = gr.Number(s["size"], precision=0, step=s["multiple"], label="Height", elem_id="height")
+                    seed = gr.Number(RANDOM_SEED, precision=0, label="Seed (-1: random)", elem_id="seed")
+                with gr.Accordion("Composed prompts (AND) and regions", open=False):
+                    composition = gr.Checkbox(False, label="Read AND as composed parts, each guiding on its own "
+                                              "('A AND B :0.5'; AUTOMATIC1111's AND)", elem_id="composition")
+                    hint = "" if s["regions_guidance"] is None else \
+                        f"; this model draws parts in regions best at guidance {s['regions_guidance']:g}, " \
+                        "which the guidance slider takes when boxes are typed in"
+                    regions = gr.Textbox("", label="Regions: a box per AND part, ';' between parts",
+                                         placeholder="0,0,0.5,0.5; 0.5,0.5,1,1", elem_id="regions",
+                                         info="left,top,right,bottom as fractions of the image, or 'all'" + hint)
+                with gr.Tab("Text to image"):
+                    go = gr.Button("Generate", variant="primary", elem_id="generate")
+                with gr.Tab("Image to image"):
+                    with gr.Tab("Upload"):
+                        reference = _ReferenceImage(label="Reference picture", type="filepath", image_mode=None,
+                                                    sources=["upload", "clipboard"], elem_id="reference")
+                    with gr.Tab("Draw"):
+                        canvas = max(s["size"], 256)
+                        drawing = gr.Sketchpad(PIL.Image.new("RGB", (canvas, canvas), "white"), type="pil",
+                                               canvas_size=(canvas, canvas), label="Draw a reference (used when "
+                                               "no picture is uploaded)", elem_id="drawing")
+                    strength = gr.Slider(0.05, 1, value=0.8, step=0.05, label="Strength", elem_id="strength")
+                    go_image = gr.Button("Transform", variant="primary", elem_id="transform")
+                stop = gr.Button("Stop", variant="stop", elem_id="stop")
+            with gr.Column(scale=1):
+                gallery = gr.Gallery(label="Images", columns=4, format="png", elem_id="gallery",
+                                     buttons=["download", "fullscreen"])
+                live = gr.Image(label="Live preview (the predicted image while drawing; cheap, not exact)",
+                                type="pil", interactive=False, height=160, elem_id="preview")
+                used = gr.Number(label="Seed used", info="image i of the call drew from this seed + i; each image "
+                                 "downloads as a PNG carrying its recipe", precision=0, interactive=False,
+                                 elem_id="seed-used")
+        settings = [prompt, negative, steps, guidance, scheduler, width, height, seed, num_images]
+        one_model = dict(concurrency_id="model", concurrency_limit=1)  # every drawing event waits in one line
+        parts = [composition, regions]
+        text_run = go.click(generate, [*settings, *parts], [gallery, used], api_name="generate", **one_model)
+        submit_run = prompt.submit(generate, [*settings, *parts], [gallery, used], api_visibility="private",
+                                   **one_model)
+        image_run = go_image.click(transform, [reference, strength, *settings, drawing, *parts], [gallery, used],
+                                   api_name="transform", **one_model)
+        stop.click(runner.stop, None, None, cancels=[text_run, submit_run, image_run], queue=False,
+                   api_visibility="private")
+        regions.change(lambda boxes, value: guidance_after_regions(boxes, value, s["guidance"], s["regions_guidance"]),
+                       [regions, guidance], guidance, queue=False, api_visibility="private")
+        gr.Timer(PREVIEW_POLL).tick(runner.latest_preview, None, live, queue=False, api_visibility="private")
+    demo.queue(default_concurrency_limit=1)
+    demo.ldm_runner = runner  # its folder holds the served PNGs (removed at exit)
+    return demo
+
+
+def serve(pipe, host: str = "127.0.0.1", port: int = 7860, **launch) -> None:
+    """Serve `build_app(pipe)` until interrupted (what `ldm serve` runs)."""
+    # a plain `kill` (SIGTERM) stops the server as Ctrl-C does, so the temporary folders are removed
+    signal.signal(signal.SIGTERM, _interrupt)
+    build_app(pipe).launch(server_name=host, server_port=port, show_error=True, **launch)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt

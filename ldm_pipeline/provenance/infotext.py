@@ -1,0 +1,104 @@
+"""AUTOMATIC1111's `parameters` text ("infotext"), the recipe format other Stable Diffusion tools read.
+
+    a red circle in the top left
+    Negative prompt: blurry
+    Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 1, Size: 512x512, Model hash: ...
+
+The prompt comes first (it may span lines); `Negative prompt: ...` follows when there is one;
+the last line holds `Key: value` settings, a value JSON-quoted when it holds `,` `:` `"` or a
+newline. Written and read here as plain dicts keyed by our `Recipe` field names.
+
+A1111 reads every prompt's `(word:1.3)` weights and cuts it at `AND` into composed parts; text read
+from such a tool turns both on (`prompt_weighting`, and `prompt_composition` when the prompt has an
+AND), so that it is drawn as that tool drew it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from ..guidance.composition import split_prompt
+
+HASH_SHOWN = 10  # hex digits of the model hash that A1111 shows
+
+# our scheduler names -> A1111's sampler names ("dpm++_karras" adds "Schedule type: Karras")
+SAMPLERS = {"ddim": "DDIM", "pndm": "PNDM", "euler": "Euler", "euler_a": "Euler a", "dpm++": "DPM++ 2M",
+            "dpm++_karras": "DPM++ 2M", "lms": "LMS", "heun": "Heun", "ddpm": "DDPM"}
+
+
+def _number(value: float) -> str:
+    return f"{value:g}" if float(value) == float(f"{value:g}") else repr(float(value))
+
+
+def _quote(value) -> str:
+    text = str(value)
+    return json.dumps(text) if any(c in text for c in ',:\n"') else text
+
+
+def format_parameters(recipe, version: str = "") -> str:
+    """A recipe (anything with `Recipe`'s fields) as A1111's `parameters` text."""
+    settings = {"Steps": recipe.num_inference_steps, "Sampler": SAMPLERS.get(recipe.scheduler, recipe.scheduler)}
+    if recipe.scheduler == "dpm++_karras":
+        settings["Schedule type"] = "Karras"
+    settings.update({"CFG scale": _number(recipe.guidance_scale), "Seed": recipe.seed,
+                     "Size": f"{recipe.width}x{recipe.height}"})
+    if recipe.model_hash:
+        settings["Model hash"] = recipe.model_hash[:HASH_SHOWN]
+    settings["Model"] = recipe.model
+    if recipe.strength is not None:
+        settings["Denoising strength"] = _number(recipe.strength)
+    if recipe.eta:
+        settings["Eta"] = _number(recipe.eta)
+    if getattr(recipe, "loras", None):  # A1111's field: name and the first 12 hex digits of the file's SHA-256
+        settings["Lora hashes"] = ", ".join(f"{l['name']}: {(l.get('sha256') or '')[:12]}" for l in recipe.loras)
+    settings["Version"] = f"ldm-pipeline {version}".strip()
+    line = ", ".join(f"{key}: {_quote(value)}" for key, value in settings.items() if value is not None)
+    negative = f"\nNegative prompt: {recipe.negative_prompt}" if recipe.negative_prompt else ""
+    return f"{recipe.prompt}{negative}\n{line}"
+
+
+def _split_settings(line: str) -> dict[str, str]:
+    """`Key: value, Key: "quoted, value", ...` -> {key: value}."""
+    settings = {}
+    for match in re.finditer(r'\s*([^:,]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)', line):
+        key, value = match.group(1).strip(), match.group(2).strip()
+        if value.startswith('"'):
+            value = json.loads(value)
+        settings[key] = value
+    return settings
+
+
+def parse_parameters(text: str, source: str = "parameters") -> dict:
+    """A1111's `parameters` text -> `Recipe` fields (only those the text gives).
+
+    Args:
+        source: the file it came from, for error messages.
+    """
+    lines = text.strip().split("\n")
+    settings = _split_settings(lines[-1]) if len(lines) > 1 else {}
+    if "Steps" not in settings:
+        raise ValueError(f"`path`: the 'parameters' chunk of {source!r} has no settings line (Steps: ...)")
+    body = "\n".join(lines[:-1])
+    prompt, _, negative = body.partition("\nNegative prompt:")
+    if body.startswith("Negative prompt:"):
+        prompt, negative = "", body[len("Negative prompt:"):]
+    sampler = settings.get("Sampler", "DDIM")
+    karras = settings.get("Schedule type", "").lower() == "karras" or sampler.endswith(" Karras")
+    sampler = sampler.removesuffix(" Karras")
+    names = [ours for ours, theirs in SAMPLERS.items() if theirs == sampler]
+    scheduler = ("dpm++_karras" if karras else "dpm++") if sampler == "DPM++ 2M" else (names[0] if names else sampler)
+    fields = dict(prompt=prompt.strip(), negative_prompt=negative.strip(), scheduler=scheduler,
+                  model=settings.get("Model"), model_hash=settings.get("Model hash"),
+                  prompt_weighting=True, prompt_composition=len(split_prompt(prompt)) > 1)
+    try:
+        fields["num_inference_steps"] = int(settings["Steps"])
+        fields["width"], fields["height"] = (int(v) for v in settings.get("Size", "512x512").split("x"))
+        for key, name, kind in (("CFG scale", "guidance_scale", float), ("Seed", "seed", int),
+                                ("Eta", "eta", float), ("Denoising strength", "strength", float)):
+            if key in settings:
+                fields[name] = kind(settings[key])
+    except ValueError as error:
+        raise ValueError(f"`path`: the 'parameters' chunk of {source!r} has a value that is not a number "
+                         f"({error})") from error
+    return fields

@@ -1,0 +1,137 @@
+"""Drawing an image again from its recipe, refusing when the model, the reference or the adapters differ."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import PIL.Image
+
+from .. import images as image_ops
+from ..sampling import schedulers
+from .hashes import HASH_SHOWN, same_model
+from .png import read_recipes
+from .recipes import Recipe, image_hash
+
+# fields that must agree for recipes to be drawn in one call (prompt, negative prompt and seed may differ)
+_CALL_FIELDS = ("num_inference_steps", "guidance_scale", "height", "width", "scheduler", "scheduler_config", "eta",
+                "prompt_weighting", "prompt_composition", "strength", "image_hash", "image_path", "model_hash",
+                "steps_run", "clip_guidance_scale", "clip_guidance_every", "clip_model", "loras")
+
+
+def _scheduler_for(recipe: Recipe, pipe):
+    config = recipe.scheduler_config
+    if config is None:  # from A1111 text: the name on top of the model's own config
+        return schedulers.make_scheduler(recipe.scheduler, pipe.scheduler.config)
+    if recipe.scheduler in schedulers.SCHEDULERS:
+        cls = schedulers.SCHEDULERS[recipe.scheduler][0]
+    else:
+        import diffusers
+
+        cls = getattr(diffusers, config.get("_class_name", recipe.scheduler), None)
+        if cls is None:
+            raise ValueError(f"`recipe`: scheduler {recipe.scheduler!r} is not a diffusers scheduler this "
+                             "installation has")
+    return cls.from_config({k: v for k, v in config.items() if k != "_class_name"})
+
+
+def _reference(recipe: Recipe, image) -> PIL.Image.Image | None:
+    if recipe.strength is None:
+        if image is not None:
+            raise ValueError("`image`: the recipe is text-to-image; it takes no image")
+        return None
+    if image is None and recipe.image_path and Path(recipe.image_path).is_file():
+        image = recipe.image_path
+    if image is None:
+        hint = f" (it was {recipe.image_path!r})" if recipe.image_path else ""
+        raise ValueError(f"`image`: the recipe is image-to-image and its reference picture is not in it{hint}; "
+                         "pass it with image=")
+    reference = image_ops.load_image(image)
+    if recipe.image_hash and image_hash(reference) != recipe.image_hash:
+        raise ValueError(f"`image`: this reference picture is not the one the image was drawn from (its pixels' "
+                         f"SHA-256 is {image_hash(reference)[:12]}..., the recipe's {recipe.image_hash[:12]}...)")
+    return reference
+
+
+def reproduce(pipe, source, image=None, ignore_model_hash: bool = False, progress: bool = True):
+    """Draw the image(s) of a recipe again with `pipe`; see `LatentDiffusionPipeline.reproduce`."""
+    import copy
+
+    if isinstance(source, Recipe):
+        recipes = [source]
+    elif isinstance(source, (list, tuple)) and source and all(isinstance(r, Recipe) for r in source):
+        recipes = list(source)
+    elif isinstance(source, (str, os.PathLike)):
+        recipes, _ = read_recipes(source)
+    else:
+        raise TypeError(f"`source`: got {type(source).__name__}; expected a PNG path, a Recipe or a list of them")
+    first = recipes[0]
+    for recipe in recipes:
+        if recipe.not_reproducible:
+            raise ValueError(f"`source`: this image cannot be drawn again: {recipe.not_reproducible}")
+        if recipe.seed is None:
+            raise ValueError("`source`: the recipe has no seed, so its starting noise is unknown")
+        if any(getattr(recipe, name) != getattr(first, name) for name in _CALL_FIELDS):
+            raise ValueError("`source`: these recipes come from different calls; reproduce them one at a time")
+    _check_loras(first, pipe)
+    if not ignore_model_hash:
+        present = pipe.model_hash()
+        if not first.model_hash:
+            raise ValueError("`source`: the recipe names no model hash, so the model cannot be checked; pass "
+                             "ignore_model_hash=True (--ignore-model-hash) to draw with this one anyway")
+        if not same_model(first.model_hash, present):
+            raise ValueError(f"`source`: the image was drawn by model {first.model!r} with hash "
+                             f"{first.model_hash[:HASH_SHOWN]}, but this pipeline's model has hash "
+                             f"{present[:HASH_SHOWN]}; load that model, or pass ignore_model_hash=True "
+                             "(--ignore-model-hash) to draw with this one anyway")
+    if first.dtype and first.device and (first.dtype, first.device) != (str(pipe.dtype).removeprefix("torch."),
+                                                                         pipe.device.type):
+        warnings.warn(f"the image was drawn in {first.dtype} on {first.device}; this pipeline runs "
+                      f"{str(pipe.dtype).removeprefix('torch.')} on {pipe.device.type}, so pixels may differ "
+                      "slightly", stacklevel=3)
+    reference = _reference(first, image)
+    twin = copy.copy(pipe)  # shares the models; only its scheduler is the recipe's
+    twin.scheduler = _scheduler_for(first, pipe)
+    callback = None
+    if first.steps_run is not None:  # the original loop was stopped after this many steps (or ran them all)
+        callback = lambda step, timestep, latents: step + 1 < first.steps_run  # noqa: E731
+    negatives = [r.negative_prompt for r in recipes]
+    clip = _clip_for(first, pipe) if first.clip_guidance_scale else None
+    return twin([r.prompt for r in recipes], negative_prompt=negatives if any(negatives) else None,
+                num_inference_steps=first.num_inference_steps, guidance_scale=first.guidance_scale,
+                height=first.height, width=first.width, seed=[r.seed for r in recipes], image=reference,
+                strength=first.strength if first.strength is not None else 0.8, eta=first.eta, callback=callback,
+                progress=progress, prompt_weighting=first.prompt_weighting,
+                prompt_composition=first.prompt_composition,
+                regions=[r.regions for r in recipes] if any(r.regions for r in recipes) else None,
+                clip_guidance_scale=first.clip_guidance_scale, clip_guidance_every=first.clip_guidance_every,
+                clip_model=clip)
+
+
+def _clip_for(recipe: Recipe, pipe):
+    """The CLIP a CLIP-guided image was steered with, loaded from the name it recorded, weights checked."""
+    from ..guidance.clip import clip_for
+
+    name, _, digest = (recipe.clip_model or "").rpartition("@")
+    clip = clip_for(None if name == "shapes_clip" else name, pipe.device)
+    if not clip.name.endswith(f"@{digest}"):
+        raise ValueError(f"`source`: the image was steered by CLIP {recipe.clip_model!r}, but the CLIP found there "
+                         f"has weights {clip.name.rpartition('@')[2]}; draw it with that CLIP's recipe fields by hand")
+    return clip
+
+
+def _check_loras(recipe: Recipe, pipe) -> None:
+    """Refuse to draw again unless the same LoRA files act at the same scales."""
+    from ..adapters.lora import recipe_of
+
+    def signature(loras):
+        return sorted((l.get("sha256") or l["name"], float(l["scale"])) for l in loras or [])
+
+    wanted, present = recipe.loras or [], recipe_of(pipe).get("loras", [])
+    if signature(wanted) != signature(present):
+        def describe(loras):
+            return ", ".join(f"{l['name']} ({(l.get('sha256') or '?')[:12]}, scale {l['scale']:g})" for l in loras) \
+                or "none"
+        raise ValueError(f"`source`: the image was drawn with LoRA adapters {describe(wanted)}; this pipeline has "
+                         f"{describe(present)}; load_lora_weights / set_adapters to match")
