@@ -111,7 +111,7 @@ class LatentDiffusionPipeline(memory.MemoryMethods, adapters.AdapterMethods):
                 change later are noticed before each call and compiled for.
         """
         checks.check_size(height, width, self.vae_scale_factor)
-        if batch is not None and (not checks._is_int(batch) or batch < 1):
+        if batch is not None and (not checks.is_int(batch) or batch < 1):
             raise ValueError(f"`batch`: got {batch!r}; expected an integer >= 1 (the UNet's batch) or None")
         self.compiled = fast.compile_unet(self.unet, mode or fast.default_mode(self.device), cache_dir, verbose,
                                           batch, height, width, self.vae_scale_factor, self.tokenizer.model_max_length)

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from ..guidance.composition import check_regions
 from ..files import atomic_path
 from ..provenance.png import write_png
+from ..runtime.checks import is_int
 
 MANIFEST = "manifest.jsonl"
 JOB_KEYS = {"prompt", "seed", "negative_prompt", "steps", "prompt_composition", "regions"}
@@ -46,10 +47,6 @@ class Job:
         return f"{self.line:06d}-{self.seed}.png"
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def read_prompt_file(path: str | os.PathLike, base_seed: int = 0, steps: int | None = None,
                      negative_prompt: str | None = None, prompt_composition: bool = False) -> list[Job]:
     """The jobs of a prompt file: a prompt per line, or JSON lines; blank lines and `#` comments are skipped.
@@ -62,7 +59,7 @@ def read_prompt_file(path: str | os.PathLike, base_seed: int = 0, steps: int | N
         ValueError naming the line, for a line that is not a valid job, before any model loads.
     """
     path = Path(path)
-    if steps is not None and (not _is_int(steps) or steps < 1):
+    if steps is not None and (not is_int(steps) or steps < 1):
         raise ValueError(f"`--steps`: got {steps!r}; expected an integer >= 1")
     if not path.is_file():
         raise ValueError(f"`--prompts`: {str(path)!r} is not a file; expected a text file, a prompt per line, "
@@ -86,10 +83,10 @@ def read_prompt_file(path: str | os.PathLike, base_seed: int = 0, steps: int | N
         if not isinstance(entry.get("prompt"), str) or not entry["prompt"].strip():
             raise ValueError(f"{where}: \"prompt\" must be a non-empty string, got {entry.get('prompt')!r}")
         seed = entry.get("seed", base_seed + number)
-        if not _is_int(seed) or not 0 <= seed < 2**63:
+        if not is_int(seed) or not 0 <= seed < 2**63:
             raise ValueError(f"{where}: \"seed\" must be an integer in [0, 2**63), got {seed!r}")
         line_steps = entry.get("steps", steps)
-        if line_steps is not None and (not _is_int(line_steps) or line_steps < 1):
+        if line_steps is not None and (not is_int(line_steps) or line_steps < 1):
             raise ValueError(f"{where}: \"steps\" must be an integer >= 1, got {line_steps!r}")
         negative = entry.get("negative_prompt", negative_prompt)
         if negative is not None and not isinstance(negative, str):

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPModel, CLIPTokenizer
 
-from ..runtime.checks import _is_int, finite_number
+from ..runtime.checks import finite_number, is_int
 from .clip_model import SHAPES_CLIP, Clip, Preprocess
 from ..sampling.loop import StepState
 from .base import Guidance
@@ -110,7 +110,7 @@ def check_clip_guidance(scale, clip_model, prompts: list[str] | None, every) -> 
     value = finite_number("clip_guidance_scale", scale, "a number >= 0 (0 turns CLIP guidance off)")
     if value < 0:
         raise ValueError(f"`clip_guidance_scale`: got {scale!r}; expected a number >= 0 (0 turns CLIP guidance off)")
-    if not _is_int(every) or every < 1:
+    if not is_int(every) or every < 1:
         raise ValueError(f"`clip_guidance_every`: got {every!r}; expected an integer >= 1")
     if clip_model is not None and not isinstance(clip_model, (Clip, CLIPModel, str, os.PathLike)):
         raise TypeError(f"`clip_model`: got {type(clip_model).__name__}; expected None (the bundled shapes CLIP), "

@@ -5,6 +5,7 @@ Each error names the argument, the value received and what would be accepted.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 
@@ -16,7 +17,7 @@ from ..images import OUTPUT_TYPES
 SEED_RANGE = (0, 2**64 - 1)  # what torch.Generator.manual_seed takes without folding negative seeds onto others
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
@@ -87,15 +88,14 @@ def negatives_of(negative_prompt, batch: int, negative_prompt_embeds, prompt_emb
 
 def batch_of(num_prompts: int, num_images_per_prompt) -> int:
     """How many images a call draws, after checking `num_images_per_prompt`."""
-    if not _is_int(num_images_per_prompt) or num_images_per_prompt < 1:
-        raise ValueError(f"`num_images_per_prompt`: got {num_images_per_prompt!r}; expected an integer >= 1")
+    check_images_per_prompt(num_images_per_prompt)
     return num_prompts * int(num_images_per_prompt)
 
 
 def check_size(height, width, multiple: int) -> None:
     """`height` and `width`: None, or positive multiples of the VAE factor."""
     for name, value in (("height", height), ("width", width)):
-        if value is not None and (not _is_int(value) or value <= 0 or value % multiple):
+        if value is not None and (not is_int(value) or value <= 0 or value % multiple):
             raise ValueError(f"`{name}`: got {value!r}; expected a positive multiple of the VAE factor {multiple}")
 
 
@@ -103,7 +103,7 @@ def check_seed(seed, batch: int) -> None:
     """`seed`: None, an integer or one integer per image, each within what a torch generator takes."""
     if seed is None:
         return
-    if not _is_int(seed) and not (isinstance(seed, list) and all(_is_int(s) for s in seed)):
+    if not is_int(seed) and not (isinstance(seed, list) and all(is_int(s) for s in seed)):
         raise TypeError(f"`seed`: got {seed!r}; expected an integer or a list of integers")
     if isinstance(seed, list) and len(seed) != batch:
         raise ValueError(f"`seed`: a list of {len(seed)} seeds for {batch} images; give one seed, or one per image")
@@ -116,48 +116,71 @@ def check_seed(seed, batch: int) -> None:
                          f"[0, 2**64 - 1] (seed=S draws image i from S + i); seed=None draws a random one")
 
 
-def check_call(*, height, width, multiple, num_inference_steps, guidance_scale, num_images_per_prompt,
-               strength, output_type, generator, seed, latents, batch: int, image_given: bool, eta=0.0,
-               callback=None, latent_channels: int | None = None, max_steps: int | None = None,
-               context_dim: int | None = None, embeds: dict | None = None, prompt_weighting=False) -> None:
-    """Check the numeric and choice arguments of a call; `batch` counts the images to draw.
-
-    `latent_channels`, `context_dim` and `max_steps` are the UNet's latent channels, its
-    cross-attention width and the scheduler's training timesteps; `embeds` maps the names of
-    given embeddings to their tensors.
-    """
-    check_size(height, width, multiple)
-    if not _is_int(num_inference_steps) or num_inference_steps < 1:
+def check_steps(num_inference_steps) -> None:
+    if not is_int(num_inference_steps) or num_inference_steps < 1:
         raise ValueError(f"`num_inference_steps`: got {num_inference_steps!r}; expected an integer >= 1")
-    if max_steps is not None and num_inference_steps > max_steps:
-        raise ValueError(f"`num_inference_steps`: got {num_inference_steps}; expected at most {max_steps}, the "
-                         "scheduler's training timesteps")
+
+
+def check_guidance(guidance_scale) -> None:
     guidance = finite_number("guidance_scale", guidance_scale, "a number >= 0 (<= 1 turns guidance off)")
     if guidance < 0:
         raise ValueError(f"`guidance_scale`: got {guidance_scale!r}; expected a number >= 0 (<= 1 turns guidance off)")
+
+
+def check_eta(eta) -> None:
     eta_value = finite_number("eta", eta, "a number in [0, 1] (DDIM's noise share)")
     if not 0 <= eta_value <= 1:
         raise ValueError(f"`eta`: got {eta!r}; expected a number in [0, 1] (DDIM's noise share)")
-    if not _is_int(num_images_per_prompt) or num_images_per_prompt < 1:
+
+
+def check_images_per_prompt(num_images_per_prompt) -> None:
+    if not is_int(num_images_per_prompt) or num_images_per_prompt < 1:
         raise ValueError(f"`num_images_per_prompt`: got {num_images_per_prompt!r}; expected an integer >= 1")
+
+
+def check_output_type(output_type) -> None:
     if not isinstance(output_type, str) or output_type not in OUTPUT_TYPES:
         raise ValueError(f"`output_type`: got {output_type!r}; expected one of {list(OUTPUT_TYPES)}")
+
+
+def check_callback(callback) -> None:
     if callback is not None and not callable(callback):
         raise TypeError(f"`callback`: got {type(callback).__name__}; expected a function (step, timestep, latents)")
-    if not isinstance(prompt_weighting, bool):
-        raise TypeError(f"`prompt_weighting`: got {prompt_weighting!r}; expected True or False")
+
+
+def check_strength(strength) -> None:
     strength_value = finite_number("strength", strength, "a number in (0, 1]")
     if not 0 < strength_value <= 1:
         raise ValueError(f"`strength`: got {strength!r}; expected a number in (0, 1]")
-    if image_given:
-        if int(num_inference_steps * strength) < 1:
+
+
+def check_call(settings, *, batch: int, multiple: int, latent_channels: int | None = None,
+               max_steps: int | None = None, context_dim: int | None = None) -> None:
+    """Check a call's `GenerationSettings` (defaults filled in): each setting's own check, then those
+    that involve several; `batch` counts the images to draw.
+
+    `multiple` is the VAE factor; `latent_channels`, `context_dim` and `max_steps` are the UNet's
+    latent channels, its cross-attention width and the scheduler's training timesteps.
+    """
+    s = settings
+    check_size(s.height, s.width, multiple)
+    for f in dataclasses.fields(s):
+        own = f.metadata["setting"].check
+        if own is not None:
+            own(getattr(s, f.name))
+    if max_steps is not None and s.num_inference_steps > max_steps:
+        raise ValueError(f"`num_inference_steps`: got {s.num_inference_steps}; expected at most {max_steps}, the "
+                         "scheduler's training timesteps")
+    if s.image is not None:
+        if int(s.num_inference_steps * s.strength) < 1:
             raise ValueError(
-                f"`strength`: {strength} of {num_inference_steps} steps runs int({num_inference_steps} * {strength})"
-                f" = 0 steps; raise strength or num_inference_steps so that at least one step runs"
+                f"`strength`: {s.strength} of {s.num_inference_steps} steps runs int({s.num_inference_steps} * "
+                f"{s.strength}) = 0 steps; raise strength or num_inference_steps so that at least one step runs"
             )
-        if latents is not None:
+        if s.latents is not None:
             raise ValueError("`latents`: cannot be given together with `image`; image-to-image starts from the image")
-    if generator is not None and seed is not None:
+    generator = s.generator
+    if generator is not None and s.seed is not None:
         raise ValueError("`generator` and `seed`: give at most one of them, got both")
     if generator is not None and not isinstance(generator, torch.Generator) and not (
             isinstance(generator, list) and all(isinstance(g, torch.Generator) for g in generator)):
@@ -165,10 +188,11 @@ def check_call(*, height, width, multiple, num_inference_steps, guidance_scale, 
     if isinstance(generator, list) and len(generator) != batch:
         raise ValueError(f"`generator`: a list of {len(generator)} generators for {batch} images; "
                          "give one generator, or one per image")
-    check_seed(seed, batch)
-    if latents is not None:
-        check_latents(latents, batch, multiple, latent_channels, height, width)
-    for name, value in (embeds or {}).items():
+    check_seed(s.seed, batch)
+    if s.latents is not None:
+        check_latents(s.latents, batch, multiple, latent_channels, s.height, s.width)
+    for name in ("prompt_embeds", "negative_prompt_embeds"):
+        value = getattr(s, name)
         if value is not None and context_dim is not None and value.shape[-1] != context_dim:
             raise ValueError(f"`{name}`: got shape {tuple(value.shape)}; the UNet's cross-attention takes "
                              f"{context_dim} features per token")
@@ -209,14 +233,14 @@ def latent_size(latents: torch.Tensor | None, multiple: int) -> tuple[int | None
 
 def check_slice_size(slice_size) -> None:
     """Attention slicing: "auto", "max" or a positive number of heads per slice."""
-    if not (slice_size in ("auto", "max") or (_is_int(slice_size) and slice_size >= 1)):
+    if not (slice_size in ("auto", "max") or (is_int(slice_size) and slice_size >= 1)):
         raise ValueError(f"`slice_size`: got {slice_size!r}; expected \"auto\", \"max\" or an integer >= 1 "
                          "(attention heads per slice)")
 
 
 def check_tile_size(tile_size, multiple: int) -> None:
     """VAE tiling: None (the VAE's own) or a tile side in pixels, a multiple of the VAE's factor, at least 4 latents."""
-    if tile_size is not None and not (_is_int(tile_size) and tile_size >= 4 * multiple and tile_size % multiple == 0):
+    if tile_size is not None and not (is_int(tile_size) and tile_size >= 4 * multiple and tile_size % multiple == 0):
         raise ValueError(f"`tile_size`: got {tile_size!r}; expected None or an integer multiple of {multiple} "
                          f"of at least {4 * multiple} (pixels)")
 

@@ -1,0 +1,161 @@
+"""Every setting of a pipeline call, named once: `GenerationSettings`.
+
+Each field carries, beside its default, what the rest of the house needs to know about it (its
+`Setting` metadata): the check of its value alone, how an image's recipe keeps it, its key in
+AUTOMATIC1111's infotext and its `ldm generate` flag. `LatentDiffusionPipeline.__call__` turns its
+arguments into settings; the recipe, `reproduce`, the infotext, the CLI and the web page read the
+fields from here. A new setting touches this dataclass, the stage that uses it and the interfaces
+that show it.
+
+`resolve` fills in what a call leaves to the model (steps, guidance, size) and runs every check,
+so that bad input fails before any model works.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from .runtime import checks
+
+IMAGE, PROMPT, CALL = "image", "prompt", "call"  # a recipe keeps a value per image, per prompt or per call
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What is known of one setting besides its default.
+
+    Attributes:
+        check: `check(value)` raises naming the setting when the value alone is wrong (None: checked
+            with others in `checks.check_call`, or not at all).
+        recorded: how a recipe keeps it: IMAGE (one value per image), PROMPT (per prompt), CALL (one
+            for the call), or None (not kept: callbacks, tensors, generators).
+        recipe_type, recipe_default: the type and default of its `Recipe` field.
+        infotext: its key in A1111's `parameters` text, where that tool has one.
+        flag, flag_options: its `ldm generate` flag and argparse options (`dest` is the setting's name).
+    """
+
+    check: Callable[[Any], None] | None = None
+    recorded: str | None = CALL
+    recipe_type: Any = None
+    recipe_default: Any = None
+    infotext: str | None = None
+    flag: str | None = None
+    flag_options: dict = field(default_factory=dict)
+
+
+def setting(default=None, **metadata) -> Any:
+    """A dataclass field with its `Setting` metadata."""
+    return field(default=default, metadata={"setting": Setting(**metadata)})
+
+
+def _bool(name: str) -> Callable[[Any], None]:
+    def check(value):
+        if not isinstance(value, bool):
+            raise TypeError(f"`{name}`: got {value!r}; expected True or False")
+    return check
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """The settings of one call, in `LatentDiffusionPipeline.__call__`'s names and order (diffusers' names).
+
+    None for `num_inference_steps`, `guidance_scale`, `height` and `width` means the model's own
+    (`resolve` fills them in). See `LatentDiffusionPipeline.__call__` for each argument's meaning.
+    """
+
+    prompt: str | list[str] | None = setting(recorded=IMAGE, recipe_type=str, recipe_default="")
+    negative_prompt: str | list[str] | None = setting(
+        recorded=IMAGE, recipe_type=str, recipe_default="",
+        flag="--negative-prompt", flag_options=dict(help="what to steer away from (default: the empty prompt)"))
+    num_inference_steps: int | None = setting(
+        recipe_type=int, recipe_default=50, infotext="Steps", check=checks.check_steps,
+        flag="--steps", flag_options=dict(type=int, help="denoising steps (default: the model's, else 50)"))
+    guidance_scale: float | None = setting(
+        recipe_type=float, recipe_default=7.5, infotext="CFG scale", check=checks.check_guidance,
+        flag="--guidance", flag_options=dict(type=float, help="guidance scale (default: the model's)"))
+    height: int | None = setting(recipe_type=int, recipe_default=512)
+    width: int | None = setting(recipe_type=int, recipe_default=512)
+    num_images_per_prompt: int = setting(
+        1, recorded=None, check=checks.check_images_per_prompt,
+        flag="--num-images", flag_options=dict(type=int, help="images per prompt; more than one makes a grid"))
+    generator: torch.Generator | list[torch.Generator] | None = setting(recorded=None)
+    seed: int | list[int] | None = setting(
+        recorded=IMAGE, recipe_type=int | None, infotext="Seed",
+        flag="--seed", flag_options=dict(type=int, help="image i uses seed+i (default: random)"))
+    latents: torch.Tensor | None = setting(recorded=None)
+    prompt_embeds: torch.Tensor | None = setting(recorded=None)
+    negative_prompt_embeds: torch.Tensor | None = setting(recorded=None)
+    image: Any = setting(recorded=None, flag="--image", flag_options=dict(help="reference picture for "
+                                                                              "image-to-image"))
+    strength: float = setting(
+        0.8, recipe_type=float | None, infotext="Denoising strength", check=checks.check_strength,
+        flag="--strength", flag_options=dict(type=float, help="image-to-image strength in (0, 1]"))
+    output_type: str = setting("pil", recorded=None, check=checks.check_output_type)
+    callback: Callable | None = setting(recorded=None, check=checks.check_callback)
+    progress: bool = setting(True, recorded=None)
+    eta: float = setting(0.0, recipe_type=float, recipe_default=0.0, infotext="Eta", check=checks.check_eta)
+    prompt_weighting: bool = setting(False, recipe_type=bool, recipe_default=False,
+                                     check=_bool("prompt_weighting"))
+    prompt_composition: bool = setting(
+        False, recipe_type=bool, recipe_default=False,
+        flag="--prompt-composition", flag_options=dict(action="store_true", help=(
+            "read 'A AND B :0.5' as composed prompts, each part guiding on its own (AUTOMATIC1111's AND)")))
+    regions: list | None = setting(recorded=PROMPT, recipe_type=list | None)
+    clip_guidance_scale: float = setting(
+        0.0, recipe_type=float, recipe_default=0.0,
+        flag="--clip-guidance", flag_options=dict(type=float, metavar="SCALE", help=(
+            "steer each step with a CLIP's gradient (default 0: off; about 0.2-0.5 on the bundled model; costs a "
+            "VAE decode and a CLIP pass per step)")))
+    clip_model: Any = setting(
+        recipe_type=str | None,  # recorded as the CLIP's name@weights-digest
+        flag="--clip-model", flag_options=dict(help="the CLIP for --clip-guidance: a CLIPModel folder or Hub id "
+                                                    "(default: the bundled one)"))
+    clip_guidance_every: int = setting(1, recipe_type=int, recipe_default=1)
+    preview: Callable | None = setting(recorded=None)
+    preview_every: int = setting(
+        5, recorded=None,
+        flag="--preview-every", flag_options=dict(type=int, metavar="K", help="steps between previews (default 5)"))
+
+    def replace(self, **changes) -> "GenerationSettings":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def is_image_to_image(self) -> bool:
+        return self.image is not None
+
+    def arguments(self) -> dict:
+        """The settings as `pipe(...)` keyword arguments."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def fields_of(recorded: str | None = None, *, flag: bool = False, infotext: bool = False) -> list[dataclasses.Field]:
+    """The settings' fields, optionally only those a recipe keeps that way, or those with a flag / infotext key."""
+    chosen = []
+    for f in dataclasses.fields(GenerationSettings):
+        meta: Setting = f.metadata["setting"]
+        if recorded is not None and meta.recorded != recorded:
+            continue
+        if (flag and meta.flag is None) or (infotext and meta.infotext is None):
+            continue
+        chosen.append(f)
+    return chosen
+
+
+def meta(name: str) -> Setting:
+    """The `Setting` metadata of a field."""
+    return GenerationSettings.__dataclass_fields__[name].metadata["setting"]
+
+
+def default(name: str):
+    """A setting's default value."""
+    return GenerationSettings.__dataclass_fields__[name].default
+
+
+def recipe_fields() -> list[tuple[str, Any, Any]]:
+    """(name, type, dataclass field) of every setting a recipe keeps, in call order, for `Recipe`."""
+    return [(f.name, meta(f.name).recipe_type, field(default=meta(f.name).recipe_default))
+            for f in dataclasses.fields(GenerationSettings) if meta(f.name).recorded is not None]
