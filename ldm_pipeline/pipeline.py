@@ -9,19 +9,18 @@ from pathlib import Path
 
 import torch
 
+from . import images, stages
 from .adapters import lora as adapters
-from .runtime import checks, guards, memory
-from .guidance import composition, clip as guidance
 from .fast import compile as fast
-from . import images
-from .sampling import latents as latent_ops, previews, schedulers
 from .loading import folders as loading, single_file
-from .provenance import recipes, reproduce
-from .text import encode as text
-from .provenance.hashes import ModelIdentity
 from .output import PipelineOutput
-from .guidance.base import ClassifierFree
+from .provenance import reproduce
+from .provenance.hashes import ModelIdentity
+from .runtime import checks, guards, memory
+from .sampling import latents as latent_ops, previews, schedulers
 from .sampling.loop import StepCallback, denoise
+from .settings import GenerationSettings
+from .text import encode as text
 
 DEFAULT_MODEL = Path(__file__).parent / "models" / "shapes"
 FALLBACK_DEFAULTS = {"guidance_scale": 7.5, "num_inference_steps": 50}
@@ -245,91 +244,30 @@ class LatentDiffusionPipeline(memory.MemoryMethods, adapters.AdapterMethods):
             `PipelineOutput` with `.images` (PIL list, np (B, H, W, 3), pt (B, 3, H, W) or
             the (B, C, h, w) latents for "latent") and the seeds, size and steps used.
         """
-        if num_inference_steps is None:
-            num_inference_steps = self.defaults["num_inference_steps"]
-        if guidance_scale is None:  # a model may store its best scale for composed prompts in regions apart
-            key = "regions_guidance_scale" if regions is not None and prompt_composition is True else "guidance_scale"
-            guidance_scale = self.defaults.get(key, self.defaults["guidance_scale"])
-        prompts = checks.prompts_of(prompt, prompt_embeds)
-        num_prompts = len(prompts) if prompts is not None else prompt_embeds.shape[0]
-        negatives = checks.negatives_of(negative_prompt, num_prompts, negative_prompt_embeds, prompt_embeds)
-        batch = checks.batch_of(num_prompts, num_images_per_prompt)
-        factor = self.vae_scale_factor
-        checks.check_call(height=height, width=width, multiple=factor, num_inference_steps=num_inference_steps,
-                          guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt,
-                          strength=strength, output_type=output_type, generator=generator, seed=seed,
-                          latents=latents, batch=batch, image_given=image is not None, eta=eta, callback=callback,
-                          prompt_weighting=prompt_weighting,
-                          latent_channels=self.unet.config.in_channels, context_dim=self.unet.config.cross_attention_dim,
-                          max_steps=self.scheduler.config.get("num_train_timesteps"),
-                          embeds=dict(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds))
-        composition.check_composition(prompt_composition, prompts)
-        regions = composition.check_regions(regions, prompt, prompts, prompt_composition)
-        guidance.check_clip_guidance(clip_guidance_scale, clip_model, prompts, clip_guidance_every)
-        previews.check_preview(preview, preview_every)
-        reference = images.load_image(image) if image is not None else None
-        latents_given = latents is not None  # for the recipe: such images cannot be drawn again from it
-        reference_size = images.image_size(reference, height, width, factor) if reference is not None else None
-        height, width = checks.output_size(height, width, factor, self.unet.config.sample_size, latents,
-                                           reference_size)
-        guards.check_fits(self.vae, self.unet, batch, height, width, self.dtype, self.device, output_type != "latent")
-
-        seeds = None
-        if generator is None:
-            seeds = latent_ops.seeds_for(seed, batch)
-            generator = latent_ops.generators_for(seeds)
-        slots, part_weights = composition.split_prompts(prompts) if prompt_composition else ([prompts], None)
-        guided = guidance_scale > 1 or len(slots) > 1  # composed parts are each guided against the negative
-        cond, uncond = text.encode_prompts(self.tokenizer, self.text_encoder, composition.joined(slots),
-                                           composition.negatives_for(negatives, prompts, len(slots)),
-                                           num_images_per_prompt, guided, prompt_embeds, negative_prompt_embeds,
-                                           self.embedding_cache, prompt_weighting)
-        cond, *others = cond.to(self.device, self.dtype).chunk(len(slots))
-        uncond = uncond.to(self.device, self.dtype) if uncond is not None else None
-
-        scheduler = schedulers.fresh_copy(self.scheduler)
-        scheduler.set_timesteps(num_inference_steps, device=self.device)
-        if reference is None:
-            timesteps = scheduler.timesteps
-            shape = (batch, self.unet.config.in_channels, height // factor, width // factor)
-            if latents is None:
-                latents = latent_ops.initial_noise(shape, generator, self.device, self.dtype)
-            start = latents.to(self.device, self.dtype) * scheduler.init_noise_sigma
-        else:
-            timesteps = latent_ops.img2img_timesteps(scheduler, num_inference_steps, strength)
-            pixels = images.to_tensor(reference, height, width).to(self.device, self.vae.dtype)
-            encoded = guards.encode_checked(self.vae, pixels, batch, generator)
-            start = latent_ops.img2img_start(scheduler, encoded.to(self.dtype), timesteps[:1], generator)
-
-        compiled = self.compiled and not adapters.unfused(self)  # a package holds no unfused LoRA layers
-        unet = self.compiled.runner_for(self.unet, start.shape[1:], cond.shape[1:]) if compiled else self.unet
-        if others:  # composed prompts (uncond is always encoded for them)
-            weights = part_weights if regions is None else composition.region_weights(part_weights, regions,
-                                                                                      *start.shape[-2:])
-            guidances = [composition.Composed(uncond, others, weights.repeat_interleave(num_images_per_prompt, dim=1),
-                                              guidance_scale, regions)]
-        else:
-            guidances = [ClassifierFree(uncond, guidance_scale)] if uncond is not None else []
-        if clip_guidance_scale > 0:
-            texts = [p for p in prompts for _ in range(num_images_per_prompt)]
-            guidances.append(guidance.ClipGuidance(guidance.clip_for(clip_model, self.device), self.vae, texts,
-                                                   clip_guidance_scale, clip_guidance_every))
-        watch = guards.StepWatch(callback)  # notes where NaN or infinity first appear
-        final, steps_run = denoise(unet, scheduler, start, timesteps, cond, guidances,
-                                   schedulers.step_kwargs(scheduler, generator, eta),
-                                   [watch, *previews.hooks_for(self.vae, preview, preview_every, len(timesteps))], progress)
+        # 1. settings: the model's defaults filled in, every argument checked before any model works
+        call = stages.resolve(self, GenerationSettings(
+            prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale, height=height, width=width, num_images_per_prompt=num_images_per_prompt,
+            generator=generator, seed=seed, latents=latents, prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, image=image, strength=strength, output_type=output_type,
+            callback=callback, progress=progress, eta=eta, prompt_weighting=prompt_weighting,
+            prompt_composition=prompt_composition, regions=regions, clip_guidance_scale=clip_guidance_scale,
+            clip_model=clip_model, clip_guidance_every=clip_guidance_every, preview=preview,
+            preview_every=preview_every))
+        # 2. text: the prompts' contexts (one per composed part) and the negative prompts'
+        contexts = stages.encode_text(self, call)
+        # 3. starting latents: noise, or the reference picture noised to `strength`
+        scheduler, timesteps, start = stages.starting_latents(self, call)
+        # 4. the model: the UNet, or its compiled runner
+        unet = stages.model_for(self, start, contexts.cond)
+        # 5. guidances and per-step hooks
+        guidances = stages.guidances_for(self, call, contexts, start)
+        watch = guards.StepWatch(call.settings.callback)  # notes where NaN or infinity first appear
+        hooks = stages.hooks_for(self, call, watch, len(timesteps))
+        # 6. denoise
+        step_kwargs = schedulers.step_kwargs(scheduler, call.generator, call.settings.eta)
+        final, steps_run = denoise(unet, scheduler, start, timesteps, contexts.cond, guidances, step_kwargs, hooks,
+                                   call.settings.progress)
         guards.check_latents(final, watch, steps_run)
-        if output_type == "latent":
-            result = final
-        else:
-            result = images.postprocess(guards.decode_checked(self.vae, final), output_type)
-        if self.offload:
-            self.offload.offload_all()  # the GPU is free between calls
-        return PipelineOutput(
-            images=result, seeds=seeds, height=height, width=width, num_inference_steps=num_inference_steps,
-            steps_run=steps_run, scheduler=schedulers.scheduler_name(scheduler), guidance_scale=guidance_scale,
-            strength=strength if reference is not None else None, prompts=prompts,
-            call=recipes.CallRecord.of(self, prompts, negatives, num_images_per_prompt, scheduler, eta, reference,
-                                       image, seeds is None, latents_given, prompt_embeds is not None,
-                                       prompt_weighting, {**guidance.recipe_of(guidances), **adapters.recipe_of(self)}),
-        )
+        # 7. finish: decode, and keep what the images' recipes are made of
+        return stages.finish(self, call, final, scheduler, steps_run, guidances)

@@ -56,15 +56,15 @@ def test_long_prompt_is_read_in_windows_not_cut(pipe):
 def test_prompt_and_negative_prompt_are_padded_to_the_same_windows(pipe):
     tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
     empty_window = text.encode_text(tokenizer, encoder, [""])
-    cond, uncond = text.encode_prompts(tokenizer, encoder, [LONG], ["blurry"], 1, True)
+    cond, uncond = text.encode_prompts(tokenizer, encoder, [LONG], negative_prompts=["blurry"])
     assert cond.shape == uncond.shape == (1, 154, 32)
     torch.testing.assert_close(uncond[:, :77], text.encode_text(tokenizer, encoder, ["blurry"]))
     torch.testing.assert_close(uncond[:, 77:], empty_window)
-    cond, uncond = text.encode_prompts(tokenizer, encoder, ["a cat"], [LONG], 1, True)
+    cond, uncond = text.encode_prompts(tokenizer, encoder, ["a cat"], negative_prompts=[LONG])
     assert cond.shape == uncond.shape == (1, 154, 32)
     torch.testing.assert_close(cond[:, 77:], empty_window)
     # batches: every prompt gets as many windows as the longest
-    cond, uncond = text.encode_prompts(tokenizer, encoder, ["a cat", LONG], None, 2, True)
+    cond, uncond = text.encode_prompts(tokenizer, encoder, ["a cat", LONG], num_images_per_prompt=2)
     assert cond.shape == uncond.shape == (4, 154, 32)
     assert pipe(["a cat", LONG], negative_prompt=["", "blurry"], **FAST).images.shape == (2, 16, 16, 3)
 
@@ -163,7 +163,7 @@ def test_weighting_reaches_the_pixels_and_applies_to_negative_prompts(pipe):
     plain = pipe("a red circle", **FAST).images
     assert not np.allclose(pipe("a (red:1.8) circle", prompt_weighting=True, **FAST).images, plain, atol=1e-4)
     assert np.array_equal(pipe("a (red:1) circle", prompt_weighting=True, **FAST).images, plain)
-    cond, uncond = text.encode_prompts(pipe.tokenizer, pipe.text_encoder, ["a cat"], ["(blurry:1.4)"], 1, True,
+    cond, uncond = text.encode_prompts(pipe.tokenizer, pipe.text_encoder, ["a cat"], negative_prompts=["(blurry:1.4)"],
                                        weighting=True)
     assert not torch.equal(uncond, text.encode_text(pipe.tokenizer, pipe.text_encoder, ["blurry"]))
     with pytest.raises(TypeError, match=r"`prompt_weighting`: got 'yes'; expected True or False"):

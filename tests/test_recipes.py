@@ -231,7 +231,7 @@ def test_ldm_generate_writes_recipes_and_from_draws_the_same_pixels(pipe, tmp_pa
     assert np.array_equal(_pixels(again), _pixels(one))
     capsys.readouterr()
     assert main(["generate", "--from", str(one), "--seed", "3", "--out", str(again)]) == 2
-    assert "--from: the recipe gives the settings; drop seed" in capsys.readouterr().err
+    assert "--from: the recipe gives the settings; drop --seed" in capsys.readouterr().err
     write_png(PIL.Image.new("RGB", (16, 16)), tmp_path / "w.png", [Recipe(prompt="x", seed=1, model_hash="f" * 32)])
     assert main(["generate", "--from", str(tmp_path / "w.png"), "--model", str(model), "--out", str(again)]) == 2
     assert "but this pipeline's model has hash" in capsys.readouterr().err

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from ..sampling.schedulers import SCHEDULERS
+from ..settings import fields_of, meta
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -17,40 +18,37 @@ def _size(text: str) -> tuple[int, int]:
     return width, height
 
 
+def _setting_flags(parser: argparse.ArgumentParser) -> None:
+    """A flag for each call setting that has one (`settings.GenerationSettings`), its default the setting's."""
+    for f in fields_of(flag=True):
+        option = meta(f.name)
+        parser.add_argument(option.flag, dest=f.name, default=f.default, **option.flag_options)
+
+
+def _setting_arguments(args: argparse.Namespace) -> dict:
+    """The call settings given by flags, as `pipe(...)` keyword arguments."""
+    return {f.name: getattr(args, f.name) for f in fields_of(flag=True)}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ldm", description="Latent diffusion: text-to-image and image-to-image.")
     commands = parser.add_subparsers(dest="command", required=True)
     generate = commands.add_parser("generate", help="draw images for one or more prompts")
     generate.add_argument("prompt", nargs="*", help="one or more prompts; several make a grid, a row each")
-    generate.add_argument("--negative-prompt", default=None)
-    generate.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's, else 50)")
-    generate.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
-    generate.add_argument("--seed", type=int, default=None, help="image i uses seed+i (default: random)")
+    _setting_flags(generate)
     generate.add_argument("--size", type=_size, default=None, metavar="WxH")
-    generate.add_argument("--num-images", type=int, default=1, help="images per prompt; more than one makes a grid")
     generate.add_argument("--model", default=None, help="model folder or Hub id (default: the bundled model)")
     generate.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None)
-    generate.add_argument("--image", default=None, help="reference picture for image-to-image")
-    generate.add_argument("--strength", type=float, default=0.8, help="image-to-image strength in (0, 1]")
     generate.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (fp16 on CUDA)")
     generate.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                           help="load a LoRA (a .safetensors file or a folder; diffusers or kohya keys) at SCALE "
                                "(default 1); repeat for several")
-    generate.add_argument("--clip-guidance", type=float, default=0.0, metavar="SCALE",
-                          help="steer each step with a CLIP's gradient (default 0: off; about 0.2-0.5 on the "
-                               "bundled model; costs a VAE decode and a CLIP pass per step)")
-    generate.add_argument("--clip-model", default=None,
-                          help="the CLIP for --clip-guidance: a CLIPModel folder or Hub id (default: the bundled one)")
-    generate.add_argument("--prompt-composition", action="store_true",
-                          help="read 'A AND B :0.5' as composed prompts, each part guiding on its own "
-                               "(AUTOMATIC1111's AND; see README)")
     generate.add_argument("--region", action="append", default=[], type=_region, metavar="L,T,R,B",
                           help="with --prompt-composition: the box of the next AND part, as fractions of the image "
                                "(0,0,0.5,0.5 is the top left quarter; 'all' for the whole image); one per part")
     generate.add_argument("--preview", type=Path, default=None, metavar="STRIP.png",
                           help="also write a strip of live previews (the predicted image every --preview-every "
                                "steps, a row per image) to this PNG")
-    generate.add_argument("--preview-every", type=int, default=5, metavar="K", help="steps between previews (default 5)")
     generate.add_argument("--compile", action="store_true",
                           help="run the UNet compiled (pipe.compile()): about twice as fast; the first run for a "
                                "model, size and batch compiles it (about a minute), later runs load it from the cache")
@@ -187,10 +185,16 @@ def train(args: argparse.Namespace) -> None:
         print(f"trained {target.stem} in {args.run_dir}")
 
 
-# generation settings that --from takes from the recipe instead (and their defaults, to notice them given)
-_RECIPE_OPTIONS = {"prompt": [], "negative_prompt": None, "steps": None, "guidance": None, "seed": None, "size": None,
-                   "num_images": 1, "scheduler": None, "strength": 0.8, "clip_guidance": 0.0, "clip_model": None,
-                   "prompt_composition": False, "region": []}
+# what --from takes from the recipe instead: the setting flags and these (with their defaults, to notice them given)
+_RECIPE_OPTIONS = {"prompt": ("prompt", []), "size": ("--size", None), "scheduler": ("--scheduler", None),
+                   "region": ("--region", [])}
+
+
+def _given_with_recipe(args: argparse.Namespace) -> list[str]:
+    """The flags given that --from cannot take, since the recipe gives those settings."""
+    options = {f.name: (meta(f.name).flag, f.default) for f in fields_of(flag=True) if f.name != "image"}
+    options.update(_RECIPE_OPTIONS)
+    return [flag for name, (flag, default) in options.items() if getattr(args, name) != default]
 
 
 def _region(text: str) -> tuple[float, ...] | None:
@@ -219,13 +223,13 @@ def _prompt_jobs(args: argparse.Namespace):
     from .prompt_files import read_prompt_file
 
     clashes = [flag for flag, given in (("prompt", bool(args.prompt)), ("--from", args.source is not None),
-                                        ("--image", args.image is not None), ("--num-images", args.num_images != 1),
+                                        ("--image", args.image is not None), ("--num-images", args.num_images_per_prompt != 1),
                                         ("--region", bool(args.region))) if given]
     if clashes:
         raise ValueError(f"--prompts: the prompt file gives the prompts, an image each; drop {', '.join(clashes)}")
     if args.out.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp") or args.out.is_file():
         raise ValueError(f"--out: got {str(args.out)!r}; with --prompts it is a folder to render into")
-    return read_prompt_file(args.prompts, base_seed=args.seed or 0, steps=args.steps,
+    return read_prompt_file(args.prompts, base_seed=args.seed or 0, steps=args.num_inference_steps,
                             negative_prompt=args.negative_prompt, prompt_composition=args.prompt_composition)
 
 
@@ -244,7 +248,7 @@ def generate(args: argparse.Namespace) -> None:
     elif args.out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise ValueError(f"--out: got {str(args.out)!r}; expected a .png, .jpg or .webp file name")
     if args.source is not None:
-        given = [name for name, default in _RECIPE_OPTIONS.items() if getattr(args, name) != default]
+        given = _given_with_recipe(args)
         if given:
             raise ValueError(f"--from: the recipe gives the settings; drop {', '.join(given)}")
         recipes, grid = read_recipes(args.source)  # before loading a model: a PNG without a recipe fails fast
@@ -285,7 +289,7 @@ def generate(args: argparse.Namespace) -> None:
         from .prompt_files import render
 
         width, height = args.size or (None, None)
-        written = render(pipe, jobs, args.out, guidance_scale=args.guidance, height=height, width=width)
+        written = render(pipe, jobs, args.out, guidance_scale=args.guidance_scale, height=height, width=width)
         print(f"wrote {len(written)} image(s) into {args.out} ({len(jobs)} in {args.prompts.name}; see manifest.jsonl)")
         return
     if args.source is not None:
@@ -293,13 +297,9 @@ def generate(args: argparse.Namespace) -> None:
     else:
         width, height = args.size or (None, None)
         frames = []  # the live previews, for --preview
-        result = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
-                      guidance_scale=args.guidance, height=height, width=width,
-                      num_images_per_prompt=args.num_images, seed=args.seed, image=args.image,
-                      strength=args.strength, clip_guidance_scale=args.clip_guidance, clip_model=args.clip_model,
-                      prompt_composition=args.prompt_composition,
+        result = pipe(**{**_setting_arguments(args), "prompt": args.prompt}, height=height, width=width,
                       regions=[args.region] * len(args.prompt) if args.region else None,
-                      preview=frames.append if args.preview else None, preview_every=args.preview_every)
+                      preview=frames.append if args.preview else None)
         rows = len(args.prompt)
         if args.preview:
             print(f"wrote {save_strip(frames, args.preview)} ({len(frames)} previews)")

@@ -37,6 +37,7 @@ import PIL.Image  # noqa: E402
 
 from ..guidance.composition import parse_regions  # noqa: E402
 from ..sampling.schedulers import SCHEDULERS  # noqa: E402
+from ..settings import default  # noqa: E402
 
 MODEL_SCHEDULER = "model default"  # the scheduler the pipeline already has
 RANDOM_SEED = -1
@@ -252,7 +253,7 @@ def build_app(pipe, title: str = "ldm-pipeline") -> gr.Blocks:
                 with gr.Row():
                     scheduler = gr.Dropdown(scheduler_names, value=MODEL_SCHEDULER, label="Scheduler",
                                             elem_id="scheduler")
-                    num_images = gr.Number(1, precision=0, minimum=1, label="Number of images", elem_id="num-images")
+                    num_images = gr.Number(default("num_images_per_prompt"), precision=0, minimum=1, label="Number of images", elem_id="num-images")
                 with gr.Row():
                     width = gr.Number(s["size"], precision=0, step=s["multiple"], label="Width", elem_id="width")
                     height = gr.Number(s["size"], precision=0, step=s["multiple"], label="Height", elem_id="height")
@@ -277,7 +278,7 @@ def build_app(pipe, title: str = "ldm-pipeline") -> gr.Blocks:
                         drawing = gr.Sketchpad(PIL.Image.new("RGB", (canvas, canvas), "white"), type="pil",
                                                canvas_size=(canvas, canvas), label="Draw a reference (used when "
                                                "no picture is uploaded)", elem_id="drawing")
-                    strength = gr.Slider(0.05, 1, value=0.8, step=0.05, label="Strength", elem_id="strength")
+                    strength = gr.Slider(0.05, 1, value=default("strength"), step=0.05, label="Strength", elem_id="strength")
                     go_image = gr.Button("Transform", variant="primary", elem_id="transform")
                 stop = gr.Button("Stop", variant="stop", elem_id="stop")
             with gr.Column(scale=1):

@@ -19,12 +19,23 @@ import json
 import re
 
 from ..guidance.composition import split_prompt
+from ..settings import fields_of, meta
 
 HASH_SHOWN = 10  # hex digits of the model hash that A1111 shows
 
 # our scheduler names -> A1111's sampler names ("dpm++_karras" adds "Schedule type: Karras")
 SAMPLERS = {"ddim": "DDIM", "pndm": "PNDM", "euler": "Euler", "euler_a": "Euler a", "dpm++": "DPM++ 2M",
             "dpm++_karras": "DPM++ 2M", "lms": "LMS", "heun": "Heun", "ddpm": "DDPM"}
+
+
+# (key, setting) of the settings with an infotext key beyond those every line has
+_OPTIONAL = [(meta(f.name).infotext, f.name) for f in fields_of(infotext=True)
+             if meta(f.name).infotext not in ("Steps", "CFG scale", "Seed")]
+
+
+def _kind(recipe_type) -> type:
+    """int or float: what an infotext value is read as, from the setting's recipe type (`int | None`, ...)."""
+    return int if recipe_type in (int, int | None) else float
 
 
 def _number(value: float) -> str:
@@ -46,10 +57,10 @@ def format_parameters(recipe, version: str = "") -> str:
     if recipe.model_hash:
         settings["Model hash"] = recipe.model_hash[:HASH_SHOWN]
     settings["Model"] = recipe.model
-    if recipe.strength is not None:
-        settings["Denoising strength"] = _number(recipe.strength)
-    if recipe.eta:
-        settings["Eta"] = _number(recipe.eta)
+    for key, name in _OPTIONAL:  # the settings A1111 writes only when they are not their default
+        value = getattr(recipe, name)
+        if value != meta(name).recipe_default:
+            settings[key] = _number(value) if isinstance(value, float) else value
     if getattr(recipe, "loras", None):  # A1111's field: name and the first 12 hex digits of the file's SHA-256
         settings["Lora hashes"] = ", ".join(f"{l['name']}: {(l.get('sha256') or '')[:12]}" for l in recipe.loras)
     settings["Version"] = f"ldm-pipeline {version}".strip()
@@ -94,10 +105,10 @@ def parse_parameters(text: str, source: str = "parameters") -> dict:
     try:
         fields["num_inference_steps"] = int(settings["Steps"])
         fields["width"], fields["height"] = (int(v) for v in settings.get("Size", "512x512").split("x"))
-        for key, name, kind in (("CFG scale", "guidance_scale", float), ("Seed", "seed", int),
-                                ("Eta", "eta", float), ("Denoising strength", "strength", float)):
-            if key in settings:
-                fields[name] = kind(settings[key])
+        for f in fields_of(infotext=True):
+            key = meta(f.name).infotext
+            if key in settings and key != "Steps":
+                fields[f.name] = _kind(meta(f.name).recipe_type)(settings[key])
     except ValueError as error:
         raise ValueError(f"`path`: the 'parameters' chunk of {source!r} has a value that is not a number "
                          f"({error})") from error

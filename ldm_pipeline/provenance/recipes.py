@@ -10,7 +10,7 @@ Each PNG the project writes carries its recipe twice, as PNG text chunks:
 `read_recipe` reads ours, else A1111's text. `reproduce` draws again, refusing when the model's
 hash differs. A pipeline image depends only on its own seed, prompt and settings (not on the
 rest of its batch), so one image of a batch is drawn again alone.
-The model hash is `model_hash.ModelIdentity`'s; the A1111 text is `infotext`'s.
+The model hash is `hashes.ModelIdentity`'s; the A1111 text is `infotext`'s.
 Written into and read from PNGs by `png`; drawn again by `reproduce`.
 """
 
@@ -29,44 +29,14 @@ import torch
 from .. import images as image_ops
 from . import infotext
 from ..sampling import schedulers
+from ..settings import CALL, PROMPT, fields_of, recipe_fields
 from .hashes import fingerprint
 
 FORMAT = 1  # of the JSON chunk; bumped when a field changes meaning
 CHUNK = "ldm_pipeline"  # the JSON chunk's key; A1111's is "parameters"
 
 
-@dataclass
-class Recipe:
-    """How one image was drawn. Field names are `pipe(...)`'s argument names where there is one."""
-
-    prompt: str
-    negative_prompt: str = ""  # "" when none was given (the same pixels as the empty prompt)
-    num_inference_steps: int = 50
-    guidance_scale: float = 7.5
-    seed: int | None = None  # None when the call took generator= (then it cannot be drawn again)
-    height: int = 512
-    width: int = 512
-    scheduler: str = "ddim"  # a `schedulers.SCHEDULERS` name, else the diffusers class name
-    scheduler_config: dict | None = None  # the scheduler's whole config (None when read from A1111 text)
-    eta: float = 0.0
-    prompt_weighting: bool = False  # whether `(word:1.3)` was read as a weight (see prompts.py)
-    prompt_composition: bool = False  # whether `A AND B` was read as composed prompts (see composition.py)
-    regions: list | None = None  # composed prompts: each part's (left, top, right, bottom) box, or None
-    strength: float | None = None  # image-to-image only
-    clip_guidance_scale: float = 0.0  # CLIP guidance (guidance.py); 0 = off
-    clip_guidance_every: int = 1
-    clip_model: str | None = None  # the steering CLIP's name@weights-digest ("shapes_clip@..." = the bundled one)
-    loras: list[dict] | None = None  # acting LoRA adapters: name, scale, sha256 of the file, fused
-    image_hash: str | None = None  # image-to-image: SHA-256 of the reference's RGB pixels (`image_hash`)
-    image_path: str | None = None  # image-to-image: the reference's file, when it was given as a path
-    model: str | None = None  # the model's name (its folder, Hub id or file name)
-    model_hash: str | None = None  # see `model_hash.ModelIdentity`
-    steps_run: int | None = None  # fewer than the schedule's when a callback stopped the loop
-    dtype: str | None = None  # "float32", "float16", ...: pixels differ a little between dtypes
-    device: str | None = None  # "cpu", "cuda": and between devices
-    versions: dict = field(default_factory=dict)  # torch, diffusers, ldm_pipeline
-    not_reproducible: str | None = None  # why not, when the call took latents=, prompt_embeds= or generator=
-
+class _RecipeMethods:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -78,6 +48,29 @@ class Recipe:
     def parameters(self) -> str:
         """This recipe as A1111's `parameters` text (see `infotext`)."""
         return infotext.format_parameters(self, self.versions.get("ldm_pipeline", ""))
+
+
+# What a recipe adds to the settings it keeps (`settings.recipe_fields`): how the image was drawn besides them.
+PROVENANCE = [
+    ("scheduler", str, field(default="ddim")),  # a `schedulers.SCHEDULERS` name, else the diffusers class name
+    ("scheduler_config", dict | None, field(default=None)),  # the scheduler's whole config (None from A1111 text)
+    ("loras", list | None, field(default=None)),  # acting LoRA adapters: name, scale, sha256 of the file, fused
+    ("image_hash", str | None, field(default=None)),  # image-to-image: SHA-256 of the reference's RGB pixels
+    ("image_path", str | None, field(default=None)),  # image-to-image: the reference's file, when given as a path
+    ("model", str | None, field(default=None)),  # the model's name (its folder, Hub id or file name)
+    ("model_hash", str | None, field(default=None)),  # see `hashes.ModelIdentity`
+    ("steps_run", int | None, field(default=None)),  # fewer than the schedule's when a callback stopped the loop
+    ("dtype", str | None, field(default=None)),  # "float32", "float16", ...: pixels differ a little between dtypes
+    ("device", str | None, field(default=None)),  # "cpu", "cuda": and between devices
+    ("versions", dict, field(default_factory=dict)),  # torch, diffusers, ldm_pipeline
+    ("not_reproducible", str | None, field(default=None)),  # why not: the call took latents=, embeddings or generator=
+]
+
+Recipe = dataclasses.make_dataclass("Recipe", [*recipe_fields(), *PROVENANCE], bases=(_RecipeMethods,))
+Recipe.__module__ = __name__  # for pickling and the docs
+Recipe.__doc__ = """How one image was drawn: the settings a recipe keeps (`GenerationSettings` fields, one
+image's value: its prompt, negative prompt ("" for none) and seed (None when the call took generator=)),
+then `PROVENANCE`: the scheduler, adapters, reference picture, model and software it was drawn with."""
 
 
 def image_hash(image: PIL.Image.Image) -> str:
@@ -95,35 +88,32 @@ class CallRecord:
 
     pipe: object
     weights: tuple  # `fingerprint` at the call
+    settings: object  # the call's `GenerationSettings`, defaults filled in
     prompts: list[str] | None
     negatives: list[str] | None
-    images_per_prompt: int
     scheduler: str
     scheduler_class: str
     scheduler_config: dict
-    eta: float
     image_hash: str | None
     image_path: str | None
     not_reproducible: str | None
-    prompt_weighting: bool = False
-    settings: dict = field(default_factory=dict)  # more `Recipe` fields, as the guidances report them
+    extra: dict = field(default_factory=dict)  # recipe fields the guidances and adapters report (clip_model, loras)
 
     @classmethod
-    def of(cls, pipe, prompts, negatives, images_per_prompt: int, scheduler, eta: float, reference, image,
-           generator_given: bool, latents_given: bool, embeds_given: bool,
-           prompt_weighting: bool = False, settings: dict | None = None) -> "CallRecord":
-        reasons = [why for given, why in ((generator_given, "generator= was passed (give seed= instead)"),
-                                          (latents_given, "latents= was passed"),
-                                          (embeds_given, "prompt embeddings were passed")) if given]
-        return cls(pipe=pipe, weights=fingerprint(pipe), prompts=prompts, negatives=negatives,
-                   images_per_prompt=images_per_prompt, scheduler=schedulers.scheduler_name(scheduler),
-                   scheduler_class=type(scheduler).__name__,
+    def of(cls, pipe, call, scheduler, extra: dict | None = None) -> "CallRecord":
+        """The record of `call` (a `stages.Call`) run with `scheduler`."""
+        s = call.settings
+        reasons = [why for given, why in ((call.seeds is None, "generator= was passed (give seed= instead)"),
+                                          (s.latents is not None, "latents= was passed"),
+                                          (s.prompt_embeds is not None, "prompt embeddings were passed")) if given]
+        image = s.image
+        return cls(pipe=pipe, weights=fingerprint(pipe), settings=s, prompts=call.prompts, negatives=call.negatives,
+                   scheduler=schedulers.scheduler_name(scheduler), scheduler_class=type(scheduler).__name__,
                    # diffusers' private entries say nothing of the schedule, and one is a list in set order
                    scheduler_config=_plain({k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}),
-                   eta=float(eta), image_hash=image_hash(reference) if reference is not None else None,
+                   image_hash=image_hash(call.reference) if call.reference is not None else None,
                    image_path=str(Path(image).resolve()) if isinstance(image, (str, os.PathLike)) else None,
-                   not_reproducible="; ".join(reasons) or None, prompt_weighting=prompt_weighting,
-                   settings=dict(settings or {}))
+                   not_reproducible="; ".join(reasons) or None, extra=dict(extra or {}))
 
 
 def _plain(value):
@@ -139,28 +129,34 @@ def _versions() -> dict:
     return {"torch": torch.__version__, "diffusers": diffusers.__version__, "ldm_pipeline": __version__}
 
 
+def _kept(value):
+    """A setting's value as a recipe keeps it: plain values as they are, objects (a CLIP model) not at all."""
+    return value if value is None or isinstance(value, (bool, int, float, str, list, tuple, dict)) else None
+
+
 def recipes_of(output) -> list[Recipe]:
     """One recipe per image of a `PipelineOutput`, in order."""
     call = output.call
     if call is None:
         raise ValueError("this output carries no call record, so its recipes are unknown")
-    pipe = call.pipe
-    model_hash = pipe.identity.hash(pipe, call.weights)
-    count = len(output.images)
-    shared = dict(num_inference_steps=output.num_inference_steps, guidance_scale=float(output.guidance_scale),
-                  height=output.height, width=output.width, scheduler=call.scheduler,
-                  scheduler_config={**call.scheduler_config, "_class_name": call.scheduler_class}, eta=call.eta,
-                  strength=output.strength, image_hash=call.image_hash, image_path=call.image_path,
-                  model=pipe.identity.name, model_hash=model_hash, steps_run=output.steps_run,
+    pipe, s = call.pipe, call.settings
+    shared = {f.name: _kept(getattr(s, f.name)) for f in fields_of(CALL)}
+    shared.update(guidance_scale=float(s.guidance_scale), eta=float(s.eta), strength=output.strength)
+    if not s.clip_guidance_scale > 0:
+        shared.update(clip_guidance_scale=0.0, clip_guidance_every=1, clip_model=None)
+    shared.update(scheduler=call.scheduler,
+                  scheduler_config={**call.scheduler_config, "_class_name": call.scheduler_class},
+                  image_hash=call.image_hash, image_path=call.image_path, model=pipe.identity.name,
+                  model_hash=pipe.identity.hash(pipe, call.weights), steps_run=output.steps_run,
                   dtype=str(pipe.dtype).removeprefix("torch."), device=pipe.device.type, versions=_versions(),
-                  not_reproducible=call.not_reproducible, prompt_weighting=call.prompt_weighting, **call.settings)
-    shared_regions = shared.pop("regions", None)  # per prompt, not per call
+                  not_reproducible=call.not_reproducible, **call.extra)
+    images_per_prompt = s.num_images_per_prompt
     recipes = []
-    for i in range(count):
-        row = i // call.images_per_prompt
-        prompt = call.prompts[row] if call.prompts else ""
-        negative = call.negatives[row] if call.negatives else ""
-        seed = output.seeds[i] if output.seeds else None
-        regions = shared_regions[row] if shared_regions else None
-        recipes.append(Recipe(prompt=prompt, negative_prompt=negative, seed=seed, regions=regions, **shared))
+    for i in range(len(output.images)):
+        row = i // images_per_prompt
+        per_image = dict(prompt=call.prompts[row] if call.prompts else "",
+                         negative_prompt=call.negatives[row] if call.negatives else "",
+                         seed=output.seeds[i] if output.seeds else None)
+        per_prompt = {f.name: (getattr(s, f.name) or [None] * (row + 1))[row] for f in fields_of(PROMPT)}
+        recipes.append(Recipe(**per_image, **per_prompt, **shared))
     return recipes

@@ -12,12 +12,12 @@ from .. import images as image_ops
 from ..sampling import schedulers
 from .hashes import HASH_SHOWN, same_model
 from .png import read_recipes
+from ..settings import CALL, IMAGE, PROMPT, default, fields_of
 from .recipes import Recipe, image_hash
 
-# fields that must agree for recipes to be drawn in one call (prompt, negative prompt and seed may differ)
-_CALL_FIELDS = ("num_inference_steps", "guidance_scale", "height", "width", "scheduler", "scheduler_config", "eta",
-                "prompt_weighting", "prompt_composition", "strength", "image_hash", "image_path", "model_hash",
-                "steps_run", "clip_guidance_scale", "clip_guidance_every", "clip_model", "loras")
+# fields that must agree for recipes to be drawn in one call (the per-image ones may differ)
+_CALL_FIELDS = (*(f.name for f in fields_of(CALL)), "scheduler", "scheduler_config", "image_hash", "image_path",
+                "model_hash", "steps_run", "loras")
 
 
 def _scheduler_for(recipe: Recipe, pipe):
@@ -96,17 +96,16 @@ def reproduce(pipe, source, image=None, ignore_model_hash: bool = False, progres
     callback = None
     if first.steps_run is not None:  # the original loop was stopped after this many steps (or ran them all)
         callback = lambda step, timestep, latents: step + 1 < first.steps_run  # noqa: E731
-    negatives = [r.negative_prompt for r in recipes]
-    clip = _clip_for(first, pipe) if first.clip_guidance_scale else None
-    return twin([r.prompt for r in recipes], negative_prompt=negatives if any(negatives) else None,
-                num_inference_steps=first.num_inference_steps, guidance_scale=first.guidance_scale,
-                height=first.height, width=first.width, seed=[r.seed for r in recipes], image=reference,
-                strength=first.strength if first.strength is not None else 0.8, eta=first.eta, callback=callback,
-                progress=progress, prompt_weighting=first.prompt_weighting,
-                prompt_composition=first.prompt_composition,
-                regions=[r.regions for r in recipes] if any(r.regions for r in recipes) else None,
-                clip_guidance_scale=first.clip_guidance_scale, clip_guidance_every=first.clip_guidance_every,
-                clip_model=clip)
+    arguments = {f.name: getattr(first, f.name) for f in fields_of(CALL)}
+    arguments.update({f.name: [getattr(r, f.name) for r in recipes] for f in fields_of(IMAGE)})
+    arguments.update({f.name: [getattr(r, f.name) for r in recipes] if any(getattr(r, f.name) for r in recipes)
+                      else None for f in fields_of(PROMPT)})
+    if not any(arguments["negative_prompt"]):
+        arguments["negative_prompt"] = None  # the empty prompt's pixels, without encoding "" per image
+    if first.strength is None:  # text-to-image
+        arguments["strength"] = default("strength")
+    arguments["clip_model"] = _clip_for(first, pipe) if first.clip_guidance_scale else None
+    return twin(**arguments, image=reference, callback=callback, progress=progress)
 
 
 def _clip_for(recipe: Recipe, pipe):

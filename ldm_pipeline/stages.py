@@ -1,0 +1,175 @@
+"""The stages of a pipeline call, in the order `LatentDiffusionPipeline.__call__` runs them.
+
+1. `resolve`: the call's settings with the model's defaults filled in, every one checked
+2. `encode_text`: the prompts' contexts (and each composed part's) and the negative prompts'
+3. `starting_latents`: noise, or the reference image noised to `strength`, and the timesteps
+4. `model_for`: the UNet, or its compiled runner
+5. `guidances_for`: classifier-free or composed guidance, CLIP guidance
+6. the loop itself is `sampling.loop.denoise`
+7. `finish`: decode, and the output with the record its recipes are made from
+
+Each stage reads the `Call` that `resolve` returns; none changes the pipeline's components.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import PIL.Image
+import torch
+
+from . import images
+from .adapters import lora as adapters
+from .guidance import clip as clip_guidance, composition
+from .guidance.base import ClassifierFree, Guidance
+from .output import PipelineOutput
+from .provenance import recipes
+from .runtime import checks, guards
+from .sampling import latents as latent_ops, previews, schedulers
+from .settings import GenerationSettings
+from .text import encode as text
+
+
+@dataclass
+class Call:
+    """A call's settings (defaults filled in, checked) and what follows from them."""
+
+    settings: GenerationSettings
+    prompts: list[str] | None  # None when prompt embeddings were given
+    negatives: list[str] | None  # one per prompt; None for the empty prompt
+    batch: int  # images to draw
+    reference: PIL.Image.Image | None  # image-to-image's picture, as RGB
+    seeds: list[int] | None  # one per image; None when generators were given
+    generator: torch.Generator | list[torch.Generator]
+
+
+def resolve(pipe, settings: GenerationSettings) -> Call:
+    """Stage 1: fill in the model's defaults, check every setting and size the call, before any model works."""
+    s = settings
+    steps = s.num_inference_steps if s.num_inference_steps is not None else pipe.defaults["num_inference_steps"]
+    guidance = s.guidance_scale
+    if guidance is None:  # a model may store its best scale for composed prompts in regions apart
+        key = "regions_guidance_scale" if s.regions is not None and s.prompt_composition is True else "guidance_scale"
+        guidance = pipe.defaults.get(key, pipe.defaults["guidance_scale"])
+    s = s.replace(num_inference_steps=steps, guidance_scale=guidance)
+    prompts = checks.prompts_of(s.prompt, s.prompt_embeds)
+    num_prompts = len(prompts) if prompts is not None else s.prompt_embeds.shape[0]
+    negatives = checks.negatives_of(s.negative_prompt, num_prompts, s.negative_prompt_embeds, s.prompt_embeds)
+    batch = checks.batch_of(num_prompts, s.num_images_per_prompt)
+    factor = pipe.vae_scale_factor
+    checks.check_call(s, batch=batch, multiple=factor, latent_channels=pipe.unet.config.in_channels,
+                      context_dim=pipe.unet.config.cross_attention_dim,
+                      max_steps=pipe.scheduler.config.get("num_train_timesteps"))
+    composition.check_composition(s.prompt_composition, prompts)
+    s = s.replace(regions=composition.check_regions(s.regions, s.prompt, prompts, s.prompt_composition))
+    clip_guidance.check_clip_guidance(s.clip_guidance_scale, s.clip_model, prompts, s.clip_guidance_every)
+    previews.check_preview(s.preview, s.preview_every)
+    reference = images.load_image(s.image) if s.image is not None else None
+    reference_size = images.image_size(reference, s.height, s.width, factor) if reference is not None else None
+    height, width = checks.output_size(s.height, s.width, factor, pipe.unet.config.sample_size, s.latents,
+                                       reference_size)
+    s = s.replace(height=height, width=width)
+    guards.check_fits(pipe.vae, pipe.unet, batch, height, width, pipe.dtype, pipe.device, s.output_type != "latent")
+    seeds, generator = None, s.generator
+    if generator is None:
+        seeds = latent_ops.seeds_for(s.seed, batch)
+        generator = latent_ops.generators_for(seeds)
+    return Call(settings=s, prompts=prompts, negatives=negatives, batch=batch, reference=reference, seeds=seeds,
+                generator=generator)
+
+
+@dataclass
+class Contexts:
+    """Stage 2's text embeddings, (B, L, D) each, on the pipeline's device and dtype."""
+
+    cond: torch.Tensor  # the prompts' (the first part's, for composed prompts)
+    uncond: torch.Tensor | None  # the negative prompts'; None when unguided
+    parts: list[torch.Tensor]  # the other composed parts'
+    part_weights: torch.Tensor | None  # (parts, prompts) weights of composed parts
+
+
+def encode_text(pipe, call: Call) -> Contexts:
+    """Stage 2: the contexts the UNet is conditioned on."""
+    s = call.settings
+    slots, part_weights = composition.split_prompts(call.prompts) if s.prompt_composition else ([call.prompts], None)
+    guided = s.guidance_scale > 1 or len(slots) > 1  # composed parts are each guided against the negative
+    cond, uncond = text.encode_prompts(
+        pipe.tokenizer, pipe.text_encoder, composition.joined(slots),
+        negative_prompts=composition.negatives_for(call.negatives, call.prompts, len(slots)),
+        num_images_per_prompt=s.num_images_per_prompt, guided=guided, prompt_embeds=s.prompt_embeds,
+        negative_prompt_embeds=s.negative_prompt_embeds, cache=pipe.embedding_cache, weighting=s.prompt_weighting)
+    cond, *parts = cond.to(pipe.device, pipe.dtype).chunk(len(slots))
+    uncond = uncond.to(pipe.device, pipe.dtype) if uncond is not None else None
+    return Contexts(cond=cond, uncond=uncond, parts=parts, part_weights=part_weights)
+
+
+def starting_latents(pipe, call: Call):
+    """Stage 3: a fresh scheduler, the timesteps to run and the (B, C, h, w) latents they start from.
+
+    Returns:
+        `(scheduler, timesteps, start)`.
+    """
+    s = call.settings
+    scheduler = schedulers.fresh_copy(pipe.scheduler)
+    scheduler.set_timesteps(s.num_inference_steps, device=pipe.device)
+    if call.reference is None:
+        timesteps = scheduler.timesteps
+        factor = pipe.vae_scale_factor
+        shape = (call.batch, pipe.unet.config.in_channels, s.height // factor, s.width // factor)
+        latents = s.latents
+        if latents is None:
+            latents = latent_ops.initial_noise(shape, call.generator, pipe.device, pipe.dtype)
+        return scheduler, timesteps, latents.to(pipe.device, pipe.dtype) * scheduler.init_noise_sigma
+    timesteps = latent_ops.img2img_timesteps(scheduler, s.num_inference_steps, s.strength)
+    pixels = images.to_tensor(call.reference, s.height, s.width).to(pipe.device, pipe.vae.dtype)
+    encoded = guards.encode_checked(pipe.vae, pixels, call.batch, call.generator)
+    return scheduler, timesteps, latent_ops.img2img_start(scheduler, encoded.to(pipe.dtype), timesteps[:1],
+                                                          call.generator)
+
+
+def model_for(pipe, start: torch.Tensor, cond: torch.Tensor):
+    """Stage 4: the UNet to call, `unet(x, t, encoder_hidden_states=context)`: compiled where it can be."""
+    compiled = pipe.compiled and not adapters.unfused(pipe)  # a package holds no unfused LoRA layers
+    return pipe.compiled.runner_for(pipe.unet, start.shape[1:], cond.shape[1:]) if compiled else pipe.unet
+
+
+def guidances_for(pipe, call: Call, contexts: Contexts, start: torch.Tensor) -> list[Guidance]:
+    """Stage 5: how each step is steered, in order."""
+    s = call.settings
+    if contexts.parts:  # composed prompts (uncond is always encoded for them)
+        weights = contexts.part_weights
+        if s.regions is not None:
+            weights = composition.region_weights(weights, s.regions, *start.shape[-2:])
+        guidances = [composition.Composed(contexts.uncond, contexts.parts,
+                                          weights.repeat_interleave(s.num_images_per_prompt, dim=1),
+                                          s.guidance_scale, s.regions)]
+    else:
+        guidances = [ClassifierFree(contexts.uncond, s.guidance_scale)] if contexts.uncond is not None else []
+    if s.clip_guidance_scale > 0:
+        texts = [p for p in call.prompts for _ in range(s.num_images_per_prompt)]
+        guidances.append(clip_guidance.ClipGuidance(clip_guidance.clip_for(s.clip_model, pipe.device), pipe.vae,
+                                                    texts, s.clip_guidance_scale, s.clip_guidance_every))
+    return guidances
+
+
+def hooks_for(pipe, call: Call, watch: guards.StepWatch, steps: int) -> list:
+    """What runs after each step: the non-finite watch (which also calls the user's callback) and previews."""
+    s = call.settings
+    return [watch, *previews.hooks_for(pipe.vae, s.preview, s.preview_every, steps)]
+
+
+def finish(pipe, call: Call, final: torch.Tensor, scheduler, steps_run: int, guidances: list[Guidance]) -> PipelineOutput:
+    """Stage 7: decode the final latents (unless latents were asked for) and record the call for its recipes."""
+    s = call.settings
+    if s.output_type == "latent":
+        result = final
+    else:
+        result = images.postprocess(guards.decode_checked(pipe.vae, final), s.output_type)
+    if pipe.offload:
+        pipe.offload.offload_all()  # the GPU is free between calls
+    record = recipes.CallRecord.of(pipe, call, scheduler,
+                                   extra={**clip_guidance.recipe_of(guidances), **adapters.recipe_of(pipe)})
+    return PipelineOutput(
+        images=result, seeds=call.seeds, height=s.height, width=s.width, num_inference_steps=s.num_inference_steps,
+        steps_run=steps_run, scheduler=schedulers.scheduler_name(scheduler), guidance_scale=s.guidance_scale,
+        strength=s.strength if call.reference is not None else None, prompts=call.prompts, call=record)
