@@ -142,7 +142,7 @@ def guidances_for(pipe, call: Call, contexts: Contexts, start: torch.Tensor) -> 
             weights = composition.region_weights(weights, s.regions, *start.shape[-2:])
         guidances = [composition.Composed(contexts.uncond, contexts.parts,
                                           weights.repeat_interleave(s.num_images_per_prompt, dim=1),
-                                          s.guidance_scale, s.regions)]
+                                          s.guidance_scale)]
     else:
         guidances = [ClassifierFree(contexts.uncond, s.guidance_scale)] if contexts.uncond is not None else []
     if s.clip_guidance_scale > 0:

@@ -195,18 +195,13 @@ class Composed(Guidance):
         others: the (B, L, D) embeddings of slots 1 ... K-1 (slot 0 is the loop's `cond`).
         weights: (K, B) each slot's weight per image, or (K, B, 1, h, w) per latent cell (`region_weights`).
         scale: the guidance scale.
-        regions: what the recipe records: per prompt, the boxes of its parts (or None).
     """
 
-    def __init__(self, uncond: torch.Tensor, others: list[torch.Tensor], weights: torch.Tensor, scale: float,
-                 regions: list | None = None):
+    def __init__(self, uncond: torch.Tensor, others: list[torch.Tensor], weights: torch.Tensor, scale: float):
         if tuple(weights.shape[:2]) != (len(others) + 1, uncond.shape[0]) or weights.dim() not in (2, 5):
             raise ValueError(f"`weights`: shape {tuple(weights.shape)}; expected ({len(others) + 1}, "
                              f"{uncond.shape[0]}) or ({len(others) + 1}, {uncond.shape[0]}, 1, h, w)")
-        self.contexts, self.weights, self.scale, self.regions = (uncond, *others), weights, scale, regions
-
-    def recipe(self) -> dict:
-        return {"prompt_composition": True, **({"regions": self.regions} if self.regions is not None else {})}
+        self.contexts, self.weights, self.scale = (uncond, *others), weights, scale
 
     def __call__(self, prediction, outputs, state):
         uncond = outputs[0]
