@@ -20,8 +20,9 @@ from .provenance.png import read_recipe, read_recipes
 from .provenance.recipes import Recipe
 from .runtime.guards import NonFiniteError
 from .sampling.schedulers import SCHEDULERS
+from .settings import GenerationSettings
 
-__all__ = ["Clip", "DEFAULT_MODEL", "LatentDiffusionPipeline", "ModelFileError", "ModelNotFoundError", "NonFiniteError",
+__all__ = ["Clip", "DEFAULT_MODEL", "GenerationSettings", "LatentDiffusionPipeline", "ModelFileError", "ModelNotFoundError", "NonFiniteError",
            "PipelineOutput", "Recipe", "SCHEDULERS", "load_image", "make_grid", "read_recipe", "read_recipes"]
 __version__ = "0.1.0"
 
