@@ -16,7 +16,7 @@ import argparse
 import sys
 
 from ldm_pipeline.apps import cli
-from ldm_pipeline.sampling import loop as sampling
+from ldm_pipeline.guidance import base
 
 
 def guidance_by_split(high: float, split: float, low: float):
@@ -24,7 +24,7 @@ def guidance_by_split(high: float, split: float, low: float):
 
     def call(self, prediction, outputs, state):
         scale = high if float(state.timestep) >= split else low
-        return sampling.guide(outputs[0], prediction, scale)
+        return base.guide(outputs[0], prediction, scale)
 
     return call
 
@@ -36,7 +36,7 @@ def main() -> int:
     parser.add_argument("low", type=float)
     args, rest = parser.parse_known_args()
     # every guided call in this process (the stored guidance scale is ignored)
-    sampling.ClassifierFree.__call__ = guidance_by_split(args.high, args.split, args.low)
+    base.ClassifierFree.__call__ = guidance_by_split(args.high, args.split, args.low)
     defaults = [] if "--n" in rest else ["--n", "200"]
     defaults += [] if "--kinds" in rest else ["--kinds", "seen", "held_out", "two"]
     return cli.main(["eval", *defaults, *rest])

@@ -22,8 +22,8 @@ from .runtime.guards import NonFiniteError
 from .sampling.schedulers import SCHEDULERS
 from .settings import GenerationSettings
 
-__all__ = ["Clip", "DEFAULT_MODEL", "GenerationSettings", "LatentDiffusionPipeline", "ModelFileError", "ModelNotFoundError", "NonFiniteError",
-           "PipelineOutput", "Recipe", "SCHEDULERS", "load_image", "make_grid", "read_recipe", "read_recipes"]
+__all__ = ["Clip", "DEFAULT_MODEL", "GenerationSettings", "LatentDiffusionPipeline", "ModelFileError",
+           "ModelNotFoundError", "NonFiniteError", "PipelineOutput", "Recipe", "SCHEDULERS", "load_image", "make_grid", "read_recipe", "read_recipes"]
 __version__ = "0.1.0"
 
 # `from ldm_pipeline import previews` (and the other modules that once sat at the top) finds the module
