@@ -20,11 +20,11 @@ UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
-def make_lora(components, folder, text_encoder=True, seed=1, alpha=4):
+def make_lora(components, folder, text_encoder=True, seed=1, alpha=4, unet_targets=UNET_TARGETS):
     """A random LoRA trained by nobody, saved with diffusers' own save_lora_weights."""
     torch.manual_seed(seed)
     source = copy.deepcopy(components)
-    unet_config = LoraConfig(r=4, lora_alpha=alpha, target_modules=UNET_TARGETS, init_lora_weights=False)
+    unet_config = LoraConfig(r=4, lora_alpha=alpha, target_modules=unet_targets, init_lora_weights=False)
     source["unet"].add_adapter(unet_config)
     layers = dict(unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(source["unet"])))
     if alpha != 4:  # diffusers keeps lora_alpha only in the file's metadata
@@ -70,6 +70,41 @@ def diffusers_draw(components, folder=None, weight=None):
         if weight is not None:
             pipe.set_adapters("style", weight)
     return pipe("a red circle", generator=torch.Generator().manual_seed(0), **KW).images
+
+
+def lora_layers(pipe):
+    """peft's LoRA layers of the UNet and the text encoder, by (model, module path)."""
+    return {(kind, name): layer for kind, model in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder))
+            for name, layer in model.named_modules() if hasattr(layer, "lora_A")}
+
+
+def base_weights(pipe):
+    """The weights under each LoRA layer (what fusing adds to), copied to the CPU."""
+    return {key: layer.get_base_layer().weight.detach().to("cpu", copy=True)
+            for key, layer in lora_layers(pipe).items()}
+
+
+def assert_fused(pipe, before, lora_scale, adapter="default_0"):
+    """Every LoRA layer has merged `adapter`, and its base weight is the one from `before` plus
+    lora_scale x the adapter's weight x B A alpha / r, worked out here from the layer's own A and B."""
+    layers, weight_of = lora_layers(pipe), {lora["name"]: lora["scale"] for lora in pipe.lora_info()}
+    assert layers.keys() == before.keys() and len(layers) == sum(lora["modules"] for lora in pipe.lora_info())
+    for key, layer in layers.items():
+        assert layer.merged and layer.merged_adapters == [adapter], key
+        down, up = layer.lora_A[adapter].weight.detach().cpu(), layer.lora_B[adapter].weight.detach().cpu()
+        delta = up @ down * (layer.lora_alpha[adapter] / layer.r[adapter]) * weight_of[adapter] * lora_scale
+        fused = layer.get_base_layer().weight.detach().cpu()
+        torch.testing.assert_close(fused, before[key] + delta, atol=1e-5, rtol=1e-4, msg=str(key))
+        assert torch.equal(fused, before[key]) == (lora_scale == 0), key
+
+
+def assert_unfused(pipe, before):
+    """No LoRA layer is merged, and the weights under them are exactly those from `before`."""
+    layers = lora_layers(pipe)
+    assert layers.keys() == before.keys()
+    for key, layer in layers.items():
+        assert not layer.merged and layer.merged_adapters == [], key
+        assert torch.equal(layer.get_base_layer().weight.detach().cpu(), before[key]), key
 
 
 @pytest.fixture
@@ -145,20 +180,25 @@ def test_keys_that_adapt_nothing_are_named(pipe, lora, tmp_path):
 def test_fuse_unfuse_and_unload(pipe, lora):
     base = draw(pipe)
     pipe.load_lora_weights(lora)
-    unfused = draw(pipe)
+    unfused, weights = draw(pipe), base_weights(pipe)
     pipe.fuse_lora()
+    assert_fused(pipe, weights, 1.0)  # the weights changed: not the unmerged adapter drawing the same pixels
     np.testing.assert_allclose(draw(pipe), unfused, atol=1e-4)
     with pytest.raises(ValueError, match="fused"):
         pipe.set_adapters("default_0", 0.5)
     pipe.unfuse_lora()
+    assert_unfused(pipe, weights)
     np.testing.assert_allclose(draw(pipe), unfused, atol=1e-4)
     pipe.set_adapters("default_0", 0.5)
     half = draw(pipe)
     pipe.set_adapters("default_0", 1.0).fuse_lora(lora_scale=0.5)
+    assert_fused(pipe, weights, 0.5)
     np.testing.assert_allclose(draw(pipe), half, atol=1e-4)
     pipe.unfuse_lora()  # back to the adapter's own scale, 1
+    assert_unfused(pipe, weights)
     np.testing.assert_allclose(draw(pipe), unfused, atol=1e-4)
     pipe.fuse_lora(lora_scale=0.0)  # fusing at 0 changes no weight
+    assert_fused(pipe, weights, 0.0)
     np.testing.assert_allclose(draw(pipe), base, atol=1e-4)
     pipe.unfuse_lora().unload_lora_weights()
     np.testing.assert_allclose(draw(pipe), base, atol=1e-4)
@@ -249,17 +289,46 @@ def test_a_failed_load_changes_nothing(pipe, pristine, tmp_path):
     assert [type(m).__name__ for m in pipe.unet.modules()] == modules
 
 
-def test_a_failed_second_load_leaves_the_first_adapter_as_it_was(pipe, pristine, lora, tmp_path):
+def _lora_state(pipe):
+    """What a load can change: each model's module types, tensors by name, peft configs and adapters per layer."""
+    return {kind: ([type(m).__name__ for m in model.modules()], {k: v.clone() for k, v in model.state_dict().items()},
+                   list(getattr(model, "peft_config", {})),
+                   [(name, list(layer.lora_A), list(layer.active_adapters)) for name, layer in model.named_modules()
+                    if hasattr(layer, "lora_A")])
+            for kind, model in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder))}
+
+
+def _assert_same_state(before, after):
+    for kind in before:
+        types, tensors, configs, adapters = before[kind]
+        assert after[kind][0] == types and after[kind][2] == configs and after[kind][3] == adapters, kind
+        assert list(after[kind][1]) == list(tensors), kind
+        assert all(torch.equal(tensors[k], v) for k, v in after[kind][1].items()), kind
+
+
+@pytest.mark.parametrize("misfit, targets", [
+    # the UNet refuses it part-way; diffusers itself takes the new adapter back out of the layers
+    pytest.param("up_blocks", UNET_TARGETS, id="unet-refuses"),
+    # the same, but it also adapts layers the first does not: only the rollback unwraps those again
+    pytest.param("up_blocks", [*UNET_TARGETS, "ff.net.2"], id="unet-refuses-wider"),
+    # the UNet takes all of it, then the text encoder refuses it: only a rollback can take it out of the UNet
+    pytest.param("text_encoder", UNET_TARGETS, id="text-encoder-refuses", marks=pytest.mark.xfail(
+        strict=True, reason="issue 40: the rollback puts back replaced submodules but leaves the new adapter "
+                            "in the layers the first one adapts, and in peft_config")),
+])
+def test_a_failed_second_load_leaves_the_first_adapter_as_it_was(pipe, pristine, lora, tmp_path, misfit, targets):
     pipe.load_lora_weights(lora, adapter_name="style", scale=0.5)
     with_style = draw(pipe)
     info = pipe.lora_info()
-    other = make_lora(pristine, tmp_path / "other", seed=2) / "pytorch_lora_weights.safetensors"
-    bad = {k: (torch.zeros(v.shape[0], v.shape[1] * 2) if k.endswith("down.weight") and "up_blocks" in k else v)
+    before = _lora_state(pipe)
+    other = make_lora(pristine, tmp_path / "other", seed=2, unet_targets=targets) / "pytorch_lora_weights.safetensors"
+    bad = {k: (torch.zeros(v.shape[0], v.shape[1] * 2) if k.endswith("down.weight") and misfit in k else v)
            for k, v in load_file(other).items()}  # some layers fit, others do not
     save_file(bad, tmp_path / "half.safetensors")
     with pytest.raises(ValueError, match="does not fit this model.*nothing was changed"):
         pipe.load_lora_weights(tmp_path / "half.safetensors", adapter_name="other")
     assert pipe.lora_info() == info and pipe.get_active_adapters() == ["style"]
+    _assert_same_state(before, _lora_state(pipe))
     layers = [layer for _, model in (("u", pipe.unet), ("t", pipe.text_encoder)) for layer in model.modules()
               if hasattr(layer, "lora_A")]
     assert layers and all(list(layer.lora_A) == ["style"] for layer in layers)
@@ -343,8 +412,12 @@ def test_model_offload_with_adapters(pipe, lora):
     assert all(p.device.type == "cpu" for p in pipe.unet.parameters())  # at rest between calls
     np.testing.assert_allclose(draw(pipe), expected, atol=1e-3)
     assert np.abs(expected - base).max() > 0.01
+    weights = base_weights(pipe)
     pipe.fuse_lora()
+    assert_fused(pipe, weights, 1.0, adapter="style")
     np.testing.assert_allclose(draw(pipe), expected, atol=1e-3)
-    pipe.unfuse_lora().unload_lora_weights()
+    pipe.unfuse_lora()
+    assert_unfused(pipe, weights)
+    pipe.unload_lora_weights()
     np.testing.assert_allclose(draw(pipe), base, atol=1e-3)
     pipe.disable_model_cpu_offload()

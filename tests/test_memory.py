@@ -60,6 +60,16 @@ def _decode(pipe, latents, tile_size=None, overlap=0.25):
     return (pixels[0].clamp(-1, 1) + 1) * 127.5  # (3, H, W) in uint8 levels
 
 
+def _decoder_passes(pipe, latents, tile_size=None):
+    """`_decode`, and the (h, w) of the latents each pass of the VAE's decoder saw."""
+    passes = []
+    hook = pipe.vae.decoder.register_forward_pre_hook(lambda module, args: passes.append(tuple(args[0].shape[-2:])))
+    try:
+        return _decode(pipe, latents, tile_size), passes
+    finally:
+        hook.remove()
+
+
 def _seam_jump(image, seams):
     """The largest jump across a seam line, in uint8 levels, beyond the jumps across the lines beside it.
 
@@ -87,8 +97,15 @@ def test_tiled_decode_is_close_to_the_untiled_one_with_no_visible_seams(bundled)
     with torch.no_grad():
         flat = bundled.vae.encode(flat).latent_dist.mean * bundled.vae.config.scaling_factor
     seams = [48 * k + offset for k in (1, 2, 3) for offset in (-1, 15) if 48 * k + offset < 190]
+    factor = bundled.vae_scale_factor
+    per_side = len(range(0, 192 // factor, 48 // factor))  # tiles along a side: one every 48 px
     for latents in (drawn, flat):
-        untiled, tiled = _decode(bundled, latents), _decode(bundled, latents, 64)
+        untiled, untiled_passes = _decoder_passes(bundled, latents)
+        tiled, tiled_passes = _decoder_passes(bundled, latents, 64)
+        assert untiled_passes == [(192 // factor, 192 // factor)]
+        # tiling happened: one decoder pass per tile of at most 64 px, and pixels other than the untiled ones
+        assert len(tiled_passes) == per_side ** 2 == 16 and max(map(max, tiled_passes)) == 64 // factor
+        assert (tiled - untiled).abs().max() > 1  # measured: 37 levels drawn, 110 flat red
         assert tiled.shape == untiled.shape == (3, 192, 192)
         assert (tiled - untiled).abs().mean() < 25  # see README: this small VAE's tiles see less context
         assert _seam_jump(tiled, seams) < 3.5  # measured: 0.2 levels drawn, 2.8 flat red

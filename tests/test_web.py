@@ -243,14 +243,25 @@ def _chromium():
     return browser, driver
 
 
+def _no_browser(reason):
+    """Skip the browser tests for want of a browser, unless LDM_REQUIRE_BROWSER is set (for .ci/run, which
+    installs Chromium): then they fail, so that CI cannot pass without running them."""
+    if os.environ.get("LDM_REQUIRE_BROWSER", "") not in ("", "0"):
+        pytest.fail(f"LDM_REQUIRE_BROWSER is set, but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="module")
 def browser():
-    webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.chrome.service import Service
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError as error:
+        _no_browser(f"selenium cannot be imported ({error})")
 
     executable, driver = _chromium()
     if executable is None:
-        pytest.skip(driver)
+        _no_browser(driver)
     os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager: never look for a browser or driver online
     options = webdriver.ChromeOptions()
     options.binary_location = executable
