@@ -19,7 +19,7 @@ import pytest
 gr = pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
 
-from ldm_pipeline import LatentDiffusionPipeline, read_recipe# noqa: E402
+from ldm_pipeline import LatentDiffusionPipeline, read_recipe  # noqa: E402
 from ldm_pipeline.apps.web import build_app, guidance_after_regions  # noqa: E402
 
 STEPS = 4

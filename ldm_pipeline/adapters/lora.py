@@ -218,7 +218,14 @@ def load(pipe, source, adapter_name: str | None, scale: float, weight_name: str 
                              "encoder's); is it a LoRA for another architecture?")
     except Exception as error:
         for kind, model in _models(pipe):
+            for _, layer in _tuner_layers(model):
+                if adapter_name in layer.lora_A:  # layers that were adapters' before: the ModuleDicts stay
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")  # peft: "Adapter ... was active which is now deleted"
+                        layer.delete_adapter(adapter_name)
+            getattr(model, "peft_config", {}).pop(adapter_name, None)
             _restore(model, *snapshots[kind])
+        _apply(pipe, pipe.active_loras, {name: entry.scale for name, entry in pipe.loras.items()})
         if isinstance(error, (ValueError, TypeError)) and str(error).startswith("`"):
             raise
         lines = str(error).strip().splitlines() or [""]
