@@ -192,7 +192,7 @@ class LatentDiffusionPipeline(memory.MemoryMethods, adapters.AdapterMethods):
     def encode_prompt(self, prompt: str | list[str], prompt_weighting: bool = False) -> torch.Tensor:
         """CLIP embeddings (B, L, D) of prompts, for `prompt_embeds=` / `negative_prompt_embeds=`.
 
-        L is 77 times the windows the longest prompt needs (see `prompts.py`)."""
+        L is 77 times the windows the longest prompt needs (see `text.windows`)."""
         prompts = checks.prompts_of(prompt, None)
         return text.encode_windows(self.tokenizer, self.text_encoder, prompts, None, prompt_weighting)
 
@@ -228,17 +228,18 @@ class LatentDiffusionPipeline(memory.MemoryMethods, adapters.AdapterMethods):
     ) -> PipelineOutput:
         """Draw images for prompts; with `image=`, start from that picture (image-to-image).
 
-        Argument names and meanings follow diffusers' StableDiffusionPipeline. `seed=S` draws
+        Argument names and meanings follow diffusers' StableDiffusionPipeline; each is a field of
+        `GenerationSettings`, which checks it and says how recipes keep it. `seed=S` draws
         image i from seed S + i (or from the i-th seed of a list), so an image depends only on
         its seed; `generator=` behaves exactly as in diffusers. `strength` (image-to-image only)
         runs `int(num_inference_steps * strength)` steps. `callback(step, timestep, latents)`
         may return False to stop early. Prompts longer than the text encoder's 77 tokens are read in
-        75-token windows; `prompt_weighting=True` reads `(word:1.3)` weights (see `prompts.py`), and
+        75-token windows; `prompt_weighting=True` reads `(word:1.3)` weights (see `text.windows`), and
         `prompt_composition=True` reads `A AND B :0.5` as composed prompts, and `regions` gives each
-        part a (left, top, right, bottom) box of the image to guide (see `composition.py`).
+        part a (left, top, right, bottom) box of the image to guide (see `guidance.composition`).
         `clip_guidance_scale > 0` steers every `clip_guidance_every`-th step up a CLIP's gradient
-        (`clip_model`: default the bundled shapes CLIP; see `guidance.py`). `preview(images)` receives
-        a cheap picture of the predicted clean image every `preview_every` steps (see `previews.py`).
+        (`clip_model`: default the bundled shapes CLIP; see `guidance.clip`). `preview(images)` receives
+        a cheap picture of the predicted clean image every `preview_every` steps (see `sampling.previews`).
 
         Returns:
             `PipelineOutput` with `.images` (PIL list, np (B, H, W, 3), pt (B, 3, H, W) or

@@ -1,4 +1,4 @@
-"""Composed prompts (`A AND B :0.5`, composition.py): parsing, the guided prediction, batches, recipes, CLI."""
+"""Composed prompts (`A AND B :0.5`, guidance/composition.py): parsing, the guided prediction, batches, recipes, CLI."""
 
 import numpy as np
 import pytest

@@ -42,7 +42,7 @@ from ..settings import default  # noqa: E402
 MODEL_SCHEDULER = "model default"  # the scheduler the pipeline already has
 RANDOM_SEED = -1
 KEEP_CALLS = 64  # the output folders of this many recent calls stay on disk (Gradio copies what it serves)
-PREVIEWS = 10  # about this many live previews of the predicted image per run (see previews.py)
+PREVIEWS = 10  # about this many live previews of the predicted image per run (see sampling.previews)
 PREVIEW_POLL = 0.5  # seconds between the page's looks at the latest preview
 
 

@@ -11,7 +11,7 @@ same batch as the negative prompt, and the guided prediction is
 so each part pulls the image towards itself and the text encoder never has to bind a long prompt's
 words to the right objects. One part of weight 1 is exactly classifier-free guidance. Prompts of
 one call may have different numbers of parts: a prompt's missing parts are filled with its first
-part at weight 0, which adds nothing. Parts are read before `(word:1.3)` weights (`prompts.py`),
+part at weight 0, which adds nothing. Parts are read before `(word:1.3)` weights (`text.windows`),
 so a part may hold those too.
 
 Regions (`regions=`, the area conditioning of ComfyUI's "Conditioning (Set Area)" and of the web

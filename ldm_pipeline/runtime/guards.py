@@ -2,7 +2,7 @@
 allocated, non-finite latents or pixels raise `NonFiniteError` naming the step where they first
 appeared, and a half-precision VAE that overflows is run again in fp32 (with a warning).
 
-Inputs are checked for finiteness in `checks.py`; this module watches what the models produce.
+Inputs are checked for finiteness in `checks`; this module watches what the models produce.
 """
 
 from __future__ import annotations

@@ -99,7 +99,7 @@ def caption(scene: Scene, joiner: str = " and ") -> str:
 
 
 def composed_caption(scene: Scene) -> str:
-    """The caption as a composed prompt: one part per object, joined by " AND " (see `composition.py`)."""
+    """The caption as a composed prompt: one part per object, joined by " AND " (see `guidance.composition`)."""
     return caption(scene, " AND ")
 
 

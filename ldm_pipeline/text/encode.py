@@ -1,6 +1,6 @@
 """Prompts -> CLIP text embeddings: tokenise, encode, negative prompts, images per prompt.
 
-Long prompts and weighting are read into token windows by `prompts.py`; this module encodes them.
+Long prompts and weighting are read into token windows by `text.windows`; this module encodes them.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ encode_text = torch.no_grad()(text_states)  # the same, without gradients: what 
 @torch.no_grad()
 def encode_windows(tokenizer, text_encoder, prompts: list[str], chunks: int | None = None,
                    weighting: bool = False) -> torch.Tensor:
-    """Embeddings of prompts of any length: `chunks` windows of the tokenizer's length each (see `prompts.py`).
+    """Embeddings of prompts of any length: `chunks` windows of the tokenizer's length each (see `text.windows`).
 
     Args:
         chunks: windows per prompt; None: as many as the longest prompt needs. With one window
@@ -130,7 +130,7 @@ def encode_prompts(
         guided: whether classifier-free guidance runs; without it no unconditional
             embeddings are computed and None is returned for them.
         cache: reuses the embeddings of prompts seen before (see `EmbeddingCache`).
-        weighting: read the `(text:1.3)` syntax in prompts and negative prompts (see `prompts.py`).
+        weighting: read the `(text:1.3)` syntax in prompts and negative prompts (see `text.windows`).
 
     Prompts and negative prompts are encoded in as many windows as the longest of them needs,
     and at least as many as given embeddings hold, so that both sides have the same length.
