@@ -19,7 +19,7 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor | str | os.PathLike
 
 
-def _array_to_unit_float(array: np.ndarray) -> np.ndarray:
+def array_to_unit_float(array: np.ndarray) -> np.ndarray:
     """Scale an integer or float array to float32 in [0, 1]."""
     if array.dtype == np.uint8:
         return array.astype(np.float32) / 255.0
@@ -112,9 +112,9 @@ def load_image(image: ImageInput) -> PIL.Image.Image:
                 f"`image`: tensor of shape {tuple(image.shape)} is not an image; expected (C, H, W) or "
                 "(1, C, H, W) with C in 1, 3, 4 and values in [0, 1]"
             )
-        return _unit_float_to_rgb(_array_to_unit_float(tensor.permute(1, 2, 0).numpy()))
+        return _unit_float_to_rgb(array_to_unit_float(tensor.permute(1, 2, 0).numpy()))
     if isinstance(image, np.ndarray):
-        return _unit_float_to_rgb(_array_to_unit_float(image))
+        return _unit_float_to_rgb(array_to_unit_float(image))
     raise TypeError(
         f"`image`: got {type(image).__name__}; expected a PIL image, numpy array, torch tensor or file path"
     )
@@ -146,6 +146,15 @@ def to_tensor(image: PIL.Image.Image, height: int, width: int) -> torch.Tensor:
         image = image.resize((width, height), resample=PIL.Image.LANCZOS)
     array = np.asarray(image, dtype=np.float32) / 255.0
     return torch.from_numpy(array).permute(2, 0, 1)[None] * 2.0 - 1.0
+
+
+def from_unit_array(array: np.ndarray, output_type: str) -> list[PIL.Image.Image] | np.ndarray | torch.Tensor:
+    """(B, H, W, 3) float32 in [0, 1] -> the `output_type` ("pil", "np" or "pt") `postprocess` gives."""
+    if output_type == "np":
+        return array
+    if output_type == "pt":
+        return torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2)
+    return [PIL.Image.fromarray(frame) for frame in (array * 255).round().astype(np.uint8)]
 
 
 def postprocess(decoded: torch.Tensor, output_type: str) -> list[PIL.Image.Image] | np.ndarray | torch.Tensor:

@@ -121,7 +121,7 @@ class LatentDiffusionPipeline(memory.MemoryMethods, adapters.AdapterMethods):
         return self.identity.hash(self)
 
     def reproduce(self, source, image: images.ImageInput | None = None, ignore_model_hash: bool = False,
-                  progress: bool = True) -> PipelineOutput:
+                  progress: bool = True, mask_image: images.ImageInput | None = None) -> PipelineOutput:
         """Draw an image again from its recipe: the same pixels on the same machine and software.
 
         Args:
@@ -130,8 +130,11 @@ class LatentDiffusionPipeline(memory.MemoryMethods, adapters.AdapterMethods):
             image: image-to-image: the reference picture (default: the file the recipe names,
                 if it is still there); refused when its pixels are not the recorded ones.
             ignore_model_hash: draw even when this model's hash differs from the recipe's.
+            mask_image: inpainting: the mask (default: the file the recipe names); refused when it is
+                not the recorded one.
         """
-        return reproduce.reproduce(self, source, image, ignore_model_hash, progress)
+        return reproduce.reproduce(self, source, image=image, ignore_model_hash=ignore_model_hash,
+                                   progress=progress, mask_image=mask_image)
 
     # -- loading and saving -----------------------------------------------------------------
 
@@ -225,6 +228,10 @@ class LatentDiffusionPipeline(memory.MemoryMethods, adapters.AdapterMethods):
         clip_guidance_every: int = 1,
         preview: previews.PreviewCallback | None = None,
         preview_every: int = previews.DEFAULT_EVERY,
+        mask_image: images.ImageInput | None = None,
+        mask_blur: int = 4,
+        padding_mask_crop: int | None = None,
+        masked_content: str = "original",
     ) -> PipelineOutput:
         """Draw images for prompts; with `image=`, start from that picture (image-to-image).
 
@@ -240,6 +247,11 @@ class LatentDiffusionPipeline(memory.MemoryMethods, adapters.AdapterMethods):
         `clip_guidance_scale > 0` steers every `clip_guidance_every`-th step up a CLIP's gradient
         (`clip_model`: default the bundled shapes CLIP; see `guidance.clip`). `preview(images)` receives
         a cheap picture of the predicted clean image every `preview_every` steps (see `sampling.previews`).
+        With `mask_image=` (white: repaint) the call inpaints `image`: only the masked part is drawn
+        (by any UNet, or a 9-channel inpainting UNet), and the result is pasted over the picture through
+        the mask blurred by `mask_blur` pixels, so the rest comes back exactly as given;
+        `padding_mask_crop` draws only a crop around the mask at full size, and `masked_content` is what
+        the masked area starts from (see `conditioning.inpaint`, `masks.outpaint` to extend a canvas).
 
         Returns:
             `PipelineOutput` with `.images` (PIL list, np (B, H, W, 3), pt (B, 3, H, W) or
@@ -254,21 +266,22 @@ class LatentDiffusionPipeline(memory.MemoryMethods, adapters.AdapterMethods):
             callback=callback, progress=progress, eta=eta, prompt_weighting=prompt_weighting,
             prompt_composition=prompt_composition, regions=regions, clip_guidance_scale=clip_guidance_scale,
             clip_model=clip_model, clip_guidance_every=clip_guidance_every, preview=preview,
-            preview_every=preview_every))
+            preview_every=preview_every, mask_image=mask_image, mask_blur=mask_blur,
+            padding_mask_crop=padding_mask_crop, masked_content=masked_content))
         # 2. text: the prompts' contexts (one per composed part) and the negative prompts'
         contexts = stages.encode_text(self, call)
-        # 3. starting latents: noise, or the reference picture noised to `strength`
-        scheduler, timesteps, start = stages.starting_latents(self, call)
-        # 4. the model: the UNet, or its compiled runner
+        # 3. starting latents: noise, or the reference picture noised to `strength` (inpainting: and the mask)
+        start = stages.starting_latents(self, call)
+        # 4. the model: the UNet, compiled where it can be, wrapped for a 9-channel inpainting UNet
         unet = stages.model_for(self, start, contexts.cond)
         # 5. guidances and per-step hooks
         guidances = stages.guidances_for(self, call, contexts, start)
         watch = guards.StepWatch(call.settings.callback)  # notes where NaN or infinity first appear
-        hooks = stages.hooks_for(self, call, watch, len(timesteps))
+        hooks = stages.hooks_for(self, call, start, watch)
         # 6. denoise
-        step_kwargs = schedulers.step_kwargs(scheduler, call.generator, call.settings.eta)
-        final, steps_run = denoise(unet, scheduler, start, timesteps, contexts.cond, guidances, step_kwargs, hooks,
-                                   call.settings.progress)
+        step_kwargs = schedulers.step_kwargs(start.scheduler, call.generator, call.settings.eta)
+        final, steps_run = denoise(unet, start.scheduler, start.latents, start.timesteps, contexts.cond, guidances,
+                                   step_kwargs, hooks, call.settings.progress)
         guards.check_latents(final, watch, steps_run)
-        # 7. finish: decode, and keep what the images' recipes are made of
-        return stages.finish(self, call, final, scheduler, steps_run, guidances)
+        # 7. finish: decode (inpainting: paste back into the picture), and keep what the recipes are made of
+        return stages.finish(self, call, final, start.scheduler, steps_run, guidances)

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import torch
 
+from .masks import MASKED_CONTENT
 from .runtime import checks
 
 IMAGE, PROMPT, CALL = "image", "prompt", "call"  # a recipe keeps a value per image, per prompt or per call
@@ -36,6 +37,8 @@ class Setting:
         recipe_type, recipe_default: the type and default of its `Recipe` field.
         infotext: its key in A1111's `parameters` text, where that tool has one.
         flag, flag_options: its `ldm generate` flag and argparse options (`dest` is the setting's name).
+        only_with: a setting without which this one does nothing: the recipe keeps None when that is None
+            (strength without an image, mask blur without a mask).
     """
 
     check: Callable[[Any], None] | None = None
@@ -45,11 +48,27 @@ class Setting:
     infotext: str | None = None
     flag: str | None = None
     flag_options: dict = field(default_factory=dict)
+    only_with: str | None = None
 
 
 def setting(default=None, **metadata) -> Any:
     """A dataclass field with its `Setting` metadata."""
     return field(default=default, metadata={"setting": Setting(**metadata)})
+
+
+def _choice(name: str, accepted: tuple) -> Callable[[Any], None]:
+    def check(value):
+        if value not in accepted:
+            raise ValueError(f"`{name}`: got {value!r}; expected one of {list(accepted)}")
+    return check
+
+
+def _pixels(name: str, optional: bool = False) -> Callable[[Any], None]:
+    def check(value):
+        if not (optional and value is None) and not (checks.is_int(value) and value >= 0):
+            raise ValueError(f"`{name}`: got {value!r}; expected {'None or ' if optional else ''}an integer >= 0 "
+                             "(pixels)")
+    return check
 
 
 def _bool(name: str) -> Callable[[Any], None]:
@@ -92,7 +111,7 @@ class GenerationSettings:
     image: Any = setting(recorded=None, flag="--image", flag_options=dict(help="reference picture for "
                                                                               "image-to-image"))
     strength: float = setting(
-        0.8, recipe_type=float | None, infotext="Denoising strength", check=checks.check_strength,
+        0.8, recipe_type=float | None, infotext="Denoising strength", check=checks.check_strength, only_with="image",
         flag="--strength", flag_options=dict(type=float, help="image-to-image strength in (0, 1]"))
     output_type: str = setting("pil", recorded=None, check=checks.check_output_type)
     callback: Callable | None = setting(recorded=None, check=checks.check_callback)
@@ -119,6 +138,26 @@ class GenerationSettings:
     preview_every: int = setting(
         5, recorded=None,
         flag="--preview-every", flag_options=dict(type=int, metavar="K", help="steps between previews (default 5)"))
+    # inpainting (conditioning/inpaint.py): white in the mask is repainted, the rest given back as it was
+    mask_image: Any = setting(
+        recorded=None,  # recorded as the mask's digest and file (`Recipe.mask_hash`, `mask_path`)
+        flag="--mask", flag_options=dict(help="inpainting: a mask of the --image's size, white where to repaint"))
+    mask_blur: int = setting(
+        4, recipe_type=int | None, infotext="Mask blur", check=_pixels("mask_blur"), only_with="mask_image",
+        flag="--mask-blur", flag_options=dict(type=int, metavar="PX", help=(
+            "inpainting: the result is pasted over the picture through the mask blurred by this many pixels "
+            "(default 4; 0: a hard edge)")))
+    padding_mask_crop: int | None = setting(
+        recipe_type=int | None, infotext="Masked area padding", check=_pixels("padding_mask_crop", optional=True),
+        only_with="mask_image", flag="--padding-mask-crop", flag_options=dict(type=int, metavar="PX", help=(
+            "inpainting: draw only a crop around the mask, with this many pixels around it, at the model's full "
+            "size, and paste it back (A1111's 'inpaint only masked')")))
+    masked_content: str = setting(
+        "original", recipe_type=str | None, infotext="Masked content", only_with="mask_image",
+        check=_choice("masked_content", MASKED_CONTENT),
+        flag="--masked-content", flag_options=dict(choices=MASKED_CONTENT, help=(
+            "inpainting: what the masked area starts from: the picture (original), the colours around it "
+            "(fill), noise or nothing in latent space (A1111's 'masked content'; default original)")))
 
     def replace(self, **changes) -> "GenerationSettings":
         return dataclasses.replace(self, **changes)

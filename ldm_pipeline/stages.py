@@ -2,9 +2,11 @@
 
 1. `resolve`: the call's settings with the model's defaults filled in, every one checked
 2. `encode_text`: the prompts' contexts (and each composed part's) and the negative prompts'
-3. `starting_latents`: noise, or the reference image noised to `strength`, and the timesteps
-4. `model_for`: the UNet, or its compiled runner
-5. `guidances_for`: classifier-free or composed guidance, CLIP guidance
+3. `starting_latents`: noise, or the reference image noised to `strength` (inpainting: the picture
+   and what is kept of it), and the timesteps
+4. `model_for`: the UNet, or its compiled runner (a 9-channel inpainting UNet: wrapped)
+5. `guidances_for`, `hooks_for`: classifier-free or composed guidance, CLIP guidance; after each step
+   the known region put back (4-channel inpainting), the non-finite watch and previews
 6. the loop itself is `sampling.loop.denoise`
 7. `finish`: decode, and the output with the record its recipes are made from
 
@@ -18,8 +20,9 @@ from dataclasses import dataclass
 import PIL.Image
 import torch
 
-from . import images
+from . import images, masks
 from .adapters import lora as adapters
+from .conditioning import inpaint
 from .guidance import clip as clip_guidance, composition
 from .guidance.base import ClassifierFree, Guidance
 from .output import PipelineOutput
@@ -41,6 +44,7 @@ class Call:
     reference: PIL.Image.Image | None  # image-to-image's picture, as RGB
     seeds: list[int] | None  # one per image; None when generators were given
     generator: torch.Generator | list[torch.Generator]
+    region: inpaint.Region | None = None  # inpainting: the picture, its mask and the part drawn
 
 
 def resolve(pipe, settings: GenerationSettings) -> Call:
@@ -65,7 +69,10 @@ def resolve(pipe, settings: GenerationSettings) -> Call:
     clip_guidance.check_clip_guidance(s.clip_guidance_scale, s.clip_model, prompts, s.clip_guidance_every)
     previews.check_preview(s.preview, s.preview_every)
     reference = images.load_image(s.image) if s.image is not None else None
-    reference_size = images.image_size(reference, s.height, s.width, factor) if reference is not None else None
+    mask = _mask_of(pipe, s, reference)
+    reference_size = None
+    if reference is not None and not (mask is not None and s.padding_mask_crop is not None):
+        reference_size = images.image_size(reference, s.height, s.width, factor)  # a crop is drawn at full size
     height, width = checks.output_size(s.height, s.width, factor, pipe.unet.config.sample_size, s.latents,
                                        reference_size)
     s = s.replace(height=height, width=width)
@@ -74,8 +81,25 @@ def resolve(pipe, settings: GenerationSettings) -> Call:
     if generator is None:
         seeds = latent_ops.seeds_for(s.seed, batch)
         generator = latent_ops.generators_for(seeds)
+    work = inpaint.region(reference, mask, height, width, s.padding_mask_crop) if mask is not None else None
     return Call(settings=s, prompts=prompts, negatives=negatives, batch=batch, reference=reference, seeds=seeds,
-                generator=generator)
+                generator=generator, region=work)
+
+
+def _mask_of(pipe, s: GenerationSettings, reference) -> PIL.Image.Image | None:
+    """The binary mask of an inpaint call (None otherwise), checked against the image and the UNet."""
+    inpainting_unet = pipe.unet.config.in_channels == 9
+    if s.mask_image is None:
+        if inpainting_unet:
+            raise ValueError("`mask_image`: this model's UNet is an inpainting UNet (9 input channels); pass "
+                             "image= and mask_image=")
+        return None
+    if reference is None:
+        raise ValueError("`mask_image`: given without `image`; pass the picture to repaint as image=")
+    if not inpainting_unet and pipe.unet.config.in_channels != pipe.vae.config.latent_channels:
+        raise ValueError(f"`mask_image`: the UNet takes {pipe.unet.config.in_channels} channels; inpainting needs "
+                         f"{pipe.vae.config.latent_channels} (any UNet) or 9 (an inpainting UNet)")
+    return masks.load_mask(s.mask_image, reference.size)
 
 
 @dataclass
@@ -103,43 +127,58 @@ def encode_text(pipe, call: Call) -> Contexts:
     return Contexts(cond=cond, uncond=uncond, parts=parts, part_weights=part_weights)
 
 
-def starting_latents(pipe, call: Call):
-    """Stage 3: a fresh scheduler, the timesteps to run and the (B, C, h, w) latents they start from.
+@dataclass
+class Start:
+    """Stage 3's result: a fresh scheduler, the timesteps to run and the latents they start from."""
 
-    Returns:
-        `(scheduler, timesteps, start)`.
-    """
+    scheduler: object
+    timesteps: torch.Tensor
+    latents: torch.Tensor  # (B, C, h, w), scaled for the scheduler
+    known: inpaint.Known | None = None  # inpainting: what the loop keeps of the picture
+
+
+def starting_latents(pipe, call: Call) -> Start:
+    """Stage 3: noise; or the reference picture encoded and noised to `strength`; or, inpainting, that
+    and what is kept of the picture."""
     s = call.settings
     scheduler = schedulers.fresh_copy(pipe.scheduler)
     scheduler.set_timesteps(s.num_inference_steps, device=pipe.device)
     if call.reference is None:
-        timesteps = scheduler.timesteps
         factor = pipe.vae_scale_factor
         shape = (call.batch, pipe.unet.config.in_channels, s.height // factor, s.width // factor)
         latents = s.latents
         if latents is None:
             latents = latent_ops.initial_noise(shape, call.generator, pipe.device, pipe.dtype)
-        return scheduler, timesteps, latents.to(pipe.device, pipe.dtype) * scheduler.init_noise_sigma
+        return Start(scheduler, scheduler.timesteps, latents.to(pipe.device, pipe.dtype) * scheduler.init_noise_sigma)
     timesteps = latent_ops.img2img_timesteps(scheduler, s.num_inference_steps, s.strength)
+    if call.region is not None:
+        latents, known = inpaint.start(pipe, call.region, call.batch, call.generator, scheduler, timesteps,
+                                       s.strength, s.masked_content)
+        return Start(scheduler, timesteps, latents, known)
     pixels = images.to_tensor(call.reference, s.height, s.width).to(pipe.device, pipe.vae.dtype)
     encoded = guards.encode_checked(pipe.vae, pixels, call.batch, call.generator)
-    return scheduler, timesteps, latent_ops.img2img_start(scheduler, encoded.to(pipe.dtype), timesteps[:1],
-                                                          call.generator)
+    return Start(scheduler, timesteps, latent_ops.img2img_start(scheduler, encoded.to(pipe.dtype), timesteps[:1],
+                                                                call.generator))
 
 
-def model_for(pipe, start: torch.Tensor, cond: torch.Tensor):
-    """Stage 4: the UNet to call, `unet(x, t, encoder_hidden_states=context)`: compiled where it can be."""
+def model_for(pipe, start: Start, cond: torch.Tensor):
+    """Stage 4: the UNet to call, `unet(x, t, encoder_hidden_states=context)`: compiled where it can be,
+    and given the mask and masked picture when it is a 9-channel inpainting UNet."""
     compiled = pipe.compiled and not adapters.unfused(pipe)  # a package holds no unfused LoRA layers
-    return pipe.compiled.runner_for(pipe.unet, start.shape[1:], cond.shape[1:]) if compiled else pipe.unet
+    sample_shape = (pipe.unet.config.in_channels, *start.latents.shape[2:])
+    unet = pipe.compiled.runner_for(pipe.unet, sample_shape, cond.shape[1:]) if compiled else pipe.unet
+    if start.known is not None and start.known.masked_latents is not None:
+        unet = inpaint.InpaintUNet(unet, start.known)
+    return unet
 
 
-def guidances_for(pipe, call: Call, contexts: Contexts, start: torch.Tensor) -> list[Guidance]:
+def guidances_for(pipe, call: Call, contexts: Contexts, start: Start) -> list[Guidance]:
     """Stage 5: how each step is steered, in order."""
     s = call.settings
     if contexts.parts:  # composed prompts (uncond is always encoded for them)
         weights = contexts.part_weights
         if s.regions is not None:
-            weights = composition.region_weights(weights, s.regions, *start.shape[-2:])
+            weights = composition.region_weights(weights, s.regions, *start.latents.shape[-2:])
         guidances = [composition.Composed(contexts.uncond, contexts.parts,
                                           weights.repeat_interleave(s.num_images_per_prompt, dim=1),
                                           s.guidance_scale)]
@@ -152,10 +191,14 @@ def guidances_for(pipe, call: Call, contexts: Contexts, start: torch.Tensor) -> 
     return guidances
 
 
-def hooks_for(pipe, call: Call, watch: guards.StepWatch, steps: int) -> list:
-    """What runs after each step: the non-finite watch (which also calls the user's callback) and previews."""
+def hooks_for(pipe, call: Call, start: Start, watch: guards.StepWatch) -> list:
+    """What runs after each step, in order: the known region put back (4-channel inpainting), the
+    non-finite watch (which also calls the user's callback) and previews."""
     s = call.settings
-    return [watch, *previews.hooks_for(pipe.vae, s.preview, s.preview_every, steps)]
+    keep = []
+    if start.known is not None and start.known.masked_latents is None:
+        keep = [inpaint.KeepKnown(start.known, start.scheduler, start.timesteps)]
+    return [*keep, watch, *previews.hooks_for(pipe.vae, s.preview, s.preview_every, len(start.timesteps))]
 
 
 def finish(pipe, call: Call, final: torch.Tensor, scheduler, steps_run: int, guidances: list[Guidance]) -> PipelineOutput:
@@ -163,6 +206,9 @@ def finish(pipe, call: Call, final: torch.Tensor, scheduler, steps_run: int, gui
     s = call.settings
     if s.output_type == "latent":
         result = final
+    elif call.region is not None:  # the drawn pixels pasted back into the picture
+        drawn = images.postprocess(guards.decode_checked(pipe.vae, final), "np")
+        result = images.from_unit_array(inpaint.paste_back(call.region, drawn, s.mask_blur), s.output_type)
     else:
         result = images.postprocess(guards.decode_checked(pipe.vae, final), s.output_type)
     if pipe.offload:

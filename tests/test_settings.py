@@ -114,11 +114,11 @@ def test_the_stages_run_by_hand_draw_what_the_call_draws(pipe):
     call = stages.resolve(pipe, GenerationSettings(prompt="a red circle", seed=2, output_type="np", **FAST))
     assert (call.settings.guidance_scale, call.settings.height, call.batch) == (7.5, 16, 1)
     contexts = stages.encode_text(pipe, call)
-    scheduler, timesteps, start = stages.starting_latents(pipe, call)
+    start = stages.starting_latents(pipe, call)
     guidances = stages.guidances_for(pipe, call, contexts, start)
-    final, steps = denoise(pipe.unet, scheduler, start, timesteps, contexts.cond, guidances,
-                           schedulers.step_kwargs(scheduler, call.generator, 0.0), progress=False)
-    parts = stages.finish(pipe, call, final, scheduler, steps, guidances).images
+    final, steps = denoise(pipe.unet, start.scheduler, start.latents, start.timesteps, contexts.cond, guidances,
+                           schedulers.step_kwargs(start.scheduler, call.generator, 0.0), progress=False)
+    parts = stages.finish(pipe, call, final, start.scheduler, steps, guidances).images
     assert np.array_equal(whole, parts)
 
 

@@ -34,8 +34,13 @@ _OPTIONAL = [(meta(f.name).infotext, f.name) for f in fields_of(infotext=True)
 
 
 def _kind(recipe_type) -> type:
-    """int or float: what an infotext value is read as, from the setting's recipe type (`int | None`, ...)."""
-    return int if recipe_type in (int, int | None) else float
+    """int, float or str: what an infotext value is read as, from the setting's recipe type (`int | None`, ...)."""
+    return {int: int, int | None: int, str: str, str | None: str}.get(recipe_type, float)
+
+
+def _words(value):
+    """Our names of choices ("latent_noise") as A1111 writes them ("latent noise")."""
+    return value.replace("_", " ") if isinstance(value, str) else value
 
 
 def _number(value: float) -> str:
@@ -57,10 +62,12 @@ def format_parameters(recipe, version: str = "") -> str:
     if recipe.model_hash:
         settings["Model hash"] = recipe.model_hash[:HASH_SHOWN]
     settings["Model"] = recipe.model
+    if getattr(recipe, "padding_mask_crop", None) is not None:
+        settings["Inpaint area"] = "Only masked"
     for key, name in _OPTIONAL:  # the settings A1111 writes only when they are not their default
         value = getattr(recipe, name)
         if value != meta(name).recipe_default:
-            settings[key] = _number(value) if isinstance(value, float) else value
+            settings[key] = _number(value) if isinstance(value, float) else _words(value)
     if getattr(recipe, "loras", None):  # A1111's field: name and the first 12 hex digits of the file's SHA-256
         settings["Lora hashes"] = ", ".join(f"{l['name']}: {(l.get('sha256') or '')[:12]}" for l in recipe.loras)
     settings["Version"] = f"ldm-pipeline {version}".strip()
@@ -108,7 +115,8 @@ def parse_parameters(text: str, source: str = "parameters") -> dict:
         for f in fields_of(infotext=True):
             key = meta(f.name).infotext
             if key in settings and key != "Steps":
-                fields[f.name] = _kind(meta(f.name).recipe_type)(settings[key])
+                kind = _kind(meta(f.name).recipe_type)
+                fields[f.name] = kind(settings[key]) if kind is not str else settings[key].replace(" ", "_")
     except ValueError as error:
         raise ValueError(f"`path`: the 'parameters' chunk of {source!r} has a value that is not a number "
                          f"({error})") from error

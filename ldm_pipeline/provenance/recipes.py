@@ -29,7 +29,7 @@ import torch
 from .. import images as image_ops
 from . import infotext
 from ..sampling import schedulers
-from ..settings import CALL, PROMPT, fields_of, recipe_fields
+from ..settings import CALL, PROMPT, fields_of, meta, recipe_fields
 from .hashes import fingerprint
 
 FORMAT = 1  # of the JSON chunk; bumped when a field changes meaning
@@ -57,6 +57,8 @@ PROVENANCE = [
     ("loras", list | None, field(default=None)),  # acting LoRA adapters: name, scale, sha256 of the file, fused
     ("image_hash", str | None, field(default=None)),  # image-to-image: SHA-256 of the reference's RGB pixels
     ("image_path", str | None, field(default=None)),  # image-to-image: the reference's file, when given as a path
+    ("mask_hash", str | None, field(default=None)),  # inpainting: SHA-256 of the mask, binarised (`mask_hash`)
+    ("mask_path", str | None, field(default=None)),  # inpainting: the mask's file, when given as a path
     ("model", str | None, field(default=None)),  # the model's name (its folder, Hub id or file name)
     ("model_hash", str | None, field(default=None)),  # see `hashes.ModelIdentity`
     ("steps_run", int | None, field(default=None)),  # fewer than the schedule's when a callback stopped the loop
@@ -79,6 +81,15 @@ def image_hash(image: PIL.Image.Image) -> str:
     return hashlib.sha256(f"{rgb.width}x{rgb.height};".encode() + rgb.tobytes()).hexdigest()
 
 
+def mask_hash(mask: PIL.Image.Image) -> str:
+    """SHA-256 of a binary "L" mask's size and pixels (`masks.load_mask`'s result): what the model saw."""
+    return hashlib.sha256(f"mask {mask.width}x{mask.height};".encode() + mask.tobytes()).hexdigest()
+
+
+def _path(value) -> str | None:
+    return str(Path(value).resolve()) if isinstance(value, (str, os.PathLike)) else None
+
+
 # -- what a call records ----------------------------------------------------------------------
 
 
@@ -96,6 +107,8 @@ class CallRecord:
     scheduler_config: dict
     image_hash: str | None
     image_path: str | None
+    mask_hash: str | None
+    mask_path: str | None
     not_reproducible: str | None
     extra: dict = field(default_factory=dict)  # recipe fields the guidances and adapters report (clip_model, loras)
 
@@ -106,13 +119,13 @@ class CallRecord:
         reasons = [why for given, why in ((call.seeds is None, "generator= was passed (give seed= instead)"),
                                           (s.latents is not None, "latents= was passed"),
                                           (s.prompt_embeds is not None, "prompt embeddings were passed")) if given]
-        image = s.image
         return cls(pipe=pipe, weights=fingerprint(pipe), settings=s, prompts=call.prompts, negatives=call.negatives,
                    scheduler=schedulers.scheduler_name(scheduler), scheduler_class=type(scheduler).__name__,
                    # diffusers' private entries say nothing of the schedule, and one is a list in set order
                    scheduler_config=_plain({k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}),
                    image_hash=image_hash(call.reference) if call.reference is not None else None,
-                   image_path=str(Path(image).resolve()) if isinstance(image, (str, os.PathLike)) else None,
+                   image_path=_path(s.image), mask_path=_path(s.mask_image),
+                   mask_hash=mask_hash(call.region.mask) if call.region is not None else None,
                    not_reproducible="; ".join(reasons) or None, extra=dict(extra or {}))
 
 
@@ -141,12 +154,15 @@ def recipes_of(output) -> list[Recipe]:
         raise ValueError("this output carries no call record, so its recipes are unknown")
     pipe, s = call.pipe, call.settings
     shared = {f.name: _kept(getattr(s, f.name)) for f in fields_of(CALL)}
-    shared.update(guidance_scale=float(s.guidance_scale), eta=float(s.eta), strength=output.strength)
+    shared.update({f.name: None for f in fields_of(CALL) if meta(f.name).only_with
+                   and getattr(s, meta(f.name).only_with) is None})  # strength without an image, ...
+    shared.update(guidance_scale=float(s.guidance_scale), eta=float(s.eta))
     if not s.clip_guidance_scale > 0:
         shared.update(clip_guidance_scale=0.0, clip_guidance_every=1, clip_model=None)
     shared.update(scheduler=call.scheduler,
                   scheduler_config={**call.scheduler_config, "_class_name": call.scheduler_class},
-                  image_hash=call.image_hash, image_path=call.image_path, model=pipe.identity.name,
+                  image_hash=call.image_hash, image_path=call.image_path, mask_hash=call.mask_hash,
+                  mask_path=call.mask_path, model=pipe.identity.name,
                   model_hash=pipe.identity.hash(pipe, call.weights), steps_run=output.steps_run,
                   dtype=str(pipe.dtype).removeprefix("torch."), device=pipe.device.type, versions=_versions(),
                   not_reproducible=call.not_reproducible, **call.extra)

@@ -12,12 +12,13 @@ from .. import images as image_ops
 from ..sampling import schedulers
 from .hashes import HASH_SHOWN, same_model
 from .png import read_recipes
-from ..settings import CALL, IMAGE, PROMPT, default, fields_of
-from .recipes import Recipe, image_hash
+from .. import masks
+from ..settings import CALL, IMAGE, PROMPT, default, fields_of, meta
+from .recipes import Recipe, image_hash, mask_hash
 
 # fields that must agree for recipes to be drawn in one call (the per-image ones may differ)
 _CALL_FIELDS = (*(f.name for f in fields_of(CALL)), "scheduler", "scheduler_config", "image_hash", "image_path",
-                "model_hash", "steps_run", "loras")
+                "mask_hash", "mask_path", "model_hash", "steps_run", "loras")
 
 
 def _scheduler_for(recipe: Recipe, pipe):
@@ -54,7 +55,25 @@ def _reference(recipe: Recipe, image) -> PIL.Image.Image | None:
     return reference
 
 
-def reproduce(pipe, source, image=None, ignore_model_hash: bool = False, progress: bool = True):
+def _mask(recipe: Recipe, mask, reference) -> PIL.Image.Image | None:
+    if recipe.mask_hash is None:
+        if mask is not None:
+            raise ValueError("`mask_image`: the recipe is not an inpainting one; it takes no mask")
+        return None
+    if mask is None and recipe.mask_path and Path(recipe.mask_path).is_file():
+        mask = recipe.mask_path
+    if mask is None:
+        hint = f" (it was {recipe.mask_path!r})" if recipe.mask_path else ""
+        raise ValueError(f"`mask_image`: the recipe is an inpainting one and its mask is not in it{hint}; pass it "
+                         "with mask_image=")
+    binary = masks.load_mask(mask, reference.size)
+    if mask_hash(binary) != recipe.mask_hash:
+        raise ValueError(f"`mask_image`: this mask is not the one the image was drawn with (its SHA-256 is "
+                         f"{mask_hash(binary)[:12]}..., the recipe's {recipe.mask_hash[:12]}...)")
+    return binary
+
+
+def reproduce(pipe, source, image=None, ignore_model_hash: bool = False, progress: bool = True, mask_image=None):
     """Draw the image(s) of a recipe again with `pipe`; see `LatentDiffusionPipeline.reproduce`."""
     import copy
 
@@ -91,6 +110,7 @@ def reproduce(pipe, source, image=None, ignore_model_hash: bool = False, progres
                       f"{str(pipe.dtype).removeprefix('torch.')} on {pipe.device.type}, so pixels may differ "
                       "slightly", stacklevel=3)
     reference = _reference(first, image)
+    mask = _mask(first, mask_image, reference)
     twin = copy.copy(pipe)  # shares the models; only its scheduler is the recipe's
     twin.scheduler = _scheduler_for(first, pipe)
     callback = None
@@ -102,10 +122,11 @@ def reproduce(pipe, source, image=None, ignore_model_hash: bool = False, progres
                       else None for f in fields_of(PROMPT)})
     if not any(arguments["negative_prompt"]):
         arguments["negative_prompt"] = None  # the empty prompt's pixels, without encoding "" per image
-    if first.strength is None:  # text-to-image
-        arguments["strength"] = default("strength")
+    for f in fields_of(CALL):  # settings a recipe keeps as None when they did nothing (strength for text-to-image)
+        if arguments[f.name] is None and meta(f.name).only_with:
+            arguments[f.name] = default(f.name)
     arguments["clip_model"] = _clip_for(first, pipe) if first.clip_guidance_scale else None
-    return twin(**arguments, image=reference, callback=callback, progress=progress)
+    return twin(**arguments, image=reference, mask_image=mask, callback=callback, progress=progress)
 
 
 def _clip_for(recipe: Recipe, pipe):

@@ -140,7 +140,8 @@ def denoise(
             `[*contexts of the guidances, cond]` in one call (`[uncond, cond]` for classifier-free).
         step_kwargs: extra arguments for `scheduler.step` (generator, eta).
         hooks: called after each step with the `StepState`; one returning False stops the loop
-            (every hook still runs that step).
+            (every hook still runs that step). A hook may replace `state.latents` (inpainting puts
+            the known region back); hooks that only watch change no pixel.
 
     Returns:
         `(latents, steps_run)`: the final (B, C, h, w) latents and how many steps ran.
@@ -164,6 +165,8 @@ def denoise(
         latents = scheduler.step(prediction, t, latents, **(step_kwargs or {}), return_dict=False)[0]
         state.latents = latents
         steps_run += 1
-        if any([hook(state) is False for hook in hooks]):
+        stop = any([hook(state) is False for hook in hooks])
+        latents = state.latents  # a hook may put known latents back (inpainting); observers leave it
+        if stop:
             break
     return latents, steps_run
