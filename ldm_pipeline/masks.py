@@ -124,20 +124,20 @@ def fill(image: PIL.Image.Image, mask: PIL.Image.Image) -> PIL.Image.Image:
     """The image with its masked pixels replaced by the colours around them (A1111's "fill").
 
     Normalised convolution at falling scales: each pass blurs the known pixels and their weights alike,
-    so a hole takes the mean colour of what surrounds it, coarse first, then finer near its edges.
+    and a hole pixel takes the colour of the finest pass that reaches it, so the middle of a hole has
+    the mean of what surrounds it and its edges the colours just beside them.
     """
-    known = (np.asarray(mask, dtype=np.float32) < 128).astype(np.float32)
-    if not known.any():
+    hole = np.asarray(mask, dtype=np.float32) >= 128
+    if hole.all() or not hole.any():
         return image
+    known = (~hole).astype(np.float32)
     pixels = np.asarray(image, dtype=np.float32)
-    result = pixels * known[..., None]
-    filled = known.copy()
-    for radius in (max(image.size), 64, 16, 4, 1):
+    result = pixels.copy()
+    for radius in (max(image.size), 16, 4, 1):
         weight = _blur(known, radius)
+        reached = hole & (weight > 1e-3)
         colour = np.stack([_blur(pixels[..., c] * known, radius) for c in range(3)], axis=-1)
-        reached = (weight > 1e-6) & (filled == 0)
         result[reached] = colour[reached] / weight[reached, None]
-        filled[reached] = 1
     return PIL.Image.fromarray(np.clip(np.round(result), 0, 255).astype(np.uint8), mode="RGB")
 
 

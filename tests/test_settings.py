@@ -70,7 +70,7 @@ def test_reproduce_draws_the_same_pixels_from_the_settings_a_recipe_keeps(pipe):
 
 def test_infotext_writes_and_reads_every_setting_that_has_a_key():
     recipe = Recipe(prompt="a cat", num_inference_steps=12, guidance_scale=3.5, seed=9, strength=0.6, eta=0.25,
-                    height=64, width=64)
+                    height=64, width=64, mask_blur=2, padding_mask_crop=16, masked_content="latent_noise")
     text = recipe.parameters()
     for f in fields_of(infotext=True):
         assert f"{meta(f.name).infotext}: " in text, f.name
@@ -79,6 +79,7 @@ def test_infotext_writes_and_reads_every_setting_that_has_a_key():
         assert read[f.name] == getattr(recipe, f.name), f.name
     plain = Recipe(prompt="a cat", seed=1).parameters()
     assert "Eta" not in plain and "Denoising strength" not in plain  # written only when not their default
+    assert "Mask blur" not in plain and "Masked content" not in plain
 
 
 def test_the_generate_command_has_a_flag_per_setting_with_the_setting_default():

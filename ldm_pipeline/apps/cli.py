@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..sampling.schedulers import SCHEDULERS
 from ..settings import fields_of, meta
+from .generate import generate as generate_command
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -23,11 +24,6 @@ def _setting_flags(parser: argparse.ArgumentParser) -> None:
     for f in fields_of(flag=True):
         option = meta(f.name)
         parser.add_argument(option.flag, dest=f.name, default=f.default, **option.flag_options)
-
-
-def _setting_arguments(args: argparse.Namespace) -> dict:
-    """The call settings given by flags, as `pipe(...)` keyword arguments."""
-    return {f.name: getattr(args, f.name) for f in fields_of(flag=True)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--region", action="append", default=[], type=_region, metavar="L,T,R,B",
                           help="with --prompt-composition: the box of the next AND part, as fractions of the image "
                                "(0,0,0.5,0.5 is the top left quarter; 'all' for the whole image); one per part")
+    generate.add_argument("--outpaint", type=_margins, default=None, metavar="L,T,R,B",
+                          help="extend --image by these pixels on the left, top, right and bottom and draw the new "
+                               "area to continue the picture (outpainting)")
     generate.add_argument("--preview", type=Path, default=None, metavar="STRIP.png",
                           help="also write a strip of live previews (the predicted image every --preview-every "
                                "steps, a row per image) to this PNG")
@@ -185,18 +184,6 @@ def train(args: argparse.Namespace) -> None:
         print(f"trained {target.stem} in {args.run_dir}")
 
 
-# what --from takes from the recipe instead: the setting flags and these (with their defaults, to notice them given)
-_RECIPE_OPTIONS = {"prompt": ("prompt", []), "size": ("--size", None), "scheduler": ("--scheduler", None),
-                   "region": ("--region", [])}
-
-
-def _given_with_recipe(args: argparse.Namespace) -> list[str]:
-    """The flags given that --from cannot take, since the recipe gives those settings."""
-    options = {f.name: (meta(f.name).flag, f.default) for f in fields_of(flag=True) if f.name != "image"}
-    options.update(_RECIPE_OPTIONS)
-    return [flag for name, (flag, default) in options.items() if getattr(args, name) != default]
-
-
 def _region(text: str) -> tuple[float, ...] | None:
     """`L,T,R,B` (fractions of the image) or `all` -> a box for `regions=`; the pipeline checks the values."""
     from ..guidance.composition import parse_box
@@ -207,113 +194,14 @@ def _region(text: str) -> tuple[float, ...] | None:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def _lora_spec(spec: str) -> tuple[str, float]:
-    """`PATH` or `PATH:SCALE` -> (path, scale); checked before a model loads."""
-    path, _, scale = spec.rpartition(":") if ":" in spec and not Path(spec).exists() else (spec, "", "1")
+def _margins(text: str) -> tuple[int, int, int, int]:
+    """`L,T,R,B` pixels -> the margins of `masks.outpaint`."""
     try:
-        value = float(scale)
+        left, top, right, bottom = (int(part) for part in text.split(","))
     except ValueError:
-        raise ValueError(f"--lora: got {spec!r}; expected PATH or PATH:SCALE with a number SCALE") from None
-    if not Path(path).exists():
-        raise ValueError(f"--lora: {path!r} does not exist (expected a LoRA .safetensors file or folder)")
-    return path, value
-
-
-def _prompt_jobs(args: argparse.Namespace):
-    from .prompt_files import read_prompt_file
-
-    clashes = [flag for flag, given in (("prompt", bool(args.prompt)), ("--from", args.source is not None),
-                                        ("--image", args.image is not None), ("--num-images", args.num_images_per_prompt != 1),
-                                        ("--region", bool(args.region))) if given]
-    if clashes:
-        raise ValueError(f"--prompts: the prompt file gives the prompts, an image each; drop {', '.join(clashes)}")
-    if args.out.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp") or args.out.is_file():
-        raise ValueError(f"--out: got {str(args.out)!r}; with --prompts it is a folder to render into")
-    return read_prompt_file(args.prompts, base_seed=args.seed or 0, steps=args.num_inference_steps,
-                            negative_prompt=args.negative_prompt, prompt_composition=args.prompt_composition)
-
-
-def generate(args: argparse.Namespace) -> None:
-    import torch
-
-    from .. import LatentDiffusionPipeline, make_grid
-    from ..pipeline import default_dtype
-    from ..sampling.previews import save_strip
-    from ..provenance.png import read_recipes, write_png
-
-    for spec in args.lora:
-        _lora_spec(spec)  # before a model loads
-    if args.prompts is not None:
-        jobs = _prompt_jobs(args)  # the whole file is checked before a model loads
-    elif args.out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
-        raise ValueError(f"--out: got {str(args.out)!r}; expected a .png, .jpg or .webp file name")
-    if args.source is not None:
-        given = _given_with_recipe(args)
-        if given:
-            raise ValueError(f"--from: the recipe gives the settings; drop {', '.join(given)}")
-        recipes, grid = read_recipes(args.source)  # before loading a model: a PNG without a recipe fails fast
-        rows = grid[0] if grid else 1
-    elif not args.prompt and args.prompts is None:
-        raise ValueError("prompt: give one or more prompts, or --from PNG to draw an image again")
-    elif args.ignore_model_hash:
-        raise ValueError("--ignore-model-hash: applies only with --from")
-    if args.preview is not None and (args.prompts is not None or args.source is not None):
-        raise ValueError("--preview: applies to prompts given on the command line, not with --prompts or --from")
-    if args.preview is not None and args.preview.suffix.lower() != ".png":
-        raise ValueError(f"--preview: got {str(args.preview)!r}; expected a .png file name")
-    if args.prompts is not None and args.device == "cuda":
-        from accelerate import PartialState
-
-        args.device = str(PartialState().device)  # under accelerate launch: this process's own GPU
-    offload = args.low_memory and torch.device(args.device).type != "cpu"
-    if offload and args.compile:
-        raise ValueError("--compile: cannot be combined with --low-memory on a GPU (model offload moves the UNet "
-                         "that the compiled package holds); drop one of them")
-    if offload:  # loaded in the GPU's dtype into CPU memory; each model goes to the GPU only while it runs
-        pipe = LatentDiffusionPipeline.from_pretrained(args.model, torch_dtype=default_dtype(args.device))
-        pipe.enable_model_cpu_offload(args.device)
-    else:
-        pipe = LatentDiffusionPipeline.from_pretrained(args.model, device=args.device)
-    if args.low_memory:
-        pipe.enable_attention_slicing().enable_vae_slicing()
-    if args.low_memory or args.tile_vae:
-        pipe.enable_vae_tiling()
-    if args.scheduler:
-        pipe.set_scheduler(args.scheduler)
-    for spec in args.lora:
-        path, scale = _lora_spec(spec)
-        pipe.load_lora_weights(path, adapter_name=Path(path).stem.replace(".", "_"), scale=scale)
-    if args.compile:
-        pipe.compile(batch=None)  # built for the call's own size and batch when it runs
-    if args.prompts is not None:
-        from .prompt_files import render
-
-        width, height = args.size or (None, None)
-        written = render(pipe, jobs, args.out, guidance_scale=args.guidance_scale, height=height, width=width)
-        print(f"wrote {len(written)} image(s) into {args.out} ({len(jobs)} in {args.prompts.name}; see manifest.jsonl)")
-        return
-    if args.source is not None:
-        result = pipe.reproduce(recipes, image=args.image, ignore_model_hash=args.ignore_model_hash)
-    else:
-        width, height = args.size or (None, None)
-        frames = []  # the live previews, for --preview
-        result = pipe(**{**_setting_arguments(args), "prompt": args.prompt}, height=height, width=width,
-                      regions=[args.region] * len(args.prompt) if args.region else None,
-                      preview=frames.append if args.preview else None)
-        rows = len(args.prompt)
-        if args.preview:
-            print(f"wrote {save_strip(frames, args.preview)} ({len(frames)} previews)")
-    single = len(result.images) == 1
-    picture = result.images[0] if single else make_grid(result.images, rows=rows)
-    if args.out.suffix.lower() == ".png":
-        cols = -(-len(result.images) // rows)
-        write_png(picture, args.out, result.recipes(), grid=None if single else (rows, cols))
-    else:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        picture.save(args.out)
-        print(f"note: {args.out.suffix} files carry no recipe; write a .png to keep one")
-    print(f"wrote {args.out} ({result.width}x{result.height}, seeds {result.seeds}, {result.steps_run} steps, "
-          f"{result.scheduler}, guidance {result.guidance_scale})")
+        raise argparse.ArgumentTypeError(f"--outpaint: got {text!r}; expected L,T,R,B pixels such as 0,0,64,0") \
+            from None
+    return left, top, right, bottom
 
 
 def evaluate(args: argparse.Namespace) -> None:
@@ -387,7 +275,7 @@ def evaluate(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        {"generate": generate, "train": train, "eval": evaluate, "compare": compare, "serve": serve,
+        {"generate": generate_command, "train": train, "eval": evaluate, "compare": compare, "serve": serve,
          "shapes-data": shapes_data}[args.command](args)
     except (ValueError, TypeError, FileNotFoundError) as error:
         print(f"ldm: error: {error}", file=sys.stderr)
