@@ -78,7 +78,8 @@ def test_a_folder_is_rendered_with_recipes_a_manifest_and_resumed(model, prompt_
     manifest = [json.loads(line) for line in files[MANIFEST].decode().splitlines()]
     assert [m["file"] for m in manifest] == sorted(n for n in files if n != MANIFEST)
     assert manifest[1] == {"file": "000004-42.png", "line": 4, "prompt": "a dog", "seed": 42,
-                           "negative_prompt": "blurry", "steps": 3, "prompt_composition": False, "regions": None}
+                           "negative_prompt": "blurry", "steps": 3, "prompt_composition": False, "regions": None,
+                           "image": None, "strength": None, "mask": None}
     assert "wrote 5 image(s)" in capsys.readouterr().out
     # a rerun draws nothing; one lost image is drawn again, the same bytes
     assert _generate(model, prompt_file, out) == 0 and "wrote 0 image(s)" in capsys.readouterr().out
@@ -140,3 +141,37 @@ def test_composed_lines_with_regions_draw_what_the_pipeline_draws(model, tmp_pat
     assert read_recipe(out / "000002-102.png").regions is None
     assert main(["generate", "--prompts", str(path), "--model", str(model), "--region", "all", "--out", str(out)]) == 2
     assert "drop --region" in capsys.readouterr().err
+
+
+def test_lines_with_a_picture_and_a_mask_inpaint_it(model, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from ldm_pipeline import LatentDiffusionPipeline
+
+    picture = Image.fromarray((np.random.RandomState(1).rand(16, 16, 3) * 255).astype(np.uint8))
+    mask = Image.new("L", (16, 16), 0)
+    mask.paste(255, (8, 8, 16, 16))
+    (tmp_path / "pics").mkdir()
+    picture.save(tmp_path / "pics" / "in.png")
+    mask.save(tmp_path / "pics" / "mask.png")
+    path = tmp_path / "jobs.jsonl"
+    path.write_text(json.dumps({"prompt": "a cat", "seed": 4, "image": "pics/in.png", "mask": "pics/mask.png",
+                                "strength": 0.9}) + "\n")
+    job = read_prompt_file(path)[0]
+    assert (job.image, job.mask, job.strength) == (str(tmp_path / "pics" / "in.png"),
+                                                   str(tmp_path / "pics" / "mask.png"), 0.9)
+    out = tmp_path / "out"
+    assert _generate(model, path, out) == 0
+    pipe = LatentDiffusionPipeline.from_pretrained(str(model))
+    expected = pipe("a cat", image=picture, mask_image=mask, strength=0.9, seed=4, num_inference_steps=2,
+                    progress=False).images[0]
+    drawn = np.asarray(Image.open(out / "000001-4.png").convert("RGB"))
+    np.testing.assert_array_equal(drawn, np.asarray(expected))
+    assert read_recipe(out / "000001-4.png").mask_hash is not None
+    for line, message in [({"prompt": "a cat", "mask": "pics/mask.png"}, r"\"mask\" needs an \"image\""),
+                          ({"prompt": "a cat", "image": "pics/none.png"}, r"\"image\" 'pics/none.png' is not a file"),
+                          ({"prompt": "a cat", "image": "pics/in.png", "strength": 2}, r"\"strength\" must be")]:
+        path.write_text(json.dumps(line) + "\n")
+        with pytest.raises(ValueError, match="line 1: " + message):
+            read_prompt_file(path)

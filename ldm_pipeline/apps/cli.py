@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                                "model, size and batch compiles it (about a minute), later runs load it from the cache")
     generate.add_argument("--prompts", type=Path, default=None, metavar="FILE",
                           help="render a prompt file (a prompt per line, or JSON lines with prompt, seed, "
-                               "negative_prompt, steps, prompt_composition, regions) into the folder --out, "
+                               "negative_prompt, steps, prompt_composition, regions, image, strength, mask) into the "
+                               "folder --out, "
                                "resumably; under accelerate launch the prompts are split across processes. --seed, "
                                "--steps, --negative-prompt and --prompt-composition are the defaults for lines that "
                                "do not say (a line's seed: --seed plus its number)")

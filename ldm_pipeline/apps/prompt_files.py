@@ -2,8 +2,9 @@
 
 `ldm generate --prompts FILE --out DIR` reads one job per line: a plain prompt, or a JSON
 object with `prompt` and optionally `seed`, `negative_prompt`, `steps`, `prompt_composition`
-(read AND as composed parts; default: `--prompt-composition`) and `regions` (a box or null per
-AND part, as `pipe(..., regions=)`). Job n (its line
+(read AND as composed parts; default: `--prompt-composition`), `regions` (a box or null per
+AND part, as `pipe(..., regions=)`), `image` (a picture to start from) with `strength`, and `mask` (a
+mask of that picture to inpaint; paths are read relative to the prompt file). Job n (its line
 number, from 1) is written to `DIR/<n, six digits>-<seed>.png` with its recipe, atomically, so
 a finished file is always whole and a rerun skips it. Under `accelerate launch` every process
 lists what is left, then takes its share with `PartialState().split_between_processes`; each
@@ -27,7 +28,8 @@ from ..provenance.png import write_png
 from ..runtime.checks import is_int
 
 MANIFEST = "manifest.jsonl"
-JOB_KEYS = {"prompt", "seed", "negative_prompt", "steps", "prompt_composition", "regions"}
+JOB_KEYS = {"prompt", "seed", "negative_prompt", "steps", "prompt_composition", "regions", "image", "strength",
+            "mask"}
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,9 @@ class Job:
     steps: int | None = None  # None: the pipeline's default
     prompt_composition: bool = False
     regions: list | None = None  # a (left, top, right, bottom) box or None per AND part
+    image: str | None = None  # image-to-image or inpainting: the picture's file
+    strength: float | None = None  # None: the pipeline's default
+    mask: str | None = None  # inpainting: the mask's file
 
     @property
     def file_name(self) -> str:
@@ -100,10 +105,34 @@ def read_prompt_file(path: str | os.PathLike, base_seed: int = 0, steps: int | N
                 check_regions(regions, entry["prompt"], [entry["prompt"]], composed)
             except (TypeError, ValueError) as error:
                 raise ValueError(f"{where}: {error}") from None
-        jobs.append(Job(number, entry["prompt"], seed, negative, line_steps, composed, regions))
+        jobs.append(Job(number, entry["prompt"], seed, negative, line_steps, composed, regions,
+                        **_pictures(entry, path.parent, where)))
     if not jobs:
         raise ValueError(f"`--prompts`: {str(path)!r} holds no prompt")
     return jobs
+
+
+def _pictures(entry: dict, folder: Path, where: str) -> dict:
+    """A line's `image`, `strength` and `mask`, checked: files that exist (relative to the prompt file)."""
+    found = {}
+    for key in ("image", "mask"):
+        if entry.get(key) is None:
+            continue
+        if not isinstance(entry[key], str):
+            raise ValueError(f"{where}: \"{key}\" must be a file name, got {entry[key]!r}")
+        file = (folder / entry[key]).resolve()
+        if not file.is_file():
+            raise ValueError(f"{where}: \"{key}\" {entry[key]!r} is not a file (read relative to the prompt file)")
+        found[key] = str(file)
+    if "mask" in found and "image" not in found:
+        raise ValueError(f"{where}: \"mask\" needs an \"image\", the picture to repaint")
+    strength = entry.get("strength")
+    if strength is not None:
+        if "image" not in found or not isinstance(strength, (int, float)) or isinstance(strength, bool) \
+                or not 0 < strength <= 1:
+            raise ValueError(f"{where}: \"strength\" must be a number in (0, 1] with an \"image\", got {strength!r}")
+        found["strength"] = float(strength)
+    return found
 
 
 def render(pipe, jobs: list[Job], out_dir: str | os.PathLike, progress: bool = True, **call_kwargs) -> list[Path]:
@@ -129,9 +158,11 @@ def render(pipe, jobs: list[Job], out_dir: str | os.PathLike, progress: bool = T
         bar = tqdm(mine, desc="images" if state.num_processes == 1 else f"images, process {state.process_index}",
                    disable=not progress, position=state.process_index)
         for job in bar:
+            pictures = {k: v for k, v in (("image", job.image), ("mask_image", job.mask), ("strength", job.strength))
+                        if v is not None}
             result = pipe(job.prompt, negative_prompt=job.negative_prompt, num_inference_steps=job.steps,
                           seed=job.seed, prompt_composition=job.prompt_composition, regions=job.regions,
-                          progress=False, **call_kwargs)
+                          progress=False, **pictures, **call_kwargs)
             written.append(write_png(result.images[0], out / job.file_name, result.recipes()))
     state.wait_for_everyone()
     if state.is_main_process:
