@@ -63,7 +63,7 @@ def resolve(pipe, settings: GenerationSettings) -> Call:
     factor = pipe.vae_scale_factor
     checks.check_call(s, batch=batch, multiple=factor, latent_channels=pipe.unet.config.in_channels,
                       context_dim=pipe.unet.config.cross_attention_dim,
-                      max_steps=pipe.scheduler.config.get("num_train_timesteps"))
+                      max_steps=_most_steps(pipe.scheduler))
     composition.check_composition(s.prompt_composition, prompts)
     s = s.replace(regions=composition.check_regions(s.regions, s.prompt, prompts, s.prompt_composition))
     clip_guidance.check_clip_guidance(s.clip_guidance_scale, s.clip_model, prompts, s.clip_guidance_every)
@@ -84,6 +84,12 @@ def resolve(pipe, settings: GenerationSettings) -> Call:
     work = inpaint.region(reference, mask, height, width, s.padding_mask_crop) if mask is not None else None
     return Call(settings=s, prompts=prompts, negatives=negatives, batch=batch, reference=reference, seeds=seeds,
                 generator=generator, region=work)
+
+
+def _most_steps(scheduler) -> int | None:
+    """The most steps the scheduler can take: its training timesteps, or a distilled schedule's length (LCM)."""
+    limits = [scheduler.config.get(key) for key in ("num_train_timesteps", "original_inference_steps")]
+    return min((limit for limit in limits if limit), default=None)
 
 
 def _mask_of(pipe, s: GenerationSettings, reference) -> PIL.Image.Image | None:

@@ -419,3 +419,26 @@ def test_model_offload_with_adapters(pipe, lora):
     pipe.unload_lora_weights()
     np.testing.assert_allclose(draw(pipe), base, atol=1e-3)
     pipe.disable_model_cpu_offload()
+
+
+@pytest.mark.parametrize("name", ["lcm", "tcd"])
+def test_a_few_step_lora_with_its_scheduler_draws_what_diffusers_draws(components, tmp_path, name):
+    """An LCM-LoRA is a LoRA in diffusers' format: loaded with load_lora_weights, drawn with the lcm (or tcd)
+    scheduler in a few steps at guidance 1, the pixels are diffusers' LCMScheduler + load_lora_weights."""
+    from ldm_pipeline.sampling.schedulers import make_scheduler
+
+    folder = make_lora(components, tmp_path / "lcm", text_encoder=False)
+    pipe = LatentDiffusionPipeline(**copy.deepcopy(components)).set_scheduler(name)
+    pipe.load_lora_weights(folder, adapter_name="lcm")
+    kwargs = dict(num_inference_steps=2, guidance_scale=1.0, height=16, width=16)
+    mine = pipe("a red circle", seed=0, progress=False, **kwargs).images
+    theirs = StableDiffusionPipeline(**{**copy.deepcopy(components),
+                                        "scheduler": make_scheduler(name, components["scheduler"].config)},
+                                     safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    theirs.set_progress_bar_config(disable=True)
+    theirs.load_lora_weights(folder, adapter_name="lcm")
+    reference = theirs("a red circle", generator=[torch.Generator().manual_seed(0)], **kwargs).images
+    assert np.abs(np.asarray(mine[0], dtype=int) - np.asarray(reference[0], dtype=int)).max() <= 1
+    assert pipe("a red circle", seed=0, progress=False, **kwargs).recipes()[0].scheduler == name
+    with pytest.raises(ValueError, match=r"`num_inference_steps`: got 60; expected at most 50"):
+        pipe("a red circle", num_inference_steps=60, progress=False)

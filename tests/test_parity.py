@@ -21,7 +21,8 @@ def _uint8(images):
     return np.stack([np.asarray(image, dtype=np.int16) for image in images])
 
 
-@pytest.mark.parametrize("name", ["ddim", "pndm", "euler", "euler_a", "dpm++", "dpm++_karras", "lms", "heun", "ddpm"])
+@pytest.mark.parametrize("name", ["ddim", "pndm", "euler", "euler_a", "dpm++", "dpm++_karras", "lms", "heun", "ddpm",
+                                  "lcm", "tcd"])
 def test_text_to_image_matches_diffusers(components, name):
     scheduler = make_scheduler(name, components["scheduler"].config)
     ours = LatentDiffusionPipeline(**{**components, "scheduler": scheduler})
@@ -45,7 +46,7 @@ def test_single_generator_matches_diffusers(components):
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # diffusers: one reference for two images
 @pytest.mark.parametrize("randomness", ["seeds", "generators", "one generator"])
-@pytest.mark.parametrize("name", ["ddim", "euler", "dpm++"])
+@pytest.mark.parametrize("name", ["ddim", "euler", "dpm++", "lcm"])
 def test_image_to_image_matches_diffusers(components, name, randomness):
     picture = PIL.Image.fromarray((np.random.RandomState(0).rand(16, 24, 3) * 255).astype(np.uint8))
     ours = LatentDiffusionPipeline(**{**components, "scheduler": make_scheduler(name, components["scheduler"].config)})

@@ -170,7 +170,7 @@ def check_call(settings, *, batch: int, multiple: int, latent_channels: int | No
             own(getattr(s, f.name))
     if max_steps is not None and s.num_inference_steps > max_steps:
         raise ValueError(f"`num_inference_steps`: got {s.num_inference_steps}; expected at most {max_steps}, the "
-                         "scheduler's training timesteps")
+                         "scheduler's training timesteps (a distilled schedule's length for lcm and tcd)")
     if s.image is not None:
         if int(s.num_inference_steps * s.strength) < 1:
             raise ValueError(

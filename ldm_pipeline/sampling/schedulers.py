@@ -15,8 +15,10 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
+    LCMScheduler,
     LMSDiscreteScheduler,
     PNDMScheduler,
+    TCDScheduler,
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
@@ -31,6 +33,10 @@ SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
     "lms": (LMSDiscreteScheduler, {}),
     "heun": (HeunDiscreteScheduler, {}),
     "ddpm": (DDPMScheduler, {}),
+    # few-step sampling with a consistency-distilled model or LoRA (Luo et al. 2023; TCD: Zheng et al. 2024);
+    # `eta` is TCD's gamma, the share of noise put back each step
+    "lcm": (LCMScheduler, {}),
+    "tcd": (TCDScheduler, {}),
 }
 _NAME_SETTINGS = {key for _, settings in SCHEDULERS.values() for key in settings}
 
@@ -40,7 +46,7 @@ def make_scheduler(name: str, config) -> SchedulerMixin:
 
     Args:
         name: one of `SCHEDULERS` ("ddim", "pndm", "euler", "euler_a", "dpm++",
-            "dpm++_karras", "lms", "heun", "ddpm").
+            "dpm++_karras", "lms", "heun", "ddpm", "lcm", "tcd").
         config: the model's scheduler config (beta schedule, prediction type, ...), which is
             carried over; it is read, never changed.
     """
