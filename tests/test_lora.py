@@ -442,3 +442,28 @@ def test_a_few_step_lora_with_its_scheduler_draws_what_diffusers_draws(component
     assert pipe("a red circle", seed=0, progress=False, **kwargs).recipes()[0].scheduler == name
     with pytest.raises(ValueError, match=r"`num_inference_steps`: got 60; expected at most 50"):
         pipe("a red circle", num_inference_steps=60, progress=False)
+
+
+def test_a_lora_named_by_hub_id_is_downloaded_and_an_unreachable_hub_is_a_clear_error(pipe, components, tmp_path,
+                                                                                       monkeypatch):
+    import huggingface_hub
+
+    folder = make_lora(components, tmp_path / "hub", text_encoder=False)
+    asked = []
+
+    def download(repo, filename, **kwargs):
+        asked.append((repo, filename))
+        return str(folder / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    pipe.load_lora_weights("latent-consistency/lcm-lora-sdv1-5", adapter_name="lcm")
+    assert asked == [("latent-consistency/lcm-lora-sdv1-5", "pytorch_lora_weights.safetensors")]
+    assert pipe.get_active_adapters() == ["lcm"]
+
+    def unreachable(repo, filename, **kwargs):
+        raise OSError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)
+    with pytest.raises(FileNotFoundError, match=r"`path_or_folder`: cannot load 'x.safetensors' of 'someone/nothing' "
+                                                r"from the Hugging Face Hub \(OSError\)"):
+        pipe.load_lora_weights("someone/nothing", weight_name="x.safetensors")

@@ -1,1 +1,1 @@
-"""Adapters that change the model's weights: LoRA (load, weigh, fuse, unload) in `lora`."""
+"""Adapters that change the model's weights: LoRA (load, weigh, fuse, unload) in `lora`; its files in `files`."""
