@@ -37,17 +37,30 @@ def _scheduler_for(recipe: Recipe, pipe):
     return cls.from_config({k: v for k, v in config.items() if k != "_class_name"})
 
 
-def _reference(recipe: Recipe, image) -> PIL.Image.Image | None:
-    if recipe.strength is None:
-        if image is not None:
-            raise ValueError("`image`: the recipe is text-to-image; it takes no image")
+def _recorded(argument: str, given, path: str | None, used: bool, kind: str, thing: str):
+    """The picture (or mask) to draw again with: the one given, else the file the recipe names.
+
+    Args:
+        used: whether the recipe's call took one; `kind` and `thing` name the call and the picture in errors.
+    """
+    if not used:
+        if given is not None:
+            raise ValueError(f"`{argument}`: the recipe is not {kind}; it takes no {thing}")
         return None
-    if image is None and recipe.image_path and Path(recipe.image_path).is_file():
-        image = recipe.image_path
+    if given is None and path and Path(path).is_file():
+        given = path
+    if given is None:
+        hint = f" (it was {path!r})" if path else ""
+        raise ValueError(f"`{argument}`: the recipe is {kind} and its {thing} is not in it{hint}; pass it with "
+                         f"{argument}=")
+    return given
+
+
+def _reference(recipe: Recipe, image) -> PIL.Image.Image | None:
+    image = _recorded("image", image, recipe.image_path, recipe.strength is not None, "image-to-image",
+                      "reference picture")
     if image is None:
-        hint = f" (it was {recipe.image_path!r})" if recipe.image_path else ""
-        raise ValueError(f"`image`: the recipe is image-to-image and its reference picture is not in it{hint}; "
-                         "pass it with image=")
+        return None
     reference = image_ops.load_image(image)
     if recipe.image_hash and image_hash(reference) != recipe.image_hash:
         raise ValueError(f"`image`: this reference picture is not the one the image was drawn from (its pixels' "
@@ -56,16 +69,9 @@ def _reference(recipe: Recipe, image) -> PIL.Image.Image | None:
 
 
 def _mask(recipe: Recipe, mask, reference) -> PIL.Image.Image | None:
-    if recipe.mask_hash is None:
-        if mask is not None:
-            raise ValueError("`mask_image`: the recipe is not an inpainting one; it takes no mask")
-        return None
-    if mask is None and recipe.mask_path and Path(recipe.mask_path).is_file():
-        mask = recipe.mask_path
+    mask = _recorded("mask_image", mask, recipe.mask_path, recipe.mask_hash is not None, "an inpainting one", "mask")
     if mask is None:
-        hint = f" (it was {recipe.mask_path!r})" if recipe.mask_path else ""
-        raise ValueError(f"`mask_image`: the recipe is an inpainting one and its mask is not in it{hint}; pass it "
-                         "with mask_image=")
+        return None
     binary = masks.load_mask(mask, reference.size)
     if mask_hash(binary) != recipe.mask_hash:
         raise ValueError(f"`mask_image`: this mask is not the one the image was drawn with (its SHA-256 is "
