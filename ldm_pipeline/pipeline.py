@@ -42,9 +42,12 @@ class LatentDiffusionPipeline(memory.MemoryMethods, adapters.AdapterMethods):
         scheduler: any diffusers scheduler; it is copied for each call, never changed.
         defaults: generation defaults ("guidance_scale", "num_inference_steps") that a model
             folder may carry; unspecified ones are diffusers' (7.5 and 50).
+        controlnet: a diffusers `ControlNetModel` (or a list) that calls use unless they pass their
+            own, so that a served pipeline keeps one loaded.
     """
 
-    def __init__(self, *, tokenizer, text_encoder, vae, unet, scheduler, defaults: dict | None = None):
+    def __init__(self, *, tokenizer, text_encoder, vae, unet, scheduler, defaults: dict | None = None,
+                 controlnet=None):
         components = dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, scheduler=scheduler)
         loading.check_components(components)
         self.tokenizer, self.text_encoder, self.vae, self.unet, self.scheduler = components.values()
@@ -55,6 +58,7 @@ class LatentDiffusionPipeline(memory.MemoryMethods, adapters.AdapterMethods):
         self.offload: memory.ModelOffload | None = None  # the memory helpers' state (memory.MemoryMethods)
         self._attention_processors: dict | None = None
         self.loras, self.active_loras, self.fused_scale = {}, [], 1.0  # LoRA adapters (adapters.AdapterMethods)
+        self.controlnet = controlnet  # a ControlNetModel (or a list) every call uses unless it passes its own
 
     # -- components -------------------------------------------------------------------------
 
@@ -121,7 +125,8 @@ class LatentDiffusionPipeline(memory.MemoryMethods, adapters.AdapterMethods):
         return self.identity.hash(self)
 
     def reproduce(self, source, image: images.ImageInput | None = None, ignore_model_hash: bool = False,
-                  progress: bool = True, mask_image: images.ImageInput | None = None) -> PipelineOutput:
+                  progress: bool = True, mask_image: images.ImageInput | None = None, controlnet=None,
+                  control_image=None) -> PipelineOutput:
         """Draw an image again from its recipe: the same pixels on the same machine and software.
 
         Args:
@@ -132,9 +137,12 @@ class LatentDiffusionPipeline(memory.MemoryMethods, adapters.AdapterMethods):
             ignore_model_hash: draw even when this model's hash differs from the recipe's.
             mask_image: inpainting: the mask (default: the file the recipe names); refused when it is
                 not the recorded one.
+            controlnet, control_image: the recipe's ControlNets (default: the pipeline's own) and their
+                pictures (default: the files the recipe names); refused when not the recorded ones.
         """
         return reproduce.reproduce(self, source, image=image, ignore_model_hash=ignore_model_hash,
-                                   progress=progress, mask_image=mask_image)
+                                   progress=progress, mask_image=mask_image, controlnet=controlnet,
+                                   control_image=control_image)
 
     # -- loading and saving -----------------------------------------------------------------
 
@@ -232,6 +240,12 @@ class LatentDiffusionPipeline(memory.MemoryMethods, adapters.AdapterMethods):
         mask_blur: int = 4,
         padding_mask_crop: int | None = None,
         masked_content: str = "original",
+        controlnet=None,
+        control_image: images.ImageInput | list | None = None,
+        controlnet_conditioning_scale: float | list[float] = 1.0,
+        control_guidance_start: float | list[float] = 0.0,
+        control_guidance_end: float | list[float] = 1.0,
+        guess_mode: bool = False,
     ) -> PipelineOutput:
         """Draw images for prompts; with `image=`, start from that picture (image-to-image).
 
@@ -252,6 +266,10 @@ class LatentDiffusionPipeline(memory.MemoryMethods, adapters.AdapterMethods):
         the mask blurred by `mask_blur` pixels, so the rest comes back exactly as given;
         `padding_mask_crop` draws only a crop around the mask at full size, and `masked_content` is what
         the masked area starts from (see `conditioning.inpaint`, `masks.outpaint` to extend a canvas).
+        `controlnet=` (a diffusers `ControlNetModel` or a list; default the pipeline's own) steers by
+        `control_image` (one per net), each net weighted by `controlnet_conditioning_scale` while the
+        step lies in its [`control_guidance_start`, `control_guidance_end`] share of the schedule;
+        `guess_mode` runs the nets on the prompt's copy only (see `conditioning.controlnet`).
 
         Returns:
             `PipelineOutput` with `.images` (PIL list, np (B, H, W, 3), pt (B, 3, H, W) or
@@ -267,13 +285,16 @@ class LatentDiffusionPipeline(memory.MemoryMethods, adapters.AdapterMethods):
             prompt_composition=prompt_composition, regions=regions, clip_guidance_scale=clip_guidance_scale,
             clip_model=clip_model, clip_guidance_every=clip_guidance_every, preview=preview,
             preview_every=preview_every, mask_image=mask_image, mask_blur=mask_blur,
-            padding_mask_crop=padding_mask_crop, masked_content=masked_content))
+            padding_mask_crop=padding_mask_crop, masked_content=masked_content, controlnet=controlnet,
+            control_image=control_image, controlnet_conditioning_scale=controlnet_conditioning_scale,
+            control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end,
+            guess_mode=guess_mode))
         # 2. text: the prompts' contexts (one per composed part) and the negative prompts'
         contexts = stages.encode_text(self, call)
         # 3. starting latents: noise, or the reference picture noised to `strength` (inpainting: and the mask)
         start = stages.starting_latents(self, call)
         # 4. the model: the UNet, compiled where it can be, wrapped for a 9-channel inpainting UNet
-        unet = stages.model_for(self, start, contexts.cond)
+        unet = stages.model_for(self, call, start, contexts.cond)
         # 5. guidances and per-step hooks
         guidances = stages.guidances_for(self, call, contexts, start)
         watch = guards.StepWatch(call.settings.callback)  # notes where NaN or infinity first appear

@@ -158,6 +158,13 @@ class GenerationSettings:
         flag="--masked-content", flag_options=dict(choices=MASKED_CONTENT, help=(
             "inpainting: what the masked area starts from: the picture (original), the colours around it "
             "(fill), noise or nothing in latent space (A1111's 'masked content'; default original)")))
+    # ControlNet (conditioning/controlnet.py): nets steer by pictures; recorded as `Recipe.controlnets`
+    controlnet: Any = setting(recorded=None)  # a ControlNetModel or a list; default: the pipeline's own
+    control_image: Any = setting(recorded=None)  # a picture, or one per net
+    controlnet_conditioning_scale: float | list = setting(1.0, recorded=None)  # one, or one per net
+    control_guidance_start: float | list = setting(0.0, recorded=None)  # the share of the steps each net starts at
+    control_guidance_end: float | list = setting(1.0, recorded=None)  # ... and ends at
+    guess_mode: bool = setting(False, recipe_type=bool, recipe_default=False)  # nets on the prompt's copy only
 
     def replace(self, **changes) -> "GenerationSettings":
         return dataclasses.replace(self, **changes)

@@ -22,7 +22,7 @@ import torch
 
 from . import images, masks
 from .adapters import lora as adapters
-from .conditioning import inpaint
+from .conditioning import controlnet, inpaint
 from .guidance import clip as clip_guidance, composition
 from .guidance.base import ClassifierFree, Guidance
 from .output import PipelineOutput
@@ -45,6 +45,7 @@ class Call:
     seeds: list[int] | None  # one per image; None when generators were given
     generator: torch.Generator | list[torch.Generator]
     region: inpaint.Region | None = None  # inpainting: the picture, its mask and the part drawn
+    controls: controlnet.Controls | None = None  # the ControlNets that steer it
 
 
 def resolve(pipe, settings: GenerationSettings) -> Call:
@@ -70,9 +71,12 @@ def resolve(pipe, settings: GenerationSettings) -> Call:
     previews.check_preview(s.preview, s.preview_every)
     reference = images.load_image(s.image) if s.image is not None else None
     mask = _mask_of(pipe, s, reference)
+    controls = controlnet.controls_of(s, pipe.controlnet)
     reference_size = None
     if reference is not None and not (mask is not None and s.padding_mask_crop is not None):
         reference_size = images.image_size(reference, s.height, s.width, factor)  # a crop is drawn at full size
+    elif controls is not None and reference is None:  # text-to-image draws at the control picture's size
+        reference_size = images.image_size(controls.pictures[0], s.height, s.width, factor)
     height, width = checks.output_size(s.height, s.width, factor, pipe.unet.config.sample_size, s.latents,
                                        reference_size)
     s = s.replace(height=height, width=width)
@@ -83,7 +87,7 @@ def resolve(pipe, settings: GenerationSettings) -> Call:
         generator = latent_ops.generators_for(seeds)
     work = inpaint.region(reference, mask, height, width, s.padding_mask_crop) if mask is not None else None
     return Call(settings=s, prompts=prompts, negatives=negatives, batch=batch, reference=reference, seeds=seeds,
-                generator=generator, region=work)
+                generator=generator, region=work, controls=controls)
 
 
 def _most_steps(scheduler) -> int | None:
@@ -167,14 +171,20 @@ def starting_latents(pipe, call: Call) -> Start:
                                                                 call.generator))
 
 
-def model_for(pipe, start: Start, cond: torch.Tensor):
+def model_for(pipe, call: Call, start: Start, cond: torch.Tensor):
     """Stage 4: the UNet to call, `unet(x, t, encoder_hidden_states=context)`: compiled where it can be,
-    and given the mask and masked picture when it is a 9-channel inpainting UNet."""
-    compiled = pipe.compiled and not adapters.unfused(pipe)  # a package holds no unfused LoRA layers
+    given the mask and masked picture when it is a 9-channel inpainting UNet, and the ControlNets' residuals."""
+    # a compiled package holds no unfused LoRA layers and takes no ControlNet residuals
+    compiled = pipe.compiled and not adapters.unfused(pipe) and call.controls is None
     sample_shape = (pipe.unet.config.in_channels, *start.latents.shape[2:])
     unet = pipe.compiled.runner_for(pipe.unet, sample_shape, cond.shape[1:]) if compiled else pipe.unet
     if start.known is not None and start.known.masked_latents is not None:
         unet = inpaint.InpaintUNet(unet, start.known)
+    if call.controls is not None:  # the nets see the 4-channel latents, as in diffusers' ControlNet inpainting
+        c, s = call.controls, call.settings
+        units = controlnet.units(c.nets, c.pictures, c.scales, c.starts, c.ends, call.batch, s.height, s.width,
+                                 pipe.device)
+        unet = controlnet.ControlledUNet(unet, units, len(start.timesteps), c.guess_mode)
     return unet
 
 
@@ -219,8 +229,10 @@ def finish(pipe, call: Call, final: torch.Tensor, scheduler, steps_run: int, gui
         result = images.postprocess(guards.decode_checked(pipe.vae, final), s.output_type)
     if pipe.offload:
         pipe.offload.offload_all()  # the GPU is free between calls
-    record = recipes.CallRecord.of(pipe, call, scheduler,
-                                   extra={**clip_guidance.recipe_of(guidances), **adapters.recipe_of(pipe)})
+    extra = {**clip_guidance.recipe_of(guidances), **adapters.recipe_of(pipe)}
+    if call.controls is not None:
+        extra["controlnets"] = controlnet.record(call.controls, s.control_image)
+    record = recipes.CallRecord.of(pipe, call, scheduler, extra=extra)
     return PipelineOutput(
         images=result, seeds=call.seeds, height=s.height, width=s.width, num_inference_steps=s.num_inference_steps,
         steps_run=steps_run, scheduler=schedulers.scheduler_name(scheduler), guidance_scale=s.guidance_scale,

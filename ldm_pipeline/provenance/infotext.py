@@ -68,6 +68,10 @@ def format_parameters(recipe, version: str = "") -> str:
         value = getattr(recipe, name)
         if value != meta(name).recipe_default:
             settings[key] = _number(value) if isinstance(value, float) else _words(value)
+    for i, unit in enumerate(getattr(recipe, "controlnets", None) or []):  # as sd-webui-controlnet writes them
+        settings[f"ControlNet {i}"] = (f"Module: none, Model: {unit['name']} [{unit['digest'][:8]}], Weight: "
+                                       f"{_number(unit['scale'])}, Guidance Start: {_number(unit['start'])}, "
+                                       f"Guidance End: {_number(unit['end'])}")
     if getattr(recipe, "loras", None):  # A1111's field: name and the first 12 hex digits of the file's SHA-256
         settings["Lora hashes"] = ", ".join(f"{l['name']}: {(l.get('sha256') or '')[:12]}" for l in recipe.loras)
     settings["Version"] = f"ldm-pipeline {version}".strip()

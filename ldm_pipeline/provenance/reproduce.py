@@ -18,7 +18,7 @@ from .recipes import Recipe, image_hash, mask_hash
 
 # fields that must agree for recipes to be drawn in one call (the per-image ones may differ)
 _CALL_FIELDS = (*(f.name for f in fields_of(CALL)), "scheduler", "scheduler_config", "image_hash", "image_path",
-                "mask_hash", "mask_path", "model_hash", "steps_run", "loras")
+                "mask_hash", "mask_path", "model_hash", "steps_run", "loras", "controlnets")
 
 
 def _scheduler_for(recipe: Recipe, pipe):
@@ -79,7 +79,37 @@ def _mask(recipe: Recipe, mask, reference) -> PIL.Image.Image | None:
     return binary
 
 
-def reproduce(pipe, source, image=None, ignore_model_hash: bool = False, progress: bool = True, mask_image=None):
+def _controls(recipe: Recipe, pipe, nets, pictures) -> dict:
+    """The ControlNet arguments to draw again with: the nets given (else the pipeline's own), checked against the
+    recorded weights, and their pictures (given, else the recorded files), checked against the recorded pixels."""
+    units = recipe.controlnets
+    if not units:
+        if nets is not None or pictures is not None:
+            raise ValueError("`controlnet`: the recipe used no ControlNet; it takes none")
+        return {}
+    from ..conditioning.controlnet import digest
+
+    nets = nets if nets is not None else pipe.controlnet
+    nets = list(nets) if isinstance(nets, (list, tuple)) else [nets] if nets is not None else []
+    if [digest(net) for net in nets] != [unit["digest"] for unit in units]:
+        raise ValueError(f"`controlnet`: the image was drawn with ControlNet weights "
+                         f"{', '.join(u['name'] + ' ' + u['digest'][:8] for u in units)}; pass those nets with "
+                         "controlnet= (or build the pipeline with them)")
+    given = pictures if isinstance(pictures, (list, tuple)) else [pictures] * len(units)
+    found = []
+    for unit, picture in zip(units, given):
+        picture = _recorded("control_image", picture, unit.get("image_path"), True, "a ControlNet one",
+                            "control picture")
+        loaded = image_ops.load_image(picture)
+        if image_hash(loaded) != unit["image_hash"]:
+            raise ValueError("`control_image`: this control picture is not the one the image was drawn with")
+        found.append(loaded)
+    return dict(controlnet=nets, control_image=found, controlnet_conditioning_scale=[u["scale"] for u in units],
+                control_guidance_start=[u["start"] for u in units], control_guidance_end=[u["end"] for u in units])
+
+
+def reproduce(pipe, source, image=None, ignore_model_hash: bool = False, progress: bool = True, mask_image=None,
+              controlnet=None, control_image=None):
     """Draw the image(s) of a recipe again with `pipe`; see `LatentDiffusionPipeline.reproduce`."""
     import copy
 
@@ -132,6 +162,7 @@ def reproduce(pipe, source, image=None, ignore_model_hash: bool = False, progres
         if arguments[f.name] is None and meta(f.name).only_with:
             arguments[f.name] = default(f.name)
     arguments["clip_model"] = _clip_for(first, pipe) if first.clip_guidance_scale else None
+    arguments.update(_controls(first, pipe, controlnet, control_image))
     return twin(**arguments, image=reference, mask_image=mask, callback=callback, progress=progress)
 
 

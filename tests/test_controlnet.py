@@ -1,0 +1,140 @@
+"""ControlNet: diffusers' pixels with one net, several, early ends, guess mode, image-to-image and inpainting."""
+
+import copy
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from diffusers import (ControlNetModel, StableDiffusionControlNetImg2ImgPipeline,
+                       StableDiffusionControlNetInpaintPipeline, StableDiffusionControlNetPipeline)
+
+from ldm_pipeline import LatentDiffusionPipeline, read_recipe
+
+FAST = dict(num_inference_steps=4, progress=False)
+
+
+def make_net(unet, seed):
+    """A ControlNet copied from the UNet, its zero convolutions given random weights so that it does something."""
+    torch.manual_seed(seed)
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32)).eval()
+    with torch.no_grad():
+        for block in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
+            block.weight.normal_(0, 0.3)
+    return net
+
+
+def picture(seed, width=24, height=16):
+    return PIL.Image.fromarray((np.random.RandomState(seed).rand(height, width, 3) * 255).astype(np.uint8))
+
+
+def pixels(images):
+    return np.stack([np.asarray(image, dtype=np.int16) for image in images])
+
+
+def _diffusers(cls, components, nets):
+    pipe = cls(**copy.deepcopy(components), controlnet=copy.deepcopy(nets), safety_checker=None,
+               feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture
+def nets(components):
+    return [make_net(components["unet"], 1), make_net(components["unet"], 2)]
+
+
+@pytest.mark.parametrize("case", ["one net", "scale and early end", "two nets", "guess mode", "one generator"])
+def test_text_to_image_with_controlnets_draws_diffusers_pixels(components, nets, case):
+    ours = LatentDiffusionPipeline(**copy.deepcopy(components))
+    control = dict(controlnet=nets[0], control_image=picture(3))
+    if case == "scale and early end":
+        control.update(controlnet_conditioning_scale=0.6, control_guidance_start=0.25, control_guidance_end=0.5)
+    if case == "two nets":
+        control = dict(controlnet=nets, control_image=[picture(3), picture(4)], controlnet_conditioning_scale=[1.0, 0.5],
+                       control_guidance_end=[1.0, 0.5])
+    if case == "guess mode":
+        control.update(guess_mode=True)
+    kwargs = dict(num_inference_steps=4, guidance_scale=4.0, num_images_per_prompt=2)
+    if case == "one generator":
+        mine = ours("a red circle", generator=torch.Generator().manual_seed(5), progress=False, **control,
+                    **kwargs).images
+        generator = torch.Generator().manual_seed(5)
+    else:
+        mine = ours("a red circle", seed=5, progress=False, **control, **kwargs).images
+        generator = [torch.Generator().manual_seed(5 + i) for i in range(2)]
+    theirs = _diffusers(StableDiffusionControlNetPipeline, components, control.pop("controlnet"))
+    reference = theirs("a red circle", image=control.pop("control_image"), generator=generator, **control,
+                       **kwargs).images
+    assert mine[0].size == (24, 16)  # the control picture's size
+    assert np.abs(pixels(mine) - pixels(reference)).max() <= 1
+    plain = ours("a red circle", seed=5, progress=False, height=16, width=24, **kwargs).images
+    assert np.abs(pixels(mine) - pixels(plain)).max() > 8  # the nets did something
+
+
+def test_image_to_image_and_inpainting_with_a_controlnet_draw_diffusers_pixels(components, nets):
+    ours = LatentDiffusionPipeline(**copy.deepcopy(components))
+    # diffusers' ControlNet image-to-image and inpainting pipelines default the scale to 0.8 and 0.5; ours is 1
+    kwargs = dict(image=picture(6), control_image=picture(7), strength=0.7, num_inference_steps=5,
+                  guidance_scale=3.0, controlnet_conditioning_scale=0.8)
+    mine = ours("a cat", controlnet=nets[0], seed=2, progress=False, **kwargs).images
+    theirs = _diffusers(StableDiffusionControlNetImg2ImgPipeline, components, nets[0])
+    reference = theirs("a cat", generator=[torch.Generator().manual_seed(2)], **kwargs).images
+    assert np.abs(pixels(mine) - pixels(reference)).max() <= 1
+
+    mask = PIL.Image.new("L", (24, 16), 0)
+    mask.paste(255, (12, 4, 24, 16))
+    kwargs.update(mask_image=mask, height=16, width=24)
+    mine = ours("a cat", controlnet=nets[0], seed=2, mask_blur=0, progress=False, **kwargs).images
+    theirs = _diffusers(StableDiffusionControlNetInpaintPipeline, components, nets[0])
+    reference = theirs("a cat", generator=[torch.Generator().manual_seed(2)], **kwargs).images
+    inside = np.asarray(mask) == 255
+    assert np.abs(pixels(mine) - pixels(reference))[:, inside].max() <= 1
+    assert np.array_equal(pixels(mine)[:, ~inside], pixels([kwargs["image"]])[:, ~inside])
+
+
+def test_a_pipeline_built_with_a_controlnet_uses_it_and_the_recipe_records_it(components, nets, tmp_path):
+    pipe = LatentDiffusionPipeline(**copy.deepcopy(components), controlnet=nets[0])
+    picture(3).save(tmp_path / "edges.png")
+    result = pipe("a cat", control_image=str(tmp_path / "edges.png"), seed=1, controlnet_conditioning_scale=0.8,
+                  **FAST)
+    given = LatentDiffusionPipeline(**copy.deepcopy(components))("a cat", controlnet=nets[0], seed=1,
+                                                                 control_image=picture(3),
+                                                                 controlnet_conditioning_scale=0.8, **FAST)
+    assert np.array_equal(pixels(result.images), pixels(given.images))
+    path = result.save(tmp_path / "out.png")[0]
+    recipe = read_recipe(path)
+    (unit,) = recipe.controlnets
+    assert (unit["scale"], unit["start"], unit["end"], len(unit["digest"])) == (0.8, 0.0, 1.0, 32)
+    assert unit["image_path"] == str(tmp_path / "edges.png")
+    assert "ControlNet 0: " in recipe.parameters() and "Weight: 0.8" in recipe.parameters()
+    again = pipe.reproduce(path, progress=False)
+    assert np.array_equal(pixels(again.images), pixels(result.images))
+    other = LatentDiffusionPipeline(**copy.deepcopy(components), controlnet=nets[1])
+    with pytest.raises(ValueError, match=r"`controlnet`: the image was drawn with ControlNet weights"):
+        other.reproduce(path, progress=False)
+
+
+@pytest.mark.parametrize("arguments, error, message", [
+    (dict(control_image=picture(1)), ValueError, r"`control_image`: given without a ControlNet"),
+    (dict(controlnet="nets"), TypeError, r"`controlnet`: got str; expected a diffusers ControlNetModel"),
+    (dict(control_image=None), ValueError, r"`control_image`: a ControlNet needs its picture"),
+    (dict(control_image=[picture(1), picture(2)]), ValueError, r"`control_image`: 2 pictures for 1 ControlNets"),
+    (dict(controlnet_conditioning_scale=[1.0, 2.0]), ValueError, r"`controlnet_conditioning_scale`: 2 values for 1"),
+    (dict(control_guidance_start=0.6, control_guidance_end=0.5), ValueError, r"`control_guidance_start`, `control"),
+    (dict(guess_mode="yes"), TypeError, r"`guess_mode`: got 'yes'"),
+    (dict(control_image="no/such.png"), ValueError, r"`control_image`: no file at"),
+])
+def test_bad_controlnet_arguments_are_refused_before_any_model_runs(components, nets, arguments, error, message):
+    pipe = LatentDiffusionPipeline(**copy.deepcopy(components))
+    given = dict(controlnet=nets[0], control_image=picture(1))
+    given.update(arguments)
+    if "controlnet" not in arguments and "control_image" in arguments and len(arguments) == 1 \
+            and message.startswith("`control_image`: given without"):
+        given.pop("controlnet")
+    calls = []
+    handle = pipe.unet.register_forward_pre_hook(lambda *args: calls.append(1))
+    with pytest.raises(error, match=message):
+        pipe("a cat", **given, **FAST)
+    handle.remove()
+    assert calls == []
