@@ -104,3 +104,24 @@ def to_openclip_state_dict(text_encoder) -> dict[str, torch.Tensor]:
             for ours, theirs in OPENCLIP_LAYER.items():
                 out[f"{block}{theirs}.{kind}"] = state[f"{layer}{ours}.{kind}"]
     return out
+
+
+def controlnet_to_ldm(net) -> dict[str, torch.Tensor]:
+    """A diffusers ControlNetModel's weights in the original layout (`control_model.` keys, as
+    sd-webui-controlnet ships them). The hint block's last convolution sits at index 14, so the net must
+    have the usual four conditioning-embedding widths."""
+    state = {}
+    for key, value in net.state_dict().items():
+        name, _, tail = key.rpartition(".")
+        if key.startswith("controlnet_cond_embedding."):
+            part = key.split(".")[1]
+            index = 0 if part == "conv_in" else 14 if part == "conv_out" else 2 * (int(key.split(".")[2]) + 1)
+            new = f"input_hint_block.{index}.{tail}"
+        elif key.startswith("controlnet_down_blocks."):
+            new = f"zero_convs.{key.split('.')[1]}.0.{tail}"
+        elif key.startswith("controlnet_mid_block."):
+            new = f"middle_block_out.0.{tail}"
+        else:
+            new = unet_key(key, net.config.layers_per_block, set())
+        state[f"control_model.{new}"] = value.contiguous()
+    return state

@@ -138,3 +138,74 @@ def test_bad_controlnet_arguments_are_refused_before_any_model_runs(components, 
         pipe("a cat", **given, **FAST)
     handle.remove()
     assert calls == []
+
+
+def test_controlnets_load_from_a_folder_and_from_an_original_single_file(components, tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from ldm_pipeline.loading.controlnet import load_controlnet
+    from ldm_pipeline.loading.folders import ModelFileError, ModelNotFoundError
+    from ldm_format import controlnet_to_ldm
+
+    net = make_net(components["unet"], 3)
+    net.save_pretrained(tmp_path / "edges")
+    loaded = load_controlnet(tmp_path / "edges")
+    assert loaded.ldm_name == "edges"
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in net.state_dict().items())
+
+    wide = ControlNetModel.from_unet(components["unet"]).eval()  # the usual hint-block widths, as files have them
+    save_file(controlnet_to_ldm(wide), tmp_path / "control_tiny.safetensors")
+    wide.save_config(tmp_path / "config")
+    single = load_controlnet(tmp_path / "control_tiny.safetensors", config=tmp_path / "config")
+    assert single.ldm_name == "control_tiny.safetensors"
+    assert all(torch.equal(single.state_dict()[k], v) for k, v in wide.state_dict().items())
+    with pytest.raises(ModelFileError, match=r"holds no ControlNet cross-attention weights"):
+        save_file({"control_model.time_embed.0.weight": torch.zeros(2, 2)}, tmp_path / "bare.safetensors")
+        load_controlnet(tmp_path / "bare.safetensors")
+
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def offline(*args, **kwargs):
+        raise LocalEntryNotFoundError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(ModelNotFoundError, match=r"cannot download 'someone/controlnet-canny'"):
+        load_controlnet("someone/controlnet-canny")
+
+
+def test_canny_and_scribble_make_white_lines_on_black():
+    from ldm_pipeline.conditioning.preprocess import canny, scribble
+
+    square = PIL.Image.new("RGB", (32, 32), "grey")
+    square.paste((200, 40, 40), (8, 8, 24, 24))
+    edges = np.asarray(canny(square))
+    assert edges.shape == (32, 32, 3) and set(np.unique(edges)) == {0, 255}
+    outline = edges[..., 0] == 255
+    assert outline[8:24, 7:9].any() and outline[8:24, 23:25].any() and not outline[12:20, 12:20].any()
+    drawing = PIL.Image.new("RGB", (32, 32), "white")
+    drawing.paste((0, 0, 0), (4, 10, 28, 12))
+    strokes = np.asarray(scribble(drawing))[..., 0]
+    assert (strokes[10:12, 4:28] == 255).all() and strokes.sum() == 255 * 2 * 24
+    with pytest.raises(ValueError, match=r"`low`, `high`: got 200, 100"):
+        canny(square, 200, 100)
+
+
+def test_ldm_generate_with_a_controlnet(components, nets, tmp_path):
+    from ldm_pipeline.apps.cli import main
+
+    LatentDiffusionPipeline(**copy.deepcopy(components)).save_pretrained(tmp_path / "model")
+    nets[0].save_pretrained(tmp_path / "net")
+    picture(3).save(tmp_path / "photo.png")
+    common = ["--model", str(tmp_path / "model"), "--steps", "3", "--seed", "0", "--controlnet", str(tmp_path / "net")]
+    assert main(["generate", "a cat", *common, "--control-image", str(tmp_path / "photo.png"), "--control-scale",
+                 "0.7", "--control-preprocess", "canny", "--out", str(tmp_path / "out.png")]) == 0
+    recipe = read_recipe(tmp_path / "out.png")
+    (unit,) = recipe.controlnets
+    assert (unit["name"], unit["scale"], unit["image_path"]) == ("net", 0.7, str(tmp_path / "out-control0.png"))
+    assert PIL.Image.open(tmp_path / "out-control0.png").size == (24, 16)
+    assert main(["generate", "--from", str(tmp_path / "out.png"), "--model", str(tmp_path / "model"), "--controlnet",
+                 str(tmp_path / "net"), "--out", str(tmp_path / "again.png")]) == 0
+    assert np.array_equal(pixels([PIL.Image.open(tmp_path / "again.png")]),
+                          pixels([PIL.Image.open(tmp_path / "out.png")]))
+    assert main(["generate", "a cat", *common, "--out", str(tmp_path / "x.png")]) == 2  # no control picture

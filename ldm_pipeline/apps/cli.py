@@ -23,7 +23,8 @@ def _setting_flags(parser: argparse.ArgumentParser) -> None:
     """A flag for each call setting that has one (`settings.GenerationSettings`), its default the setting's."""
     for f in fields_of(flag=True):
         option = meta(f.name)
-        parser.add_argument(option.flag, dest=f.name, default=f.default, **option.flag_options)
+        repeated = option.flag_options.get("action") == "append"  # a list of what was given, None when nothing
+        parser.add_argument(option.flag, dest=f.name, default=None if repeated else f.default, **option.flag_options)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--region", action="append", default=[], type=_region, metavar="L,T,R,B",
                           help="with --prompt-composition: the box of the next AND part, as fractions of the image "
                                "(0,0,0.5,0.5 is the top left quarter; 'all' for the whole image); one per part")
+    generate.add_argument("--control-preprocess", choices=("canny", "scribble"), default=None,
+                          help="turn each --control-image into the picture its ControlNet takes first (Canny edges, "
+                               "or a drawing's strokes), saved beside --out as OUT-control<i>.png")
     generate.add_argument("--outpaint", type=_margins, default=None, metavar="L,T,R,B",
                           help="extend --image by these pixels on the left, top, right and bottom and draw the new "
                                "area to continue the picture (outpainting)")

@@ -12,8 +12,17 @@ from ..settings import fields_of, meta
 
 
 def _setting_arguments(args: argparse.Namespace) -> dict:
-    """The call settings given by flags, as `pipe(...)` keyword arguments."""
-    return {f.name: getattr(args, f.name) for f in fields_of(flag=True)}
+    """The call settings given by flags, as `pipe(...)` keyword arguments: a repeated flag given once is one
+    value (for every ControlNet), one not given is left to the pipeline's default."""
+    arguments = {}
+    for f in fields_of(flag=True):
+        value = getattr(args, f.name)
+        if meta(f.name).flag_options.get("action") == "append":
+            if value is None:
+                continue
+            value = value[0] if len(value) == 1 else value
+        arguments[f.name] = value
+    return arguments
 
 
 # what --from takes from the recipe instead: the setting flags and these (with their defaults, to notice them given)
@@ -23,8 +32,9 @@ _RECIPE_OPTIONS = {"prompt": ("prompt", []), "size": ("--size", None), "schedule
 
 def _given_with_recipe(args: argparse.Namespace) -> list[str]:
     """The flags given that --from cannot take, since the recipe gives those settings."""
-    options = {f.name: (meta(f.name).flag, f.default) for f in fields_of(flag=True)
-               if f.name not in ("image", "mask_image")}  # the recipe names their files; they may be given
+    options = {f.name: (meta(f.name).flag, None if meta(f.name).flag_options.get("action") == "append" else f.default)
+               for f in fields_of(flag=True)  # the recipe names these files (and nets); they may be given
+               if f.name not in ("image", "mask_image", "controlnet", "control_image")}
     options.update(_RECIPE_OPTIONS)
     return [flag for name, (flag, default) in options.items() if getattr(args, name) != default]
 
@@ -109,6 +119,18 @@ def generate(args: argparse.Namespace) -> None:
         pipe.load_lora_weights(path, adapter_name=Path(path).stem.replace(".", "_"), scale=scale)
     if args.compile:
         pipe.compile(batch=None)  # built for the call's own size and batch when it runs
+    if args.controlnet:  # the call takes the loaded nets, not their paths
+        from ..loading.controlnet import load_controlnet
+
+        pipe.controlnet = [load_controlnet(path, torch_dtype=pipe.dtype).to(pipe.device) for path in args.controlnet]
+        args.controlnet = None
+    if args.control_preprocess and args.control_image:  # saved, so that the recipe names the picture used
+        from ..conditioning.preprocess import preprocess
+
+        made = [args.out.with_name(f"{args.out.stem}-control{i}.png") for i in range(len(args.control_image))]
+        for path, given in zip(made, args.control_image):
+            preprocess(args.control_preprocess, given).save(path)
+        args.control_image = [str(path) for path in made]
     if args.prompts is not None:
         from .prompt_files import render
 
@@ -118,7 +140,7 @@ def generate(args: argparse.Namespace) -> None:
         return
     if args.source is not None:
         result = pipe.reproduce(recipes, image=args.image, mask_image=args.mask_image,
-                                ignore_model_hash=args.ignore_model_hash)
+                                control_image=args.control_image, ignore_model_hash=args.ignore_model_hash)
     else:
         width, height = args.size or (None, None)
         frames = []  # the live previews, for --preview
