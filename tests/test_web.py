@@ -223,10 +223,12 @@ def test_inpaint_without_a_picture_or_a_painted_pixel_is_an_error_message(server
     assert len(gallery) == 1
 
 
-def test_picture_and_mask_from_the_editor_value():
+def test_picture_and_mask_from_the_editor_value(tmp_path):
     picture = _noise(16, 12)
     layer = _strokes((16, 12), (2, 2, 6, 5), alpha=1)  # any alpha above 0 is painted
-    got, mask = picture_and_mask({"background": picture.convert("RGBA"), "layers": [layer], "composite": None})
+    layer.save(tmp_path / "layer.png")  # PIL images, numpy arrays or file paths
+    got, mask = picture_and_mask({"background": picture.convert("RGBA"), "layers": [str(tmp_path / "layer.png")],
+                                  "composite": None})
     assert got.mode == "RGB" and np.array_equal(np.asarray(got), np.asarray(picture))
     expected = np.zeros((12, 16), np.uint8)
     expected[2:5, 2:6] = 255

@@ -26,8 +26,7 @@ def _image(value) -> PIL.Image.Image:
     if isinstance(value, np.ndarray):
         return PIL.Image.fromarray(value)
     with PIL.Image.open(value) as opened:
-        opened.load()
-        return opened
+        return opened.copy()
 
 
 def _opaque(picture: PIL.Image.Image) -> PIL.Image.Image | None:
