@@ -21,6 +21,9 @@ gradio_client = pytest.importorskip("gradio_client")
 
 from ldm_pipeline import LatentDiffusionPipeline, read_recipe  # noqa: E402
 from ldm_pipeline.apps.web import build_app, guidance_after_regions  # noqa: E402
+from ldm_pipeline.apps.web_inpaint import picture_and_mask  # noqa: E402
+from ldm_pipeline.masks import soft  # noqa: E402
+from ldm_pipeline.provenance.recipes import mask_hash  # noqa: E402
 
 STEPS = 4
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,6 +143,107 @@ def test_image_to_image_same_pixels(pipe, server, tmp_path):
                     guidance_scale=5.0, seed=11, progress=False).images[0]
     np.testing.assert_array_equal(_pixels(_file(gallery[0])), np.asarray(expected))
     assert read_recipe(_file(gallery[0])).strength == 0.6
+
+
+def _noise(width, height, seed=0) -> PIL.Image.Image:
+    return PIL.Image.fromarray((np.random.RandomState(seed).rand(height, width, 3) * 255).astype(np.uint8))
+
+
+def _strokes(size, *boxes, alpha=153) -> PIL.Image.Image:
+    """An editor layer: transparent, painted (magenta at `alpha`) in the boxes."""
+    layer = PIL.Image.new("RGBA", size, (0, 0, 0, 0))
+    for box in boxes:
+        layer.paste((255, 0, 255, alpha), box)
+    return layer
+
+
+def _edited(folder: Path, picture, *layers) -> dict:
+    """The image editor's value as gradio_client sends it: the picture and the painted layers."""
+    folder.mkdir(exist_ok=True)
+    picture.save(folder / "picture.png")
+    for i, layer in enumerate(layers):
+        layer.save(folder / f"layer{i}.png")
+    return {"background": gradio_client.handle_file(str(folder / "picture.png")),
+            "layers": [gradio_client.handle_file(str(folder / f"layer{i}.png")) for i in range(len(layers))],
+            "composite": None}
+
+
+def test_inpaint_repaints_the_painted_area_and_keeps_the_rest(pipe, server, tmp_path):
+    picture = _noise(48, 40)  # not the page's 64x64: the whole picture is drawn at its own size
+    mask = PIL.Image.new("L", picture.size, 0)
+    for box in ((24, 8, 40, 20), (4, 28, 10, 34)):  # a stroke on each of two layers
+        mask.paste(255, box)
+    value = _edited(tmp_path / "in", picture, _strokes(picture.size, (24, 8, 40, 20)),
+                    _strokes(picture.size, (4, 28, 10, 34), alpha=20))
+    client = gradio_client.Client(server[0], verbose=False, download_files=str(tmp_path / "out"))
+    gallery, seed_used = client.predict(value, prompt="a green circle", steps=STEPS, seed=3, api_name="/inpaint")
+    assert seed_used == 3 and len(gallery) == 1
+    drawn = _pixels(_file(gallery[0]))
+    expected = pipe("a green circle", image=picture, mask_image=mask, strength=0.8, mask_blur=4,
+                    num_inference_steps=STEPS, seed=3, progress=False).images[0]
+    np.testing.assert_array_equal(drawn, np.asarray(expected))
+    outside = soft(mask, 4) == 0  # outside the painted area and its blur band: the uploaded picture exactly
+    assert outside.mean() > 0.3 and np.array_equal(drawn[outside], np.asarray(picture)[outside])
+    assert np.abs(drawn.astype(int) - np.asarray(picture))[np.asarray(mask) > 0].mean() > 5  # repainted
+    recipe = read_recipe(_file(gallery[0]))
+    assert recipe.mask_hash == mask_hash(mask) and (recipe.width, recipe.height) == (48, 40)
+    assert (recipe.strength, recipe.mask_blur, recipe.masked_content, recipe.padding_mask_crop) == \
+        (0.8, 4, "original", None)
+
+    # inpaint only masked: the area around the mask drawn at the page's size and pasted back
+    gallery, _ = client.predict(value, strength=0.9, mask_blur=2, masked_content="fill", only_masked=True,
+                                padding=8, prompt="a green circle", steps=STEPS, seed=4, api_name="/inpaint")
+    expected = pipe("a green circle", image=picture, mask_image=mask, strength=0.9, mask_blur=2,
+                    masked_content="fill", padding_mask_crop=8, width=64, height=64, num_inference_steps=STEPS,
+                    seed=4, progress=False).images[0]
+    np.testing.assert_array_equal(_pixels(_file(gallery[0])), np.asarray(expected))
+    recipe = read_recipe(_file(gallery[0]))
+    assert (recipe.strength, recipe.mask_blur, recipe.masked_content, recipe.padding_mask_crop) == \
+        (0.9, 2, "fill", 8)
+
+
+def test_inpaint_without_a_picture_or_a_painted_pixel_is_an_error_message(server, tmp_path):
+    client = gradio_client.Client(server[0], verbose=False, download_files=str(tmp_path / "out"))
+    picture = _noise(64, 64)
+    with pytest.raises(Exception, match="image: upload the picture"):
+        client.predict(None, prompt="a green circle", steps=STEPS, api_name="/inpaint")
+    with pytest.raises(Exception, match="mask: paint the area to repaint"):
+        client.predict(_edited(tmp_path / "bare", picture), prompt="a green circle", steps=STEPS,
+                       api_name="/inpaint")
+    with pytest.raises(Exception, match="mask: paint the area to repaint"):  # a layer with nothing painted on it
+        client.predict(_edited(tmp_path / "clear", picture, _strokes(picture.size)), prompt="a green circle",
+                       steps=STEPS, api_name="/inpaint")
+    painted = _edited(tmp_path / "bad", picture, _strokes(picture.size, (8, 8, 16, 16)))
+    with pytest.raises(Exception, match="'blank'"):
+        client.predict(painted, masked_content="blank", prompt="a green circle", steps=STEPS, api_name="/inpaint")
+    with pytest.raises(Exception, match="width"):  # the pipeline's own message: the crop is drawn at width x height
+        client.predict(painted, only_masked=True, prompt="a green circle", steps=STEPS, width=65,
+                       api_name="/inpaint")
+    gallery, _ = client.predict("a red circle", steps=STEPS, seed=1, api_name="/generate")  # still serving
+    assert len(gallery) == 1
+
+
+def test_picture_and_mask_from_the_editor_value(tmp_path):
+    picture = _noise(16, 12)
+    layer = _strokes((16, 12), (2, 2, 6, 5), alpha=1)  # any alpha above 0 is painted
+    layer.save(tmp_path / "layer.png")  # PIL images, numpy arrays or file paths
+    got, mask = picture_and_mask({"background": picture.convert("RGBA"), "layers": [str(tmp_path / "layer.png")],
+                                  "composite": None})
+    assert got.mode == "RGB" and np.array_equal(np.asarray(got), np.asarray(picture))
+    expected = np.zeros((12, 16), np.uint8)
+    expected[2:5, 2:6] = 255
+    assert mask.mode == "L" and np.array_equal(np.asarray(mask), expected)
+    # numpy values too; transparent parts of the picture are white; a layer of another size is stretched over it
+    seen = np.asarray(picture.convert("RGBA")).copy()
+    seen[0, 0, 3] = 0
+    got, mask = picture_and_mask({"background": seen, "layers": [None, np.asarray(_strokes((32, 24), (0, 0, 4, 4)))]})
+    assert tuple(np.asarray(got)[0, 0]) == (255, 255, 255) and np.asarray(mask)[:2, :2].all()
+    assert np.asarray(mask).sum() == 4 * 255
+    for value in (None, {"background": None, "layers": [layer]}, {"background": PIL.Image.new("RGBA", (8, 8))}):
+        with pytest.raises(gr.Error, match="image: upload the picture"):  # transparent all over: nothing uploaded
+            picture_and_mask(value)
+    with pytest.raises(gr.Error, match="mask: paint the area to repaint"):
+        picture_and_mask({"background": picture, "layers": [_strokes((16, 12))]})
 
 
 def test_eight_concurrent_generate_calls(pipe, server, tmp_path):
@@ -416,6 +520,45 @@ def test_browser_draw_a_reference(pipe, server, browser, tmp_path):
     blank = PIL.Image.new("RGB", (256, 256), "white")
     assert (recipe.seed, recipe.strength) == (2, 0.8)
     assert recipe.image_hash is not None and recipe.image_hash != image_hash(blank)  # the strokes were drawn from
+
+
+def test_browser_inpaint_a_painted_stroke(pipe, server, browser, tmp_path):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 60)
+    page = lambda: browser.find_element(By.TAG_NAME, "body").text  # noqa: E731
+    browser.get(server[0])
+    wait.until(lambda b: b.find_element(By.CSS_SELECTOR, "#prompt textarea")).send_keys("a green circle")
+    _set(browser.find_element(By.CSS_SELECTOR, "#steps input[type=number]"), STEPS)
+    _set(browser.find_element(By.CSS_SELECTOR, "#seed input"), 2)
+    next(t for t in browser.find_elements(By.CSS_SELECTOR, "button[role=tab]") if t.text == "Inpaint").click()
+    inpaint = wait.until(lambda b: b.find_element(By.CSS_SELECTOR, "#inpaint"))
+    inpaint.click()  # no picture yet
+    wait.until(lambda b: "image: upload the picture" in page())
+    picture = _noise(64, 64, seed=5)
+    picture.save(tmp_path / "picture.png")
+    browser.find_element(By.CSS_SELECTOR, "#inpaint-editor input[type=file]").send_keys(str(tmp_path / "picture.png"))
+    editor = browser.find_element(By.CSS_SELECTOR, "#inpaint-editor")
+    wait.until(lambda b: "Upload an image" not in editor.text)  # the picture is on the canvas
+    canvas = editor.find_element(By.CSS_SELECTOR, "canvas")
+    inpaint.click()  # nothing painted yet
+    wait.until(lambda b: "mask: paint the area to repaint" in page())
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", canvas)
+    # a stroke right of and below the centre of the picture (shown centred on the canvas)
+    ActionChains(browser).move_to_element_with_offset(canvas, 20, 10).click_and_hold().move_by_offset(30, 10) \
+        .move_by_offset(10, 30).release().perform()
+    inpaint.click()
+    wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#gallery img")) == 1)
+    source = browser.find_element(By.CSS_SELECTOR, "#gallery img").get_attribute("src")
+    (tmp_path / "inpainted.png").write_bytes(urllib.request.urlopen(source, timeout=30).read())
+    recipe = read_recipe(tmp_path / "inpainted.png")
+    assert recipe.mask_hash is not None and (recipe.seed, recipe.strength, recipe.mask_blur) == (2, 0.8, 4)
+    drawn, original = _pixels(tmp_path / "inpainted.png"), np.asarray(picture)
+    same = (drawn == original).all(axis=2)
+    assert same[:16, :16].all()  # far from the stroke: the uploaded picture itself
+    assert 0.3 < same.mean() < 1  # the stroke and its blur band were repainted, no more
 
 
 def test_guidance_slider_follows_the_regions_box_unless_the_user_moved_it():

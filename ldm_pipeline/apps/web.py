@@ -38,6 +38,7 @@ import PIL.Image  # noqa: E402
 from ..guidance.composition import parse_regions  # noqa: E402
 from ..sampling.schedulers import SCHEDULERS  # noqa: E402
 from ..settings import default  # noqa: E402
+from .web_inpaint import inpaint_controls, picture_and_mask  # noqa: E402
 
 MODEL_SCHEDULER = "model default"  # the scheduler the pipeline already has
 RANDOM_SEED = -1
@@ -185,7 +186,8 @@ def _whole(name: str, value) -> int:
 
 
 def build_app(pipe, title: str = "ldm-pipeline") -> gr.Blocks:
-    """A Gradio app drawing with `pipe`: text-to-image and image-to-image, a gallery of PNGs with recipes.
+    """A Gradio app drawing with `pipe`: text-to-image, image-to-image and inpainting, a gallery of PNGs
+    with recipes.
 
     Args:
         pipe: a `LatentDiffusionPipeline` (any model it loads). Calls run one at a time.
@@ -195,6 +197,14 @@ def build_app(pipe, title: str = "ldm-pipeline") -> gr.Blocks:
         The `gr.Blocks`, queued; `.launch()` serves it (in a notebook too). Its text-to-image event is
         the API endpoint `/generate`: `Client(url).predict("a red circle", api_name="/generate")`
         returns (gallery, seed used); every input but the prompt has a default.
+        `/transform` is image-to-image: (reference picture, strength, then `/generate`'s inputs).
+        `/inpaint` is inpainting: (editor value, strength, mask blur, masked content, inpaint only
+        masked, padding, then `/generate`'s inputs), where the editor value is a dict
+        `{"background": handle_file("picture.png"), "layers": [handle_file("strokes.png")], "composite": None}`
+        and every pixel of a layer with alpha above 0 is repainted; e.g.
+        `client.predict(value, prompt="a green circle", seed=3, api_name="/inpaint")`. The whole picture
+        is drawn at its own size, and outside the mask and its blur band it comes back exactly; with
+        inpaint only masked, the area around the mask (plus padding) is drawn at width x height.
     """
     runner = _Runner(pipe)
     s = _settings(pipe)
@@ -205,7 +215,7 @@ def build_app(pipe, title: str = "ldm-pipeline") -> gr.Blocks:
                  height: float, seed: float, num_images: float, composition: bool = False, regions: str = "",
                  request: gr.Request = None, progress=gr.Progress()):
         return _draw(prompt, negative_prompt, steps, guidance, scheduler, width, height, seed, num_images,
-                     None, None, composition, regions, request, progress)
+                     composition, regions, request, progress)
 
     def transform(reference, strength: float, prompt: str, negative_prompt: str, steps: float, guidance: float,
                   scheduler: str, width: float, height: float, seed: float, num_images: float, drawing=None,
@@ -215,10 +225,22 @@ def build_app(pipe, title: str = "ldm-pipeline") -> gr.Blocks:
         if reference is None:
             raise gr.Error("image: upload or draw a reference picture for image-to-image", print_exception=False)
         return _draw(prompt, negative_prompt, steps, guidance, scheduler, width, height, seed, num_images,
-                     reference, strength, composition, regions, request, progress)
+                     composition, regions, request, progress, image=reference, strength=float(strength))
 
-    def _draw(prompt, negative_prompt, steps, guidance, scheduler, width, height, seed, num_images, reference,
-              strength, composition, regions, request, progress):
+    def inpaint(edited, strength: float, mask_blur: float, masked_content: str, only_masked: bool, padding: float,
+                prompt: str, negative_prompt: str, steps: float, guidance: float, scheduler: str, width: float,
+                height: float, seed: float, num_images: float, composition: bool = False, regions: str = "",
+                request: gr.Request = None, progress=gr.Progress()):
+        picture, mask = picture_and_mask(edited)
+        if not only_masked:  # the whole picture, drawn at its own size
+            width = height = None
+        return _draw(prompt, negative_prompt, steps, guidance, scheduler, width, height, seed, num_images,
+                     composition, regions, request, progress, image=picture, mask_image=mask,
+                     strength=float(strength), mask_blur=_whole("mask blur", mask_blur), masked_content=masked_content,
+                     padding_mask_crop=_whole("padding", padding) if only_masked else None)
+
+    def _draw(prompt, negative_prompt, steps, guidance, scheduler, width, height, seed, num_images, composition,
+              regions, request, progress, **picture):
         if not isinstance(prompt, str) or not prompt.strip():
             raise gr.Error(f"prompt: got {prompt!r}; type what to draw", print_exception=False)
         if scheduler not in scheduler_names:
@@ -227,21 +249,21 @@ def build_app(pipe, title: str = "ldm-pipeline") -> gr.Blocks:
         seed = _whole("seed", seed)
         arguments = dict(prompt=prompt, negative_prompt=negative_prompt or None,
                          num_inference_steps=_whole("steps", steps), guidance_scale=float(guidance),
-                         width=_whole("width", width), height=_whole("height", height),
+                         width=None if width is None else _whole("width", width),
+                         height=None if height is None else _whole("height", height),
                          num_images_per_prompt=_whole("number of images", num_images),
                          seed=None if seed == RANDOM_SEED else seed, prompt_composition=bool(composition))
         try:
             arguments["regions"] = parse_regions(regions or "")
         except ValueError as error:
             raise gr.Error(f"regions: {error}", print_exception=False) from None
-        if reference is not None:
-            arguments.update(image=reference, strength=float(strength))
+        arguments.update(picture)  # image-to-image and inpainting: image=, strength=, mask_image=, ...
         session = getattr(request, "session_hash", None)
         return runner.run(session, progress, scheduler, **arguments)
 
     with gr.Blocks(title=title, delete_cache=(3600, 3600)) as demo:
-        gr.Markdown(f"# {title}\nLatent diffusion, text-to-image and image-to-image. Each image downloads as a "
-                    "PNG carrying its recipe (`ldm generate --from image.png` draws it again).")
+        gr.Markdown(f"# {title}\nLatent diffusion: text-to-image, image-to-image and inpainting. Each image "
+                    "downloads as a PNG carrying its recipe (`ldm generate --from image.png` draws it again).")
         with gr.Row():
             with gr.Column(scale=1):
                 prompt = gr.Textbox(label="Prompt", lines=2, placeholder="a red circle in the top left",
@@ -280,6 +302,8 @@ def build_app(pipe, title: str = "ldm-pipeline") -> gr.Blocks:
                                                "no picture is uploaded)", elem_id="drawing")
                     strength = gr.Slider(0.05, 1, value=default("strength"), step=0.05, label="Strength", elem_id="strength")
                     go_image = gr.Button("Transform", variant="primary", elem_id="transform")
+                with gr.Tab("Inpaint"):
+                    paint = inpaint_controls(s["size"])  # the editor, the inpainting settings, the button
                 stop = gr.Button("Stop", variant="stop", elem_id="stop")
             with gr.Column(scale=1):
                 gallery = gr.Gallery(label="Images", columns=4, format="png", elem_id="gallery",
@@ -297,7 +321,10 @@ def build_app(pipe, title: str = "ldm-pipeline") -> gr.Blocks:
                                    **one_model)
         image_run = go_image.click(transform, [reference, strength, *settings, drawing, *parts], [gallery, used],
                                    api_name="transform", **one_model)
-        stop.click(runner.stop, None, None, cancels=[text_run, submit_run, image_run], queue=False,
+        inpaint_run = paint.button.click(inpaint, [paint.editor, paint.strength, paint.mask_blur, paint.masked_content,
+                                                   paint.only_masked, paint.padding, *settings, *parts],
+                                         [gallery, used], api_name="inpaint", **one_model)
+        stop.click(runner.stop, None, None, cancels=[text_run, submit_run, image_run, inpaint_run], queue=False,
                    api_visibility="private")
         regions.change(lambda boxes, value: guidance_after_regions(boxes, value, s["guidance"], s["regions_guidance"]),
                        [regions, guidance], guidance, queue=False, api_visibility="private")
