@@ -26,7 +26,7 @@ def load_mask(mask: ImageInput, size: tuple[int, int]) -> PIL.Image.Image:
     """Any supported mask input -> a binary "L" image (255 = repaint) of `size` (width, height), checked.
 
     Raises:
-        ValueError naming `mask_image` when its size differs from the image's or nothing is white.
+        ValueError: naming `mask_image`, when its size differs from the image's or nothing is white.
     """
     grey = _grey(mask)
     if grey.size != size:
