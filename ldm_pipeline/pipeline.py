@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from . import images, stages
+from . import hires, images, stages
 from .adapters import lora as adapters
 from .fast import compile as fast
 from .loading import folders as loading, single_file
@@ -246,6 +246,13 @@ class LatentDiffusionPipeline(memory.MemoryMethods, adapters.AdapterMethods):
         control_guidance_start: float | list[float] = 0.0,
         control_guidance_end: float | list[float] = 1.0,
         guess_mode: bool = False,
+        hires_fix: bool = False,
+        hires_scale: float = 2.0,
+        hires_width: int | None = None,
+        hires_height: int | None = None,
+        hires_upscaler="latent",
+        hires_steps: int | None = None,
+        hires_strength: float = 0.7,
     ) -> PipelineOutput:
         """Draw images for prompts; with `image=`, start from that picture (image-to-image).
 
@@ -270,6 +277,9 @@ class LatentDiffusionPipeline(memory.MemoryMethods, adapters.AdapterMethods):
         `control_image` (one per net), each net weighted by `controlnet_conditioning_scale` while the
         step lies in its [`control_guidance_start`, `control_guidance_end`] share of the schedule;
         `guess_mode` runs the nets on the prompt's copy only (see `conditioning.controlnet`).
+        `hires_fix=True` draws at the base size, upscales by `hires_scale` (or to `hires_width` x
+        `hires_height`) with `hires_upscaler` ("latent", "lanczos", a model file or a callable) and
+        refines with `hires_strength` of `hires_steps` (see `hires`).
 
         Returns:
             `PipelineOutput` with `.images` (PIL list, np (B, H, W, 3), pt (B, 3, H, W) or
@@ -288,7 +298,9 @@ class LatentDiffusionPipeline(memory.MemoryMethods, adapters.AdapterMethods):
             padding_mask_crop=padding_mask_crop, masked_content=masked_content, controlnet=controlnet,
             control_image=control_image, controlnet_conditioning_scale=controlnet_conditioning_scale,
             control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end,
-            guess_mode=guess_mode))
+            guess_mode=guess_mode, hires_fix=hires_fix, hires_scale=hires_scale, hires_width=hires_width,
+            hires_height=hires_height, hires_upscaler=hires_upscaler, hires_steps=hires_steps,
+            hires_strength=hires_strength))
         # 2. text: the prompts' contexts (one per composed part) and the negative prompts'
         contexts = stages.encode_text(self, call)
         # 3. starting latents: noise, or the reference picture noised to `strength` (inpainting: and the mask)
@@ -303,6 +315,8 @@ class LatentDiffusionPipeline(memory.MemoryMethods, adapters.AdapterMethods):
         step_kwargs = schedulers.step_kwargs(start.scheduler, call.generator, call.settings.eta)
         final, steps_run = denoise(unet, start.scheduler, start.latents, start.timesteps, contexts.cond, guidances,
                                    step_kwargs, hooks, call.settings.progress)
+        if call.settings.hires_fix and steps_run == len(start.timesteps):  # 6b. hires fix, unless stopped
+            final = hires.refine(self, call, contexts, final, watch)
         guards.check_latents(final, watch, steps_run)
         # 7. finish: decode (inpainting: paste back into the picture), and keep what the recipes are made of
         return stages.finish(self, call, final, start.scheduler, steps_run, guidances)

@@ -38,7 +38,7 @@ class Setting:
         infotext: its key in A1111's `parameters` text, where that tool has one.
         flag, flag_options: its `ldm generate` flag and argparse options (`dest` is the setting's name).
         only_with: a setting without which this one does nothing: the recipe keeps None when that is None
-            (strength without an image, mask blur without a mask).
+            or False (strength without an image, mask blur without a mask, hires steps without hires fix).
     """
 
     check: Callable[[Any], None] | None = None
@@ -69,6 +69,18 @@ def _pixels(name: str, optional: bool = False) -> Callable[[Any], None]:
             raise ValueError(f"`{name}`: got {value!r}; expected {'None or ' if optional else ''}an integer >= 0 "
                              "(pixels)")
     return check
+
+
+def _hires_scale(value) -> None:
+    checks.finite_number("hires_scale", value, "a number >= 1 (the hires fix's upscale)")
+    if value < 1:
+        raise ValueError(f"`hires_scale`: got {value!r}; expected a number >= 1 (the hires fix's upscale)")
+
+
+def _hires_strength(value) -> None:
+    checks.finite_number("hires_strength", value, "a number in (0, 1]")
+    if not 0 < value <= 1:
+        raise ValueError(f"`hires_strength`: got {value!r}; expected a number in (0, 1]")
 
 
 def _bool(name: str) -> Callable[[Any], None]:
@@ -158,6 +170,33 @@ class GenerationSettings:
         flag="--masked-content", flag_options=dict(choices=MASKED_CONTENT, help=(
             "inpainting: what the masked area starts from: the picture (original), the colours around it "
             "(fill), noise or nothing in latent space (A1111's 'masked content'; default original)")))
+    # hires fix (hires.py): draw at the base size, upscale, refine by image-to-image (A1111's "Hires. fix")
+    hires_fix: bool = setting(
+        False, recipe_type=bool, recipe_default=False, check=_bool("hires_fix"),
+        flag="--hires", flag_options=dict(action="store_true", help=(
+            "hires fix: draw at the base size, upscale (--hires-scale) and refine by image-to-image")))
+    hires_scale: float = setting(
+        2.0, recipe_type=float | None, infotext="Hires upscale", only_with="hires_fix", check=_hires_scale,
+        flag="--hires-scale", flag_options=dict(type=float, metavar="X", help="hires fix: the upscale (default 2)"))
+    hires_width: int | None = setting(
+        recipe_type=int | None, only_with="hires_fix", flag="--hires-width", flag_options=dict(
+            type=int, metavar="PX", help="hires fix: the final width instead of the scale's (A1111's hr_resize_x)"))
+    hires_height: int | None = setting(
+        recipe_type=int | None, only_with="hires_fix", flag="--hires-height", flag_options=dict(
+            type=int, metavar="PX", help="hires fix: the final height (hr_resize_y)"))
+    hires_upscaler: Any = setting(
+        "latent", recipe_type=str | None, only_with="hires_fix",  # infotext: "Hires upscaler" (infotext.py)
+        flag="--hires-upscaler", flag_options=dict(metavar="NAME", help=(
+            "hires fix: latent (the default), lanczos, or an upscaler model file (ESRGAN and the like, read with "
+            "spandrel)")))
+    hires_steps: int | None = setting(
+        recipe_type=int | None, infotext="Hires steps", only_with="hires_fix",
+        flag="--hires-steps", flag_options=dict(type=int, metavar="N", help=(
+            "hires fix: the refining pass's schedule (default: --steps); it runs int(N * strength) of them")))
+    hires_strength: float = setting(
+        0.7, recipe_type=float | None, only_with="hires_fix", check=_hires_strength,
+        flag="--hires-strength", flag_options=dict(type=float, metavar="S", help=(
+            "hires fix: the refining pass's denoising strength in (0, 1] (default 0.7)")))
     # ControlNet (conditioning/controlnet.py): nets steer by pictures; recorded as `Recipe.controlnets`
     controlnet: Any = setting(  # a ControlNetModel or a list; default: the pipeline's own
         recorded=None, flag="--controlnet", flag_options=dict(action="append", metavar="PATH", help=(

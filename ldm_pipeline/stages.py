@@ -15,7 +15,9 @@ Each stage reads the `Call` that `resolve` returns; none changes the pipeline's 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import PIL.Image
 import torch
@@ -31,6 +33,9 @@ from .runtime import checks, guards
 from .sampling import latents as latent_ops, previews, schedulers
 from .settings import GenerationSettings
 from .text import encode as text
+
+
+HIRES_UPSCALERS = ("latent", "lanczos")  # besides an upscaler model file or a callable (hires.py)
 
 
 @dataclass
@@ -72,6 +77,7 @@ def resolve(pipe, settings: GenerationSettings) -> Call:
     reference = images.load_image(s.image) if s.image is not None else None
     mask = _mask_of(pipe, s, reference)
     controls = controlnet.controls_of(s, pipe.controlnet)
+    _check_hires(s, pipe, reference is not None)
     reference_size = None
     if reference is not None and not (mask is not None and s.padding_mask_crop is not None):
         reference_size = images.image_size(reference, s.height, s.width, factor)  # a crop is drawn at full size
@@ -88,6 +94,32 @@ def resolve(pipe, settings: GenerationSettings) -> Call:
     work = inpaint.region(reference, mask, height, width, s.padding_mask_crop) if mask is not None else None
     return Call(settings=s, prompts=prompts, negatives=negatives, batch=batch, reference=reference, seeds=seeds,
                 generator=generator, region=work, controls=controls)
+
+
+def _check_hires(settings, pipe, image_given: bool) -> None:
+    """Refuse a hires fix that cannot run, before any model does."""
+    s = settings
+    if not s.hires_fix:
+        return
+    if image_given:
+        raise ValueError("`hires_fix`: applies to text-to-image; with `image=` draw at the size you want instead")
+    upscaler = s.hires_upscaler
+    if not (callable(upscaler) or upscaler in HIRES_UPSCALERS or (isinstance(upscaler, (str, os.PathLike))
+                                                           and Path(upscaler).is_file())):
+        raise ValueError(f"`hires_upscaler`: got {upscaler!r}; expected one of {list(HIRES_UPSCALERS)}, an upscaler model "
+                         "file (read with spandrel) or a callable on PIL images")
+    multiple = pipe.vae_scale_factor
+    for name in ("hires_width", "hires_height"):
+        value = getattr(s, name)
+        if value is not None and not (isinstance(value, int) and value > 0 and value % multiple == 0):
+            raise ValueError(f"`{name}`: got {value!r}; expected None or a positive multiple of the VAE factor "
+                             f"{multiple}")
+    if s.hires_steps is not None and not (isinstance(s.hires_steps, int) and s.hires_steps >= 1):
+        raise ValueError(f"`hires_steps`: got {s.hires_steps!r}; expected None (the call's steps) or an integer >= 1")
+    steps = s.hires_steps or s.num_inference_steps
+    if int(steps * s.hires_strength) < 1:
+        raise ValueError(f"`hires_strength`: {s.hires_strength} of {steps} steps runs no step; raise hires_strength "
+                         "or hires_steps")
 
 
 def _most_steps(scheduler) -> int | None:
@@ -218,8 +250,13 @@ def hooks_for(pipe, call: Call, start: Start, watch: guards.StepWatch) -> list:
 
 
 def finish(pipe, call: Call, final: torch.Tensor, scheduler, steps_run: int, guidances: list[Guidance]) -> PipelineOutput:
-    """Stage 7: decode the final latents (unless latents were asked for) and record the call for its recipes."""
+    """Stage 7: decode the final latents (unless latents were asked for) and record the call for its recipes.
+
+    The recipe keeps the call's settings (the base size with a hires fix); the output says the drawn size."""
     s = call.settings
+    height, width = s.height, s.width
+    if s.hires_fix and call.region is None:
+        height, width = final.shape[-2] * pipe.vae_scale_factor, final.shape[-1] * pipe.vae_scale_factor
     if s.output_type == "latent":
         result = final
     elif call.region is not None:  # the drawn pixels pasted back into the picture
@@ -234,6 +271,6 @@ def finish(pipe, call: Call, final: torch.Tensor, scheduler, steps_run: int, gui
         extra["controlnets"] = controlnet.record(call.controls, s.control_image)
     record = recipes.CallRecord.of(pipe, call, scheduler, extra=extra)
     return PipelineOutput(
-        images=result, seeds=call.seeds, height=s.height, width=s.width, num_inference_steps=s.num_inference_steps,
+        images=result, seeds=call.seeds, height=height, width=width, num_inference_steps=s.num_inference_steps,
         steps_run=steps_run, scheduler=schedulers.scheduler_name(scheduler), guidance_scale=s.guidance_scale,
         strength=s.strength if call.reference is not None else None, prompts=call.prompts, call=record)

@@ -38,6 +38,9 @@ def _kind(recipe_type) -> type:
     return {int: int, int | None: int, str: str, str | None: str}.get(recipe_type, float)
 
 
+_UPSCALERS = {"latent": "Latent", "lanczos": "Lanczos"}  # ours -> A1111's upscaler names
+
+
 def _words(value):
     """Our names of choices ("latent_noise") as A1111 writes them ("latent noise")."""
     return value.replace("_", " ") if isinstance(value, str) else value
@@ -68,6 +71,11 @@ def format_parameters(recipe, version: str = "") -> str:
         value = getattr(recipe, name)
         if value != meta(name).recipe_default:
             settings[key] = _number(value) if isinstance(value, float) else _words(value)
+    if getattr(recipe, "hires_fix", False):  # A1111 writes the hires pass's strength as the denoising strength
+        settings["Denoising strength"] = _number(recipe.hires_strength)
+        settings["Hires upscaler"] = _UPSCALERS.get(recipe.hires_upscaler, recipe.hires_upscaler)
+        if recipe.hires_width or recipe.hires_height:
+            settings["Hires resize"] = f"{recipe.hires_width or 0}x{recipe.hires_height or 0}"
     for i, unit in enumerate(getattr(recipe, "controlnets", None) or []):  # as sd-webui-controlnet writes them
         settings[f"ControlNet {i}"] = (f"Module: none, Model: {unit['name']} [{unit['digest'][:8]}], Weight: "
                                        f"{_number(unit['scale'])}, Guidance Start: {_number(unit['start'])}, "
@@ -89,6 +97,17 @@ def _split_settings(line: str) -> dict[str, str]:
             value = json.loads(value)
         settings[key] = value
     return settings
+
+
+def _hires(settings: dict[str, str], fields: dict) -> dict:
+    """A1111's hires fix keys -> our settings (its "Denoising strength" is then the hires pass's)."""
+    hires = dict(hires_fix=True, strength=None, hires_strength=fields.get("strength", 0.7))
+    upscaler = settings.get("Hires upscaler", "Latent")
+    hires["hires_upscaler"] = {v: k for k, v in _UPSCALERS.items()}.get(upscaler, upscaler)
+    if "Hires resize" in settings:
+        width, height = (int(v) for v in settings["Hires resize"].split("x"))
+        hires.update(hires_width=width or None, hires_height=height or None)
+    return hires
 
 
 def parse_parameters(text: str, source: str = "parameters") -> dict:
@@ -121,6 +140,8 @@ def parse_parameters(text: str, source: str = "parameters") -> dict:
             if key in settings and key != "Steps":
                 kind = _kind(meta(f.name).recipe_type)
                 fields[f.name] = kind(settings[key]) if kind is not str else settings[key].replace(" ", "_")
+        if "Hires upscale" in settings or "Hires resize" in settings:
+            fields.update(_hires(settings, fields))
     except ValueError as error:
         raise ValueError(f"`path`: the 'parameters' chunk of {source!r} has a value that is not a number "
                          f"({error})") from error

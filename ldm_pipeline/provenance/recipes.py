@@ -148,6 +148,10 @@ def _kept(value):
     return value if value is None or isinstance(value, (bool, int, float, str, list, tuple, dict)) else None
 
 
+def _given(value) -> bool:
+    return value is not None and value is not False
+
+
 def recipes_of(output) -> list[Recipe]:
     """One recipe per image of a `PipelineOutput`, in order."""
     call = output.call
@@ -156,7 +160,7 @@ def recipes_of(output) -> list[Recipe]:
     pipe, s = call.pipe, call.settings
     shared = {f.name: _kept(getattr(s, f.name)) for f in fields_of(CALL)}
     shared.update({f.name: None for f in fields_of(CALL) if meta(f.name).only_with
-                   and getattr(s, meta(f.name).only_with) is None})  # strength without an image, ...
+                   and not _given(getattr(s, meta(f.name).only_with))})  # strength without an image, ...
     shared.update(guidance_scale=float(s.guidance_scale), eta=float(s.eta))
     if not s.clip_guidance_scale > 0:
         shared.update(clip_guidance_scale=0.0, clip_guidance_every=1, clip_model=None)
