@@ -170,6 +170,25 @@ class GenerationSettings:
         flag="--masked-content", flag_options=dict(choices=MASKED_CONTENT, help=(
             "inpainting: what the masked area starts from: the picture (original), the colours around it "
             "(fill), noise or nothing in latent space (A1111's 'masked content'; default original)")))
+    # ControlNet (conditioning/controlnet.py): nets steer by pictures; recorded as `Recipe.controlnets`
+    controlnet: Any = setting(  # a ControlNetModel or a list; default: the pipeline's own
+        recorded=None, flag="--controlnet", flag_options=dict(action="append", metavar="PATH", help=(
+            "a ControlNet (a diffusers folder, a Hub id or an original .safetensors file); repeat for several")))
+    control_image: Any = setting(  # a picture, or one per net
+        recorded=None, flag="--control-image", flag_options=dict(action="append", metavar="IMG", help=(
+            "the picture each --controlnet follows (edges, depth, pose, ...), in the same order")))
+    controlnet_conditioning_scale: float | list = setting(  # one, or one per net
+        1.0, recorded=None, flag="--control-scale", flag_options=dict(action="append", type=float, metavar="S", help=(
+            "how strongly the ControlNet steers (default 1); once for all, or once per net")))
+    control_guidance_start: float | list = setting(  # the share of the steps each net starts at
+        0.0, recorded=None, flag="--control-start", flag_options=dict(action="append", type=float, metavar="F"))
+    control_guidance_end: float | list = setting(  # ... and ends at
+        1.0, recorded=None, flag="--control-end", flag_options=dict(action="append", type=float, metavar="F", help=(
+            "the share of the steps after which the ControlNet stops (default 1); --control-start likewise")))
+    guess_mode: bool = setting(  # nets on the prompt's copy only
+        False, recipe_type=bool, recipe_default=False, flag="--guess-mode", flag_options=dict(
+            action="store_true", help="run the ControlNets on the prompt's copy only (the control picture leads)"))
+
     # hires fix (hires.py): draw at the base size, upscale, refine by image-to-image (A1111's "Hires. fix")
     hires_fix: bool = setting(
         False, recipe_type=bool, recipe_default=False, check=_bool("hires_fix"),
@@ -197,24 +216,6 @@ class GenerationSettings:
         0.7, recipe_type=float | None, only_with="hires_fix", check=_hires_strength,
         flag="--hires-strength", flag_options=dict(type=float, metavar="S", help=(
             "hires fix: the refining pass's denoising strength in (0, 1] (default 0.7)")))
-    # ControlNet (conditioning/controlnet.py): nets steer by pictures; recorded as `Recipe.controlnets`
-    controlnet: Any = setting(  # a ControlNetModel or a list; default: the pipeline's own
-        recorded=None, flag="--controlnet", flag_options=dict(action="append", metavar="PATH", help=(
-            "a ControlNet (a diffusers folder, a Hub id or an original .safetensors file); repeat for several")))
-    control_image: Any = setting(  # a picture, or one per net
-        recorded=None, flag="--control-image", flag_options=dict(action="append", metavar="IMG", help=(
-            "the picture each --controlnet follows (edges, depth, pose, ...), in the same order")))
-    controlnet_conditioning_scale: float | list = setting(  # one, or one per net
-        1.0, recorded=None, flag="--control-scale", flag_options=dict(action="append", type=float, metavar="S", help=(
-            "how strongly the ControlNet steers (default 1); once for all, or once per net")))
-    control_guidance_start: float | list = setting(  # the share of the steps each net starts at
-        0.0, recorded=None, flag="--control-start", flag_options=dict(action="append", type=float, metavar="F"))
-    control_guidance_end: float | list = setting(  # ... and ends at
-        1.0, recorded=None, flag="--control-end", flag_options=dict(action="append", type=float, metavar="F", help=(
-            "the share of the steps after which the ControlNet stops (default 1); --control-start likewise")))
-    guess_mode: bool = setting(  # nets on the prompt's copy only
-        False, recipe_type=bool, recipe_default=False, flag="--guess-mode", flag_options=dict(
-            action="store_true", help="run the ControlNets on the prompt's copy only (the control picture leads)"))
 
     def replace(self, **changes) -> "GenerationSettings":
         return dataclasses.replace(self, **changes)

@@ -69,24 +69,30 @@ def test_reproduce_draws_the_same_pixels_from_the_settings_a_recipe_keeps(pipe):
 
 
 def test_infotext_writes_and_reads_every_setting_that_has_a_key():
-    recipe = Recipe(prompt="a cat", num_inference_steps=12, guidance_scale=3.5, seed=9, strength=0.6, eta=0.25,
-                    height=64, width=64, mask_blur=2, padding_mask_crop=16, masked_content="latent_noise")
-    text = recipe.parameters()
-    for f in fields_of(infotext=True):
-        assert f"{meta(f.name).infotext}: " in text, f.name
-    read = infotext.parse_parameters(text)
-    for f in fields_of(infotext=True):
-        assert read[f.name] == getattr(recipe, f.name), f.name
+    inpainted = Recipe(prompt="a cat", num_inference_steps=12, guidance_scale=3.5, seed=9, strength=0.6, eta=0.25,
+                       height=64, width=64, mask_blur=2, padding_mask_crop=16, masked_content="latent_noise")
+    hires = Recipe(prompt="a cat", seed=9, hires_fix=True, hires_scale=1.5, hires_steps=8, hires_strength=0.4)
+    keys = set()
+    for recipe in (inpainted, hires):
+        text = recipe.parameters()
+        read = infotext.parse_parameters(text)
+        for f in fields_of(infotext=True):
+            if f"{meta(f.name).infotext}: " in text:
+                keys.add(f.name)
+                assert read[f.name] == getattr(recipe, f.name), f.name
+    assert keys == {f.name for f in fields_of(infotext=True)}  # every key written by one recipe or the other
+    assert infotext.parse_parameters(hires.parameters())["hires_strength"] == 0.4
     plain = Recipe(prompt="a cat", seed=1).parameters()
     assert "Eta" not in plain and "Denoising strength" not in plain  # written only when not their default
-    assert "Mask blur" not in plain and "Masked content" not in plain
+    assert "Mask blur" not in plain and "Masked content" not in plain and "Hires" not in plain
 
 
 def test_the_generate_command_has_a_flag_per_setting_with_the_setting_default():
     parser = build_parser()
     args = parser.parse_args(["generate", "a cat", "--out", "x.png"])
-    for f in fields_of(flag=True):
-        assert getattr(args, f.name) == f.default, f.name
+    for f in fields_of(flag=True):  # a repeated flag (one value per ControlNet) is None until given
+        repeated = meta(f.name).flag_options.get("action") == "append"
+        assert getattr(args, f.name) == (None if repeated else f.default), f.name
     flags = ["generate", "a cat", "--out", "x.png", "--steps", "7", "--guidance", "2.5", "--seed", "4",
              "--num-images", "2", "--strength", "0.5", "--prompt-composition", "--clip-guidance", "0.2"]
     args = parser.parse_args(flags)
