@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from . import hires, images, stages
-from .adapters import lora as adapters
+from .adapters import lora as adapters, textual_inversion
 from .fast import compile as fast
 from .loading import folders as loading, single_file
 from .output import PipelineOutput
@@ -31,7 +31,8 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
     return torch.float16 if torch.device(device).type == "cuda" else torch.float32
 
 
-class LatentDiffusionPipeline(memory.MemoryMethods, adapters.AdapterMethods):
+class LatentDiffusionPipeline(memory.MemoryMethods, adapters.AdapterMethods,
+                              textual_inversion.TextualInversionMethods):
     """Text-to-image and image-to-image with a CLIP text encoder, a VAE and a conditional UNet.
 
     Args:
@@ -59,6 +60,7 @@ class LatentDiffusionPipeline(memory.MemoryMethods, adapters.AdapterMethods):
         self._attention_processors: dict | None = None
         self.loras, self.active_loras, self.fused_scale = {}, [], 1.0  # LoRA adapters (adapters.AdapterMethods)
         self.controlnet = controlnet  # a ControlNetModel (or a list) every call uses unless it passes its own
+        self.embeddings: dict[str, dict] = {}  # textual-inversion tokens loaded (TextualInversionMethods)
 
     # -- components -------------------------------------------------------------------------
 

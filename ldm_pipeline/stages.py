@@ -23,7 +23,7 @@ import PIL.Image
 import torch
 
 from . import images, masks
-from .adapters import lora as adapters
+from .adapters import lora as adapters, textual_inversion
 from .conditioning import controlnet, inpaint
 from .guidance import clip as clip_guidance, composition
 from .guidance.base import ClassifierFree, Guidance
@@ -106,8 +106,8 @@ def _check_hires(settings, pipe, image_given: bool) -> None:
     upscaler = s.hires_upscaler
     if not (callable(upscaler) or upscaler in HIRES_UPSCALERS or (isinstance(upscaler, (str, os.PathLike))
                                                            and Path(upscaler).is_file())):
-        raise ValueError(f"`hires_upscaler`: got {upscaler!r}; expected one of {list(HIRES_UPSCALERS)}, an upscaler model "
-                         "file (read with spandrel) or a callable on PIL images")
+        raise ValueError(f"`hires_upscaler`: got {upscaler!r}; expected one of {list(HIRES_UPSCALERS)}, an upscaler "
+                         "model file (read with spandrel) or a callable on PIL images")
     multiple = pipe.vae_scale_factor
     for name in ("hires_width", "hires_height"):
         value = getattr(s, name)
@@ -157,11 +157,15 @@ class Contexts:
 def encode_text(pipe, call: Call) -> Contexts:
     """Stage 2: the contexts the UNet is conditioned on."""
     s = call.settings
-    slots, part_weights = composition.split_prompts(call.prompts) if s.prompt_composition else ([call.prompts], None)
+    prompts, negatives = call.prompts, call.negatives
+    if pipe.embeddings:  # multi-vector textual-inversion tokens written out in full
+        prompts, negatives = ([textual_inversion.expand(p, pipe.tokenizer) for p in texts] if texts else texts
+                              for texts in (prompts, negatives))
+    slots, part_weights = composition.split_prompts(prompts) if s.prompt_composition else ([prompts], None)
     guided = s.guidance_scale > 1 or len(slots) > 1  # composed parts are each guided against the negative
     cond, uncond = text.encode_prompts(
         pipe.tokenizer, pipe.text_encoder, composition.joined(slots),
-        negative_prompts=composition.negatives_for(call.negatives, call.prompts, len(slots)),
+        negative_prompts=composition.negatives_for(negatives, prompts, len(slots)),
         num_images_per_prompt=s.num_images_per_prompt, guided=guided, prompt_embeds=s.prompt_embeds,
         negative_prompt_embeds=s.negative_prompt_embeds, cache=pipe.embedding_cache, weighting=s.prompt_weighting)
     cond, *parts = cond.to(pipe.device, pipe.dtype).chunk(len(slots))
@@ -249,7 +253,8 @@ def hooks_for(pipe, call: Call, start: Start, watch: guards.StepWatch) -> list:
     return [*keep, watch, *previews.hooks_for(pipe.vae, s.preview, s.preview_every, len(start.timesteps))]
 
 
-def finish(pipe, call: Call, final: torch.Tensor, scheduler, steps_run: int, guidances: list[Guidance]) -> PipelineOutput:
+def finish(pipe, call: Call, final: torch.Tensor, scheduler, steps_run: int,
+           guidances: list[Guidance]) -> PipelineOutput:
     """Stage 7: decode the final latents (unless latents were asked for) and record the call for its recipes.
 
     The recipe keeps the call's settings (the base size with a hires fix); the output says the drawn size."""
@@ -266,7 +271,7 @@ def finish(pipe, call: Call, final: torch.Tensor, scheduler, steps_run: int, gui
         result = images.postprocess(guards.decode_checked(pipe.vae, final), s.output_type)
     if pipe.offload:
         pipe.offload.offload_all()  # the GPU is free between calls
-    extra = {**clip_guidance.recipe_of(guidances), **adapters.recipe_of(pipe)}
+    extra = {**clip_guidance.recipe_of(guidances), **adapters.recipe_of(pipe), **textual_inversion.recipe_of(pipe)}
     if call.controls is not None:
         extra["controlnets"] = controlnet.record(call.controls, s.control_image)
     record = recipes.CallRecord.of(pipe, call, scheduler, extra=extra)

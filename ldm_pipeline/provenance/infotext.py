@@ -80,6 +80,8 @@ def format_parameters(recipe, version: str = "") -> str:
         settings[f"ControlNet {i}"] = (f"Module: none, Model: {unit['name']} [{unit['digest'][:8]}], Weight: "
                                        f"{_number(unit['scale'])}, Guidance Start: {_number(unit['start'])}, "
                                        f"Guidance End: {_number(unit['end'])}")
+    if getattr(recipe, "embeddings", None):  # A1111's field: token and the first 12 hex digits of the file's SHA-256
+        settings["TI hashes"] = ", ".join(f"{e['token']}: {(e.get('sha256') or '')[:12]}" for e in recipe.embeddings)
     if getattr(recipe, "loras", None):  # A1111's field: name and the first 12 hex digits of the file's SHA-256
         settings["Lora hashes"] = ", ".join(f"{l['name']}: {(l.get('sha256') or '')[:12]}" for l in recipe.loras)
     settings["Version"] = f"ldm-pipeline {version}".strip()

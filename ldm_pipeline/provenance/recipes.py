@@ -60,6 +60,7 @@ PROVENANCE = [
     ("mask_hash", str | None, field(default=None)),  # inpainting: SHA-256 of the mask, binarised (`mask_hash`)
     ("mask_path", str | None, field(default=None)),  # inpainting: the mask's file, when given as a path
     ("controlnets", list | None, field(default=None)),  # per net: name, weights digest, picture digest, scale, ...
+    ("embeddings", list | None, field(default=None)),  # textual-inversion tokens loaded: token, vectors, sha256
     ("model", str | None, field(default=None)),  # the model's name (its folder, Hub id or file name)
     ("model_hash", str | None, field(default=None)),  # see `hashes.ModelIdentity`
     ("steps_run", int | None, field(default=None)),  # fewer than the schedule's when a callback stopped the loop

@@ -18,7 +18,7 @@ from .recipes import Recipe, image_hash, mask_hash
 
 # fields that must agree for recipes to be drawn in one call (the per-image ones may differ)
 _CALL_FIELDS = (*(f.name for f in fields_of(CALL)), "scheduler", "scheduler_config", "image_hash", "image_path",
-                "mask_hash", "mask_path", "model_hash", "steps_run", "loras", "controlnets")
+                "mask_hash", "mask_path", "model_hash", "steps_run", "loras", "controlnets", "embeddings")
 
 
 def _scheduler_for(recipe: Recipe, pipe):
@@ -130,6 +130,7 @@ def reproduce(pipe, source, image=None, ignore_model_hash: bool = False, progres
         if any(getattr(recipe, name) != getattr(first, name) for name in _CALL_FIELDS):
             raise ValueError("`source`: these recipes come from different calls; reproduce them one at a time")
     _check_loras(first, pipe)
+    _check_embeddings(first, pipe)
     if not ignore_model_hash:
         present = pipe.model_hash()
         if not first.model_hash:
@@ -192,3 +193,16 @@ def _check_loras(recipe: Recipe, pipe) -> None:
                 or "none"
         raise ValueError(f"`source`: the image was drawn with LoRA adapters {describe(wanted)}; this pipeline has "
                          f"{describe(present)}; load_lora_weights / set_adapters to match")
+
+
+def _check_embeddings(recipe: Recipe, pipe) -> None:
+    """Refuse to draw again unless the same textual-inversion files are loaded under the same tokens."""
+    def signature(embeddings):
+        return sorted((e["token"], e.get("sha256"), e["vectors"]) for e in embeddings or [])
+
+    wanted, present = recipe.embeddings, list(pipe.embeddings.values())
+    if signature(wanted) != signature(present):
+        def describe(embeddings):
+            return ", ".join(f"{e['token']} ({(e.get('sha256') or '?')[:12]})" for e in embeddings or []) or "none"
+        raise ValueError(f"`source`: the image was drawn with textual-inversion embeddings {describe(wanted)}; this "
+                         f"pipeline has {describe(present)}; load_textual_inversion to match")
