@@ -34,6 +34,7 @@ def _substitute(value, run: Path):
 def read_stage(config_path: str | Path, run_dir: str | Path, overrides: dict | None = None):
     """The stage's config dataclass, with `{run}` paths placed in `run_dir` and loop overrides applied."""
     from .clip import ClipConfig
+    from .lcm import LcmConfig
     from .lora import LoraTrainConfig
     from .unet import UnetConfig
     from .vae import VaeConfig
@@ -46,9 +47,9 @@ def read_stage(config_path: str | Path, run_dir: str | Path, overrides: dict | N
     stage = raw.pop("stage", path.stem)
     if stage == "tokenizer":
         return stage, raw
-    classes = {"clip": ClipConfig, "vae": VaeConfig, "unet": UnetConfig, "lora": LoraTrainConfig}
+    classes = {"clip": ClipConfig, "vae": VaeConfig, "unet": UnetConfig, "lora": LoraTrainConfig, "lcm": LcmConfig}
     if stage not in classes:
-        raise ValueError(f"`config`: {str(path)!r} has stage {stage!r}; expected one of {[*STAGES, 'lora']}")
+        raise ValueError(f"`config`: {str(path)!r} has stage {stage!r}; expected one of {[*STAGES, 'lora', 'lcm']}")
     overrides = dict(overrides or {})
     if "data" in overrides:  # --data: the stage's data, not a loop setting
         raw["data"] = overrides.pop("data")
@@ -75,11 +76,12 @@ def run_stage(config_path: str | Path, run_dir: str | Path, resume: bool = False
     if stage == "tokenizer":
         return build_tokenizer(config)
     from .clip import train_clip
+    from .lcm import train_lcm
     from .lora import train_lora
     from .unet import train_unet
     from .vae import train_vae
 
-    trainer = {"clip": train_clip, "vae": train_vae, "unet": train_unet, "lora": train_lora}[stage]
+    trainer = {"clip": train_clip, "vae": train_vae, "unet": train_unet, "lora": train_lora, "lcm": train_lcm}[stage]
     return trainer(config, resume=resume, progress=progress)
 
 

@@ -1,0 +1,151 @@
+"""Latent consistency distillation into a LoRA (Luo et al. 2023, "Latent Consistency Models"; LCM-LoRA):
+a few-step (down to one-step) sampler for a model, trained against the model itself.
+
+The frozen model is the teacher; the student is the same UNet with a LoRA, the only weights that
+train. Each step, for clean latents x_0 of a captioned image:
+1. a timestep t on the solver's grid of `solver_steps` points (t = (n + 1) k - 1, k = 1000 / solver_steps,
+   the grid `LCMScheduler` samples with) and x_t = q(x_t | x_0);
+2. the teacher (adapters off) with classifier-free guidance at a scale w drawn from [w_min, w_max]
+   predicts x_0 and the noise; one DDIM step takes x_t to x_{t-k} (the skipping-step solver);
+3. the consistency function f(x, t) = c_skip(t) x + c_out(t) x̂_0(x, t) (boundary conditions: f is the
+   identity at t = 0) is evaluated by the student at (x_t, t), and, without gradient, at
+   (x_{t-k}, t-k): the target (a stop-gradient target network, as in LCM-LoRA);
+4. the loss is the pseudo-Huber distance between the two.
+
+The result is a LoRA folder in diffusers' format that `pipe.load_lora_weights` and diffusers read;
+it draws with the `lcm` scheduler in 1 to 8 steps at guidance 1.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler
+
+from . import data
+from .lora import UNET_TARGETS, _adapter_config, check_targets, save_lora
+from .loop import LoopConfig, train
+from .unet import denoising_batch, encode_captions, encode_dataset
+
+SIGMA_DATA = 0.5  # the boundary conditions' data scale
+TIMESTEP_SCALING = 10.0  # LCM's scaling of t in the boundary conditions, so that they switch near t = 0
+
+
+@dataclass
+class LcmConfig:
+    """What to distil, and how."""
+
+    loop: LoopConfig
+    data: str = "shapes"  # "shapes" or a folder with metadata.jsonl
+    model: str | None = None  # the teacher: a folder or Hub id; None: the bundled model
+    image_size: int | None = None  # default: the UNet's sample size times the VAE factor
+    rank: int = 16
+    alpha: float | None = None
+    solver_steps: int = 50  # the DDIM grid (LCMScheduler's original_inference_steps)
+    w_min: float = 1.0  # guidance scales the teacher is distilled at (w = 1: no guidance)
+    w_max: float = 4.0
+    huber_c: float = 0.001
+    dataset_size: int = 20_000  # shapes scenes encoded once (ignored for a folder)
+
+    def __post_init__(self):
+        if not isinstance(self.solver_steps, int) or not 1 <= self.solver_steps <= 1000:
+            raise ValueError(f"`solver_steps`: got {self.solver_steps!r}; expected an integer in [1, 1000]")
+        if not (isinstance(self.w_min, (int, float)) and isinstance(self.w_max, (int, float))
+                and 1 <= self.w_min <= self.w_max):
+            raise ValueError(f"`w_min`, `w_max`: got {self.w_min!r}, {self.w_max!r}; expected 1 <= w_min <= w_max")
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
+            raise ValueError(f"`rank`: got {self.rank!r}; expected an integer >= 1")
+        if not isinstance(self.huber_c, (int, float)) or self.huber_c <= 0:
+            raise ValueError(f"`huber_c`: got {self.huber_c!r}; expected a number > 0")
+
+
+def boundary(timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c_skip, c_out) of the consistency function at these timesteps, shaped (B, 1, 1, 1)."""
+    scaled = timesteps.float() * TIMESTEP_SCALING
+    c_skip = SIGMA_DATA ** 2 / (scaled ** 2 + SIGMA_DATA ** 2)
+    c_out = scaled / (scaled ** 2 + SIGMA_DATA ** 2) ** 0.5
+    return c_skip.view(-1, 1, 1, 1), c_out.view(-1, 1, 1, 1)
+
+
+def x0_and_noise(output: torch.Tensor, sample: torch.Tensor, alpha_bar: torch.Tensor, kind: str):
+    """The clean latents and the noise a model output implies at a sample (epsilon, v or sample prediction)."""
+    a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+    if kind == "epsilon":
+        return (sample - s * output) / a, output
+    if kind == "v_prediction":
+        return a * sample - s * output, s * sample + a * output
+    x0 = output
+    return x0, (sample - a * x0) / s.clamp(min=1e-8)
+
+
+def consistency(unet, sample, timesteps, context, alpha_bars, kind):
+    """f(x, t) = c_skip x + c_out x̂_0, the student's estimate of x_0 from x at t."""
+    output = unet(sample, timesteps, encoder_hidden_states=context).sample
+    x0, _ = x0_and_noise(output, sample, alpha_bars[timesteps].view(-1, 1, 1, 1), kind)
+    c_skip, c_out = boundary(timesteps)
+    return c_skip * sample + c_out * x0
+
+
+def lcm_loss(unet, scheduler: DDPMScheduler, latents, context, uncond, config: LcmConfig,
+             generator: torch.Generator) -> torch.Tensor:
+    """One latent-consistency-distillation loss on (B, C, h, w) latents and their (B, L, D) contexts."""
+    batch = latents.shape[0]
+    k = scheduler.config.num_train_timesteps // config.solver_steps
+    index = torch.randint(0, config.solver_steps, (batch,), generator=generator)
+    t = (index + 1) * k - 1
+    t_prev = (t - k).clamp(min=0)
+    alpha_bars = scheduler.alphas_cumprod
+    kind = scheduler.config.prediction_type
+    noise = torch.randn(latents.shape, generator=generator)
+    noisy = scheduler.add_noise(latents, noise, t)
+    w = config.w_min + (config.w_max - config.w_min) * torch.rand(batch, generator=generator).view(-1, 1, 1, 1)
+    prediction = consistency(unet, noisy, t, context, alpha_bars, kind)
+    with torch.no_grad():
+        unet.disable_adapters()  # the teacher: the frozen model itself
+        outputs = unet(torch.cat([noisy, noisy]), torch.cat([t, t]),
+                       encoder_hidden_states=torch.cat([uncond.expand_as(context), context])).sample
+        unet.enable_adapters()
+        a_t = alpha_bars[t].view(-1, 1, 1, 1)
+        x0_u, eps_u = x0_and_noise(outputs[:batch], noisy, a_t, kind)
+        x0_c, eps_c = x0_and_noise(outputs[batch:], noisy, a_t, kind)
+        x0 = x0_u + w * (x0_c - x0_u)
+        eps = eps_u + w * (eps_c - eps_u)
+        a_prev = alpha_bars[t_prev].view(-1, 1, 1, 1)
+        previous = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps  # one DDIM step, t -> t - k
+        target = consistency(unet, previous, t_prev, context, alpha_bars, kind)
+    return ((prediction.float() - target.float()) ** 2 + config.huber_c ** 2).sqrt().mean() - config.huber_c
+
+
+def train_lcm(config: LcmConfig, resume: bool = False, progress: bool = True) -> Path:
+    """Distil, write the LoRA to `output_dir/lcm-lora`, and return that folder."""
+    from ..pipeline import LatentDiffusionPipeline
+
+    dataset = data.open_dataset(config.data, length=config.dataset_size, seed=config.loop.seed)
+    pipe = LatentDiffusionPipeline.from_pretrained(config.model, torch_dtype=torch.float32)
+    unet, text_encoder, vae = pipe.unet, pipe.text_encoder, pipe.vae
+    check_targets(unet, UNET_TARGETS, "unet_targets")
+    for model in (unet, text_encoder, vae):
+        model.requires_grad_(False).eval()
+    size = config.image_size or unet.config.sample_size * pipe.vae_scale_factor
+    means, stds, captions, _ = encode_dataset(vae, dataset, min(len(dataset), config.dataset_size), size)
+    table = encode_captions(pipe.tokenizer, text_encoder, captions)  # row 0 is ""
+    uncond = table[0][0:1]
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    torch.manual_seed(config.loop.seed)
+    unet.add_adapter(_adapter_config(config.rank, config.alpha, UNET_TARGETS))
+
+    def loss_fn(models, step, generator, rank, world):
+        latents, context = denoising_batch(means, stds, vae.config.scaling_factor, captions, table, None,
+                                           config.loop, 0.0, step, generator, rank, world)
+        return lcm_loss(models["unet"], scheduler, latents, context, uncond, config, generator), {}
+
+    trained = train(config.loop, {"unet": unet}, loss_fn, resume=resume, progress=progress, name="lcm",
+                    trainable_only=True)
+    out = save_lora(trained["unet"], None, Path(config.loop.output_dir) / "lcm-lora")
+    (out / "training.json").write_text(json.dumps({
+        "teacher": config.model or "bundled", "data": config.data, "rank": config.rank, "steps": config.loop.steps,
+        "solver_steps": config.solver_steps, "w": [config.w_min, config.w_max], "scheduler": "lcm"}, indent=2))
+    return out

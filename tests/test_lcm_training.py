@@ -1,0 +1,80 @@
+"""Latent consistency distillation: its pieces, and a few steps on the tiny model that give a LoRA the lcm
+scheduler draws with."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from ldm_pipeline import LatentDiffusionPipeline
+from ldm_pipeline.training.lcm import LcmConfig, boundary, lcm_loss, x0_and_noise
+from ldm_pipeline.training.loop import LoopConfig
+from ldm_pipeline.training.plan import read_stage, run_stage
+
+
+def test_the_consistency_function_is_the_identity_at_t_0_and_the_estimate_late():
+    c_skip, c_out = boundary(torch.tensor([0, 1, 999]))
+    assert (c_skip[0].item(), c_out[0].item()) == (1.0, 0.0)  # f(x, 0) = x: the boundary condition
+    assert c_skip[2].item() < 1e-6 and c_out[2].item() > 0.999  # late: the model's x_0 estimate alone
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_x0_and_noise_invert_the_forward_process(kind):
+    scheduler = DDPMScheduler(prediction_type=kind)
+    x0, noise = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    t = torch.tensor([10, 700])
+    sample = scheduler.add_noise(x0, noise, t)
+    output = {"epsilon": noise, "v_prediction": scheduler.get_velocity(x0, noise, t), "sample": x0}[kind]
+    got_x0, got_noise = x0_and_noise(output, sample, scheduler.alphas_cumprod[t].view(-1, 1, 1, 1), kind)
+    torch.testing.assert_close(got_x0, x0, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got_noise, noise, atol=1e-3, rtol=1e-3)
+
+
+def test_the_teacher_is_the_frozen_model_and_only_the_lora_learns(pipe):
+    from ldm_pipeline.training.lora import _adapter_config
+
+    unet = pipe.unet
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    unet.add_adapter(_adapter_config(4, 4, ["to_q", "to_k", "to_v", "to_out.0"]))
+    unet.requires_grad_(False)
+    for name, parameter in unet.named_parameters():
+        parameter.requires_grad_("lora_" in name)
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    config = LcmConfig(loop=LoopConfig(output_dir="unused", steps=1, batch_size=2), solver_steps=10)
+    generator = torch.Generator().manual_seed(0)
+    latents, context = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
+    loss = lcm_loss(unet, scheduler, latents, context, torch.zeros(1, 77, 32), config, generator)
+    loss.backward()
+    grads = {n for n, p in unet.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert grads and all("lora_" in n for n in grads)
+    unet.disable_adapters()  # the adapters off: the original weights, untouched
+    base = {k.replace(".base_layer", ""): v for k, v in unet.state_dict().items() if "lora_" not in k}
+    assert all(torch.equal(base[k], v) for k, v in before.items())
+
+
+def test_a_few_steps_give_a_lora_the_lcm_scheduler_draws_with(model, tmp_path):
+    config = {"stage": "lcm", "model": str(model), "data": "shapes", "rank": 4, "solver_steps": 10,
+              "dataset_size": 16, "loop": {"output_dir": "{run}/lcm", "steps": 3, "batch_size": 4,
+                                           "learning_rate": 0.001, "checkpoint_every": 2}}
+    path = tmp_path / "lcm.json"
+    path.write_text(json.dumps(config))
+    stage, parsed = read_stage(path, tmp_path / "run")
+    assert stage == "lcm" and parsed.solver_steps == 10
+    out = run_stage(path, tmp_path / "run", progress=False)
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    assert json.loads((out / "training.json").read_text())["scheduler"] == "lcm"
+    pipe = LatentDiffusionPipeline.from_pretrained(str(model)).set_scheduler("lcm")
+    plain = pipe("a red circle", seed=0, num_inference_steps=2, guidance_scale=1.0, progress=False).images[0]
+    pipe.load_lora_weights(out, adapter_name="lcm")
+    fast = pipe("a red circle", seed=0, num_inference_steps=2, guidance_scale=1.0, progress=False).images[0]
+    assert fast.size == plain.size and not np.array_equal(np.asarray(fast), np.asarray(plain))
+
+
+def test_bad_settings_are_named():
+    loop = LoopConfig(output_dir="unused", steps=1)
+    with pytest.raises(ValueError, match=r"`w_min`, `w_max`: got 3, 2"):
+        LcmConfig(loop=loop, w_min=3, w_max=2)
+    with pytest.raises(ValueError, match=r"`solver_steps`: got 0"):
+        LcmConfig(loop=loop, solver_steps=0)
