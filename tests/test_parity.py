@@ -22,7 +22,7 @@ def _uint8(images):
 
 
 @pytest.mark.parametrize("name", ["ddim", "pndm", "euler", "euler_a", "dpm++", "dpm++_karras", "lms", "heun", "ddpm",
-                                  "lcm", "tcd"])
+                                  "unipc", "lcm", "tcd"])
 def test_text_to_image_matches_diffusers(components, name):
     scheduler = make_scheduler(name, components["scheduler"].config)
     ours = LatentDiffusionPipeline(**{**components, "scheduler": scheduler})

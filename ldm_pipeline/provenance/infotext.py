@@ -25,7 +25,8 @@ HASH_SHOWN = 10  # hex digits of the model hash that A1111 shows
 
 # our scheduler names -> A1111's sampler names ("dpm++_karras" adds "Schedule type: Karras")
 SAMPLERS = {"ddim": "DDIM", "pndm": "PNDM", "euler": "Euler", "euler_a": "Euler a", "dpm++": "DPM++ 2M",
-            "dpm++_karras": "DPM++ 2M", "lms": "LMS", "heun": "Heun", "ddpm": "DDPM", "lcm": "LCM", "tcd": "TCD"}
+            "dpm++_karras": "DPM++ 2M", "lms": "LMS", "heun": "Heun", "ddpm": "DDPM", "unipc": "UniPC", "lcm": "LCM",
+            "tcd": "TCD"}
 
 
 # (key, setting) of the settings with an infotext key beyond those every line has

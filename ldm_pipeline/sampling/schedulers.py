@@ -19,6 +19,7 @@ from diffusers import (
     LMSDiscreteScheduler,
     PNDMScheduler,
     TCDScheduler,
+    UniPCMultistepScheduler,
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
@@ -33,6 +34,7 @@ SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
     "lms": (LMSDiscreteScheduler, {}),
     "heun": (HeunDiscreteScheduler, {}),
     "ddpm": (DDPMScheduler, {}),
+    "unipc": (UniPCMultistepScheduler, {}),  # Zhao et al. 2023: a predictor-corrector for few steps
     # few-step sampling with a consistency-distilled model or LoRA (Luo et al. 2023; TCD: Zheng et al. 2024);
     # `eta` is TCD's gamma, the share of noise put back each step
     "lcm": (LCMScheduler, {}),
@@ -46,7 +48,7 @@ def make_scheduler(name: str, config) -> SchedulerMixin:
 
     Args:
         name: one of `SCHEDULERS` ("ddim", "pndm", "euler", "euler_a", "dpm++",
-            "dpm++_karras", "lms", "heun", "ddpm", "lcm", "tcd").
+            "dpm++_karras", "lms", "heun", "ddpm", "unipc", "lcm", "tcd").
         config: the model's scheduler config (beta schedule, prediction type, ...), which is
             carried over; it is read, never changed.
     """
