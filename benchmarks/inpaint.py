@@ -23,7 +23,7 @@ Two parts, each runnable alone (`--part speed`, `--part quality`):
      judge's verdict. A smaller set widens by 64 (to 128x64), twice the side the model was trained on.
   Results go to docs/results/inpaint-bundled.json and .md, a grid to docs/figures/inpaint-examples.png.
 
-    OMP_NUM_THREADS=1 python benchmarks/inpaint.py --clock process      # both parts (about 30 min)
+    OMP_NUM_THREADS=1 python benchmarks/inpaint.py --clock process      # both parts (about 20 min, one thread)
     OMP_NUM_THREADS=1 python benchmarks/inpaint.py --part speed --repeats 5 --clock process
     OMP_NUM_THREADS=1 python benchmarks/inpaint.py --part quality --n 120 --outpaint-n 40
 """
@@ -353,11 +353,16 @@ def quality_markdown(report: dict) -> str:
                      f"{percent(s['correct'])} | {percent(s['new_object_right'])} | {percent(s['kept_object_right'])} | "
                      f"{s['with_extra_objects']} | {s['original_unchanged_outside_band']} of {s['n']} | "
                      f"{s['max_uint8_change']['outside_band']} | {s['max_uint8_change']['band']} |")
-    failed = [r for r in tasks.get("add_object", {}).get("cases", []) if not r["inpaint"]["correct"]]
-    if failed:
-        lines += ["", "Cases judged wrong (adding an object, training pairs): "
-                  + "; ".join(f"seed {r['seed']}, \"{r['prompt']}\": found {', '.join(r['inpaint']['found']) or 'nothing'}"
-                              for r in failed) + "."]
+    for name, label in (("add_object", "training pairs"), ("add_object_held_out", "held-out pairs")):
+        failed = [r for r in tasks.get(name, {}).get("cases", []) if not r["inpaint"]["correct"]]
+        if failed:
+            lines += ["", f"Judged wrong (adding an object, {label}): " + "; ".join(
+                f"seed {r['seed']}, \"{r['prompt']}\": found {', '.join(r['inpaint']['found']) or 'nothing'}"
+                for r in failed) + "."]
+    wide = tasks.get("outpaint_right_64", {}).get("cases", [])
+    if wide:
+        lines += ["", f"Outpainting to 128x64, the first case: \"{wide[0]['prompt']}\": found "
+                  f"{', '.join(wide[0]['judge']['found'])}."]
     return "\n".join(lines) + "\n"
 
 
@@ -401,7 +406,14 @@ def main() -> None:
     parser.add_argument("--speed-out", type=Path, default=SPEED_OUT)
     parser.add_argument("--out", type=Path, default=QUALITY_OUT, help="quality: JSON; the table goes beside it (.md)")
     parser.add_argument("--figure", type=Path, default=FIGURE_OUT)
+    parser.add_argument("--table-only", action="store_true", help="quality: write the table again from --out's JSON")
     args = parser.parse_args()
+
+    if args.table_only:
+        table = quality_markdown(json.loads(args.out.read_text()))
+        args.out.with_suffix(".md").write_text(table)
+        print(table)
+        return
 
     if args.part in ("speed", "all"):
         result = speed(args.size, args.steps, args.strength, args.repeats, args.clock, not args.no_nine)
