@@ -45,7 +45,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.harness import CLOCKS, PROMPT_SD, timed  # noqa: E402
+from benchmarks.harness import CLOCKS, PROMPT_SD, timed
 
 SPEED_OUT = ROOT / "docs" / "benchmarks" / "inpaint.json"
 QUALITY_OUT = ROOT / "docs" / "results" / "inpaint-bundled.json"
@@ -323,15 +323,15 @@ def percent(entry: dict) -> str:
 
 def quality_markdown(report: dict) -> str:
     tasks = report["tasks"]
-    lines = [f"Model `{report['model']}`, {report['scheduler']}, {report['steps']} steps, guidance "
+    intro = (f"Model `{report['model']}`, {report['scheduler']}, {report['steps']} steps, guidance "
              f"{report['guidance_scale']}, strength {report['strength']}, `mask_blur` {report['mask_blur']}, "
              f"masked content \"{report['masked_content']}\"; one fixed seed per case. Judged by "
              "`evaluation.judge` (whole picture: every object right, nothing extra) and the strict measure. "
              "In brackets: 95 % intervals (Wilson). Changes are the largest difference of one channel, in "
-             "uint8 levels, between the result and the picture.", "",
-             "## Adding an object to a masked quadrant", "",
-             "| new object | n | judged right | strict | new object right | kept object right | text to image, "
-             "same prompts: judged right | max change outside mask and band | max change in the band |",
+             "uint8 levels, between the result and the picture.")
+    header = ("| new object | n | judged right | strict | new object right | kept object right | text to image, "
+              "same prompts: judged right | max change outside mask and band | max change in the band |")
+    lines = [intro, "", "## Adding an object to a masked quadrant", "", header,
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, label in (("add_object", "training pairs"), ("add_object_held_out", "held-out pairs")):
         if name not in tasks:
@@ -341,9 +341,9 @@ def quality_markdown(report: dict) -> str:
         lines.append(f"| {label} | {s['n']} | {percent(i['correct'])} | {percent(i['strict'])} | "
                      f"{percent(i['new_object_right'])} | {percent(i['kept_object_right'])} | {percent(t['correct'])} | "
                      f"{s['max_uint8_change']['outside_band']} | {s['max_uint8_change']['band']} |")
-    lines += ["", "## Extending a scene sideways (`masks.outpaint`)", "",
-              "| canvas | n | judged right | new object right | kept object right | with extra objects | "
-              "original part unchanged outside the band | max change outside the band | max change in the band |",
+    header = ("| canvas | n | judged right | new object right | kept object right | with extra objects | "
+              "original part unchanged outside the band | max change outside the band | max change in the band |")
+    lines += ["", "## Extending a scene sideways (`masks.outpaint`)", "", header,
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name in ("outpaint_right_32", "outpaint_right_64"):
         if name not in tasks:
@@ -361,8 +361,9 @@ def quality_markdown(report: dict) -> str:
                 for r in failed) + "."]
     wide = tasks.get("outpaint_right_64", {}).get("cases", [])
     if wide:
-        lines += ["", f"Outpainting to 128x64, the first case: \"{wide[0]['prompt']}\": found "
-                  f"{', '.join(wide[0]['judge']['found'])}."]
+        first = wide[0]
+        found = ", ".join(first["judge"]["found"])
+        lines += ["", f"Outpainting to 128x64, the first case: \"{first['prompt']}\": found {found}."]
     return "\n".join(lines) + "\n"
 
 
