@@ -24,7 +24,7 @@ from ldm_pipeline import LatentDiffusionPipeline, read_recipe  # noqa: E402
 from ldm_pipeline.apps.web import build_app, guidance_after_regions  # noqa: E402
 from ldm_pipeline.apps.web_inpaint import picture_and_mask  # noqa: E402
 from ldm_pipeline.conditioning.controlnet import digest  # noqa: E402
-from ldm_pipeline.conditioning.preprocess import canny  # noqa: E402
+from ldm_pipeline.conditioning.preprocess import canny, scribble  # noqa: E402
 from ldm_pipeline.loading.controlnet import load_controlnet  # noqa: E402
 from ldm_pipeline.masks import soft  # noqa: E402
 from ldm_pipeline.provenance.recipes import image_hash, mask_hash  # noqa: E402
@@ -705,6 +705,63 @@ def test_browser_inpaint_a_painted_stroke(pipe, server, browser, tmp_path):
     same = (drawn == original).all(axis=2)
     assert same[:16, :16].all()  # far from the stroke: the uploaded picture itself
     assert 0.3 < same.mean() < 1  # the stroke and its blur band were repainted, no more
+
+
+def test_browser_control_tab_uploads_a_picture_and_draws(controlled, browser, tmp_path):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, demo, with_net = controlled
+    wait = WebDriverWait(browser, 60)
+    page = lambda: browser.find_element(By.TAG_NAME, "body").text  # noqa: E731
+    browser.get(url)
+    wait.until(lambda b: b.find_element(By.CSS_SELECTOR, "#prompt textarea")).send_keys("a red circle")
+    _set(browser.find_element(By.CSS_SELECTOR, "#steps input[type=number]"), STEPS)
+    _set(browser.find_element(By.CSS_SELECTOR, "#seed input"), 4)
+    tab = lambda name: next(t for t in browser.find_elements(By.CSS_SELECTOR, "button[role=tab]")  # noqa: E731
+                            if t.text == name)
+    tab("Control").click()
+    button = wait.until(lambda b: b.find_element(By.CSS_SELECTOR, "#control"))
+    wait.until(lambda b: "edges-net" in b.find_element(By.CSS_SELECTOR, "#control-net").text)  # the net loaded
+    button.click()  # no picture yet
+    wait.until(lambda b: "control_image: upload or draw a control picture" in page())
+
+    # an uploaded picture, made into Canny edges: the view shows them, the drawing follows them
+    picture = _square()
+    picture.save(tmp_path / "control.png")
+    browser.find_element(By.CSS_SELECTOR, "#control-picture input[type=file]").send_keys(str(tmp_path / "control.png"))
+    next(label for label in browser.find_elements(By.CSS_SELECTOR, "#control-preprocessor label")
+         if label.text == "canny").click()
+    wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#control-seen img"))
+    button.click()
+    wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#gallery img")) == 1)
+    source = browser.find_element(By.CSS_SELECTOR, "#gallery img").get_attribute("src")
+    (tmp_path / "controlled.png").write_bytes(urllib.request.urlopen(source, timeout=30).read())
+    expected = with_net("a red circle", control_image=canny(picture), num_inference_steps=STEPS, seed=4,
+                        progress=False).images[0]
+    np.testing.assert_array_equal(_pixels(tmp_path / "controlled.png"), np.asarray(expected))
+    (unit,) = read_recipe(tmp_path / "controlled.png").controlnets
+    assert (unit["name"], unit["image_hash"], unit["scale"]) == ("edges-net", image_hash(canny(picture)), 1.0)
+
+    # with the upload cleared, strokes drawn on the sketchpad, as a scribble
+    browser.find_element(By.CSS_SELECTOR, "#control-picture button[aria-label='Remove Image']").click()
+    wait.until(lambda b: "Drop Image Here" in b.find_element(By.CSS_SELECTOR, "#control-picture").text)
+    next(label for label in browser.find_elements(By.CSS_SELECTOR, "#control-preprocessor label")
+         if label.text == "scribble").click()
+    tabs = [t for t in browser.find_elements(By.CSS_SELECTOR, "button[role=tab]") if t.text == "Draw"]
+    tabs[-1].click()  # the Control tab's (the Image to image tab's is hidden)
+    canvas = wait.until(lambda b: b.find_element(By.CSS_SELECTOR, "#control-drawing canvas"))
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", canvas)
+    ActionChains(browser).move_to_element_with_offset(canvas, -40, -40).click_and_hold().move_by_offset(30, 10) \
+        .move_by_offset(30, 30).move_by_offset(10, 40).release().perform()
+    browser.find_element(By.CSS_SELECTOR, "#control").click()
+    wait.until(lambda b: b.find_element(By.CSS_SELECTOR, "#gallery img").get_attribute("src") != source)
+    source = browser.find_element(By.CSS_SELECTOR, "#gallery img").get_attribute("src")
+    (tmp_path / "scribbled.png").write_bytes(urllib.request.urlopen(source, timeout=30).read())
+    (unit,) = read_recipe(tmp_path / "scribbled.png").controlnets
+    blank = PIL.Image.new("RGB", (256, 256), "black")  # a scribble of nothing
+    assert unit["image_hash"] not in (image_hash(blank), image_hash(scribble(picture)))  # the strokes were followed
 
 
 def test_guidance_slider_follows_the_regions_box_unless_the_user_moved_it():
