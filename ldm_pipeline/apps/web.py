@@ -1,10 +1,10 @@
 """The web page: a Gradio app over one pipeline (`ldm serve`, or `build_app(pipe).launch()`).
 
-Only this module imports gradio (the `[web]` extra), so `import ldm_pipeline` stays light.
-The app uses the pipeline's public API alone: one model in memory serves the queued requests
-in turn; each image is served as a PNG carrying its recipe (written by `PipelineOutput.save`
-into a temporary folder that is removed when the process ends); bad input is shown in the page
-as an error message and the server goes on serving.
+Only this module and its tabs (`web_inpaint`, `web_control`) import gradio (the `[web]` extra), so
+`import ldm_pipeline` stays light. The app uses the pipeline's public API alone: one model in
+memory serves the queued requests in turn; each image is served as a PNG carrying its recipe
+(written by `PipelineOutput.save` into a temporary folder that is removed when the process ends);
+bad input is shown in the page as an error message and the server goes on serving.
 """
 
 from __future__ import annotations
