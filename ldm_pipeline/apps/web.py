@@ -189,8 +189,8 @@ def build_app(pipe, title: str = "ldm-pipeline") -> gr.Blocks:
         The `gr.Blocks`, queued; `.launch()` serves it (in a notebook too). Its text-to-image event is
         the API endpoint `/generate`: `Client(url).predict("a red circle", api_name="/generate")`
         returns (gallery, seed used); every input but the prompt has a default. Its last inputs are the
-        hires fix: `hires_fix=True, hires_scale=2, hires_upscaler="latent"|"lanczos", hires_steps=0`
-        (0: the call's steps) `, hires_strength=0.7`.
+        hires fix: `hires_fix` (off), `hires_scale` (2), `hires_upscaler` ("latent" or "lanczos"),
+        `hires_steps` (0: the call's steps) and `hires_strength` (0.7).
         `/transform` is image-to-image: (reference picture, strength, then `/generate`'s inputs).
         `/inpaint` is inpainting: (editor value, strength, mask blur, masked content, inpaint only
         masked, padding, then `/generate`'s inputs), where the editor value is a dict
