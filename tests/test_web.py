@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 
 gr = pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
@@ -22,8 +23,11 @@ gradio_client = pytest.importorskip("gradio_client")
 from ldm_pipeline import LatentDiffusionPipeline, read_recipe  # noqa: E402
 from ldm_pipeline.apps.web import build_app, guidance_after_regions  # noqa: E402
 from ldm_pipeline.apps.web_inpaint import picture_and_mask  # noqa: E402
+from ldm_pipeline.conditioning.controlnet import digest  # noqa: E402
+from ldm_pipeline.conditioning.preprocess import canny, scribble  # noqa: E402
+from ldm_pipeline.loading.controlnet import load_controlnet  # noqa: E402
 from ldm_pipeline.masks import soft  # noqa: E402
-from ldm_pipeline.provenance.recipes import mask_hash  # noqa: E402
+from ldm_pipeline.provenance.recipes import image_hash, mask_hash  # noqa: E402
 
 STEPS = 4
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,6 +52,53 @@ def server(pipe):
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{port}/", demo
     demo.close()
+
+
+def _launch(pipe):
+    demo = build_app(pipe)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    return f"http://127.0.0.1:{port}/", demo
+
+
+def tiny_controlnet(unet, seed=0):
+    """A ControlNet copied from the bundled model's UNet, its zero convolutions given random weights so that it
+    acts. Its conditioning embedding has three widths: it brings the control picture down 4 times, as this
+    model's VAE does (diffusers' default four widths fit SD's factor of 8)."""
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32, 96)).eval()
+    with torch.no_grad():
+        for block in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
+            block.weight.normal_(0, 0.3)
+    return net
+
+
+@pytest.fixture(scope="module")
+def controlnet_folder(pipe, tmp_path_factory):
+    """The tiny ControlNet saved as a diffusers folder named "edges-net"."""
+    folder = tmp_path_factory.mktemp("controlnet") / "edges-net"
+    tiny_controlnet(pipe.unet).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def controlled(pipe, controlnet_folder):
+    """A second app whose pipeline holds the ControlNet, loaded as `ldm serve --controlnet` loads it; yields its
+    URL, the app and the pipeline."""
+    with_net = LatentDiffusionPipeline(**pipe.components, defaults=pipe.defaults,
+                                       controlnet=load_controlnet(controlnet_folder))
+    url, demo = _launch(with_net)
+    yield url, demo, with_net
+    demo.close()
+
+
+def _square(size=64) -> PIL.Image.Image:
+    """A control picture with clear edges: a white square on black."""
+    picture = PIL.Image.new("RGB", (size, size), "black")
+    picture.paste((255, 255, 255), (size // 4, size // 4, size * 3 // 4, size * 3 // 4))
+    return picture
 
 
 def _pixels(path) -> np.ndarray:
@@ -130,6 +181,101 @@ def test_bad_input_is_an_error_message_and_the_server_goes_on(server, tmp_path):
         client.predict("  ", steps=STEPS, api_name="/generate")
     gallery, _ = client.predict("a red circle", steps=STEPS, seed=1, api_name="/generate")
     assert len(gallery) == 1
+
+
+def test_generate_with_the_hires_fix_same_pixels_twice_the_size(pipe, server, tmp_path):
+    client = gradio_client.Client(server[0], verbose=False, download_files=str(tmp_path))
+    gallery, seed_used = client.predict("a red circle in the top left", steps=STEPS, seed=4, hires_fix=True,
+                                        api_name="/generate")
+    path = _file(gallery[0])
+    expected = pipe("a red circle in the top left", num_inference_steps=STEPS, seed=4, hires_fix=True,
+                    hires_scale=2.0, hires_upscaler="latent", hires_steps=None, hires_strength=0.7,
+                    progress=False).images[0]
+    assert seed_used == 4 and _pixels(path).shape == (128, 128, 3)  # twice the page's 64x64
+    np.testing.assert_array_equal(_pixels(path), np.asarray(expected))
+    recipe = read_recipe(path)
+    assert recipe.hires_fix is True and (recipe.width, recipe.height) == (64, 64)
+    assert (recipe.hires_scale, recipe.hires_upscaler, recipe.hires_steps, recipe.hires_strength) == \
+        (2.0, "latent", None, 0.7)
+    # every hires input, by position after the others: Lanczos, its own steps and strength
+    gallery, _ = client.predict("a small blue square in the center", "", STEPS, 2.5, "model default", 64, 64, 9, 1,
+                                False, "", True, 1.5, "lanczos", 6, 0.5, api_name="/generate")
+    expected = pipe("a small blue square in the center", num_inference_steps=STEPS, seed=9, hires_fix=True,
+                    hires_scale=1.5, hires_upscaler="lanczos", hires_steps=6, hires_strength=0.5,
+                    progress=False).images[0]
+    np.testing.assert_array_equal(_pixels(_file(gallery[0])), np.asarray(expected))
+    assert np.asarray(expected).shape == (96, 96, 3) and read_recipe(_file(gallery[0])).hires_steps == 6
+    # hires settings without the tick change nothing
+    gallery, _ = client.predict("a red circle", steps=STEPS, seed=4, hires_scale=3, hires_steps=8,
+                                api_name="/generate")
+    plain = pipe("a red circle", num_inference_steps=STEPS, seed=4, progress=False).images[0]
+    np.testing.assert_array_equal(_pixels(_file(gallery[0])), np.asarray(plain))
+    assert read_recipe(_file(gallery[0])).hires_fix is False
+    with pytest.raises(Exception, match=r"nearest is not in the list of choices: \[.latent., .lanczos.\]"):
+        client.predict("a red circle", steps=STEPS, hires_fix=True, hires_upscaler="nearest", api_name="/generate")
+
+
+def test_control_draws_with_the_pipelines_controlnet(pipe, controlled, tmp_path):
+    url, demo, with_net = controlled
+    picture = _square()
+    picture.save(tmp_path / "control.png")
+    control = gradio_client.handle_file(str(tmp_path / "control.png"))
+    client = gradio_client.Client(url, verbose=False, download_files=str(tmp_path / "out"))
+    gallery, seed_used = client.predict(control, "none", 0.8, 0.0, 1.0, False, "a red circle", "", STEPS, 3.0,
+                                        "model default", 64, 64, 6, 1, api_name="/control")
+    expected = with_net("a red circle", control_image=picture, controlnet_conditioning_scale=0.8,
+                        num_inference_steps=STEPS, guidance_scale=3.0, seed=6, progress=False).images[0]
+    drawn = _pixels(_file(gallery[0]))
+    np.testing.assert_array_equal(drawn, np.asarray(expected))
+    plain = pipe("a red circle", num_inference_steps=STEPS, guidance_scale=3.0, seed=6, progress=False).images[0]
+    assert np.abs(drawn.astype(int) - np.asarray(plain)).max() > 8  # the net steered it
+    (unit,) = read_recipe(_file(gallery[0])).controlnets  # the recipe names the net and the picture
+    assert (unit["name"], unit["digest"], unit["image_hash"]) == ("edges-net", digest(with_net.controlnet),
+                                                                   image_hash(picture))
+    assert (unit["scale"], unit["start"], unit["end"]) == (0.8, 0.0, 1.0)
+
+    # Canny edges of the picture, a window of the steps, guess mode; inputs by name
+    gallery, _ = client.predict(control, preprocessor="canny", control_scale=1.2, control_start=0.25,
+                                control_end=0.75, guess_mode=True, prompt="a blue square", steps=STEPS, seed=2,
+                                api_name="/control")
+    edges = canny(picture)
+    expected = with_net("a blue square", control_image=edges, controlnet_conditioning_scale=1.2,
+                        control_guidance_start=0.25, control_guidance_end=0.75, guess_mode=True,
+                        num_inference_steps=STEPS, seed=2, progress=False).images[0]
+    np.testing.assert_array_equal(_pixels(_file(gallery[0])), np.asarray(expected))
+    (unit,) = read_recipe(_file(gallery[0])).controlnets
+    assert (unit["image_hash"], unit["scale"], unit["start"], unit["end"]) == (image_hash(edges), 1.2, 0.25, 0.75)
+
+    # the other tabs draw without the net, and the pipeline keeps it
+    gallery, _ = client.predict("a red circle", steps=STEPS, guidance=3.0, seed=6, api_name="/generate")
+    np.testing.assert_array_equal(_pixels(_file(gallery[0])), np.asarray(plain))
+    assert read_recipe(_file(gallery[0])).controlnets is None and with_net.controlnet is not None
+    with pytest.raises(Exception, match="control_image: upload or draw a control picture"):
+        client.predict(None, prompt="a red circle", steps=STEPS, api_name="/control")
+
+
+def test_control_without_a_controlnet_says_how_to_load_one(server, tmp_path):
+    _square().save(tmp_path / "control.png")
+    client = gradio_client.Client(server[0], verbose=False, download_files=str(tmp_path))
+    with pytest.raises(Exception, match="controlnet: start the server with --controlnet PATH"):
+        client.predict(gradio_client.handle_file(str(tmp_path / "control.png")), prompt="a red circle",
+                       steps=STEPS, api_name="/control")
+    gallery, _ = client.predict("a red circle", steps=STEPS, seed=1, api_name="/generate")  # and it goes on
+    assert len(gallery) == 1
+
+
+def test_ldm_serve_controlnet_gives_the_page_its_net(monkeypatch, controlnet_folder, capsys, tmp_path):
+    from ldm_pipeline.apps import web
+    from ldm_pipeline.apps.cli import main
+
+    served = []
+    monkeypatch.setattr(web, "serve", lambda pipe, **launch: served.append(pipe))
+    assert main(["serve", "--controlnet", str(controlnet_folder)]) == 0
+    (pipe,) = served
+    assert pipe.controlnet.ldm_name == "edges-net"
+    assert digest(pipe.controlnet) == digest(load_controlnet(controlnet_folder))
+    assert main(["serve", "--controlnet", str(tmp_path / "missing-net")]) == 2
+    assert "missing-net" in capsys.readouterr().err and len(served) == 1
 
 
 def test_image_to_image_same_pixels(pipe, server, tmp_path):
@@ -559,6 +705,63 @@ def test_browser_inpaint_a_painted_stroke(pipe, server, browser, tmp_path):
     same = (drawn == original).all(axis=2)
     assert same[:16, :16].all()  # far from the stroke: the uploaded picture itself
     assert 0.3 < same.mean() < 1  # the stroke and its blur band were repainted, no more
+
+
+def test_browser_control_tab_uploads_a_picture_and_draws(controlled, browser, tmp_path):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, demo, with_net = controlled
+    wait = WebDriverWait(browser, 60)
+    page = lambda: browser.find_element(By.TAG_NAME, "body").text  # noqa: E731
+    browser.get(url)
+    wait.until(lambda b: b.find_element(By.CSS_SELECTOR, "#prompt textarea")).send_keys("a red circle")
+    _set(browser.find_element(By.CSS_SELECTOR, "#steps input[type=number]"), STEPS)
+    _set(browser.find_element(By.CSS_SELECTOR, "#seed input"), 4)
+    tab = lambda name: next(t for t in browser.find_elements(By.CSS_SELECTOR, "button[role=tab]")  # noqa: E731
+                            if t.text == name)
+    tab("Control").click()
+    button = wait.until(lambda b: b.find_element(By.CSS_SELECTOR, "#control"))
+    wait.until(lambda b: "edges-net" in b.find_element(By.CSS_SELECTOR, "#control-net").text)  # the net loaded
+    button.click()  # no picture yet
+    wait.until(lambda b: "control_image: upload or draw a control picture" in page())
+
+    # an uploaded picture, made into Canny edges: the view shows them, the drawing follows them
+    picture = _square()
+    picture.save(tmp_path / "control.png")
+    browser.find_element(By.CSS_SELECTOR, "#control-picture input[type=file]").send_keys(str(tmp_path / "control.png"))
+    next(label for label in browser.find_elements(By.CSS_SELECTOR, "#control-preprocessor label")
+         if label.text == "canny").click()
+    wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#control-seen img"))
+    button.click()
+    wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#gallery img")) == 1)
+    source = browser.find_element(By.CSS_SELECTOR, "#gallery img").get_attribute("src")
+    (tmp_path / "controlled.png").write_bytes(urllib.request.urlopen(source, timeout=30).read())
+    expected = with_net("a red circle", control_image=canny(picture), num_inference_steps=STEPS, seed=4,
+                        progress=False).images[0]
+    np.testing.assert_array_equal(_pixels(tmp_path / "controlled.png"), np.asarray(expected))
+    (unit,) = read_recipe(tmp_path / "controlled.png").controlnets
+    assert (unit["name"], unit["image_hash"], unit["scale"]) == ("edges-net", image_hash(canny(picture)), 1.0)
+
+    # with the upload cleared, strokes drawn on the sketchpad, as a scribble
+    browser.find_element(By.CSS_SELECTOR, "#control-picture button[aria-label='Remove Image']").click()
+    wait.until(lambda b: "Drop Image Here" in b.find_element(By.CSS_SELECTOR, "#control-picture").text)
+    next(label for label in browser.find_elements(By.CSS_SELECTOR, "#control-preprocessor label")
+         if label.text == "scribble").click()
+    tabs = [t for t in browser.find_elements(By.CSS_SELECTOR, "button[role=tab]") if t.text == "Draw"]
+    tabs[-1].click()  # the Control tab's (the Image to image tab's is hidden)
+    canvas = wait.until(lambda b: b.find_element(By.CSS_SELECTOR, "#control-drawing canvas"))
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", canvas)
+    ActionChains(browser).move_to_element_with_offset(canvas, -40, -40).click_and_hold().move_by_offset(30, 10) \
+        .move_by_offset(30, 30).move_by_offset(10, 40).release().perform()
+    browser.find_element(By.CSS_SELECTOR, "#control").click()
+    wait.until(lambda b: b.find_element(By.CSS_SELECTOR, "#gallery img").get_attribute("src") != source)
+    source = browser.find_element(By.CSS_SELECTOR, "#gallery img").get_attribute("src")
+    (tmp_path / "scribbled.png").write_bytes(urllib.request.urlopen(source, timeout=30).read())
+    (unit,) = read_recipe(tmp_path / "scribbled.png").controlnets
+    blank = PIL.Image.new("RGB", (256, 256), "black")  # a scribble of nothing
+    assert unit["image_hash"] not in (image_hash(blank), image_hash(scribble(picture)))  # the strokes were followed
 
 
 def test_guidance_slider_follows_the_regions_box_unless_the_user_moved_it():

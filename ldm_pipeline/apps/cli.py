@@ -141,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     serve.add_argument("--port", type=int, default=7860)
     serve.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (fp16 on CUDA)")
+    serve.add_argument("--controlnet", default=None, metavar="PATH",
+                       help="a ControlNet (diffusers folder, Hub id or original .safetensors file) for the page's "
+                            "Control tab")
     return parser
 
 
@@ -154,6 +157,10 @@ def serve(args: argparse.Namespace) -> None:
     except ImportError as error:
         raise ValueError(f"serve: the web page needs Gradio ({error}); pip install 'ldm-pipeline[web]'") from None
     pipe = LatentDiffusionPipeline.from_pretrained(args.model, device=args.device)
+    if args.controlnet is not None:
+        from ..loading.controlnet import load_controlnet
+
+        pipe.controlnet = load_controlnet(args.controlnet, torch_dtype=pipe.dtype).to(pipe.device)
     serve_app(pipe, host=args.host, port=args.port)
 
 

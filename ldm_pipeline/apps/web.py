@@ -1,10 +1,10 @@
 """The web page: a Gradio app over one pipeline (`ldm serve`, or `build_app(pipe).launch()`).
 
-Only this module imports gradio (the `[web]` extra), so `import ldm_pipeline` stays light.
-The app uses the pipeline's public API alone: one model in memory serves the queued requests
-in turn; each image is served as a PNG carrying its recipe (written by `PipelineOutput.save`
-into a temporary folder that is removed when the process ends); bad input is shown in the page
-as an error message and the server goes on serving.
+Only this module and its tabs (`web_inpaint`, `web_control`) import gradio (the `[web]` extra), so
+`import ldm_pipeline` stays light. The app uses the pipeline's public API alone: one model in
+memory serves the queued requests in turn; each image is served as a PNG carrying its recipe
+(written by `PipelineOutput.save` into a temporary folder that is removed when the process ends);
+bad input is shown in the page as an error message and the server goes on serving.
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ import PIL.Image  # noqa: E402
 from ..guidance.composition import parse_regions  # noqa: E402
 from ..sampling.schedulers import SCHEDULERS  # noqa: E402
 from ..settings import default  # noqa: E402
+from .web_control import (NO_CONTROLNET, control_arguments, control_controls, followed_picture,  # noqa: E402
+                          drawn as _drawn, hires_arguments, hires_controls, whole as _whole)
 from .web_inpaint import inpaint_controls, picture_and_mask  # noqa: E402
 
 MODEL_SCHEDULER = "model default"  # the scheduler the pipeline already has
@@ -113,24 +115,30 @@ class _Runner:
     def run(self, session: str | None, progress, scheduler: str, **arguments) -> tuple[list[str], int]:
         steps = arguments["num_inference_steps"]
         total = max(1, int(steps * arguments["strength"])) if arguments.get("image") is not None else steps
+        if arguments.get("hires_fix"):  # and the refining pass's steps
+            total += int((arguments["hires_steps"] or steps) * arguments["hires_strength"])
+        done = [0]
 
         def callback(step, timestep, latents):
-            progress((step + 1, total), desc="denoising", unit="steps")
+            done[0] += 1
+            progress((min(done[0], total), total), desc="denoising", unit="steps")
             return False if session in self.stop_requested else None
 
         with self.lock:
             self.running = session
             self.stop_requested.discard(session)
-            original = self.pipe.scheduler
+            original, net = self.pipe.scheduler, self.pipe.controlnet
             try:
                 if scheduler != MODEL_SCHEDULER:
                     self.pipe.set_scheduler(scheduler)
+                if "control_image" not in arguments:  # the pipeline's ControlNet steers the Control tab's calls only
+                    self.pipe.controlnet = None
                 result = self.pipe(callback=callback, progress=False, preview=lambda shown: self.previews.update({
                                        session: shown[0]}), preview_every=max(1, steps // PREVIEWS), **arguments)
             except (ValueError, TypeError) as error:
                 raise gr.Error(str(error), print_exception=False) from None
             finally:
-                self.pipe.scheduler = original
+                self.pipe.scheduler, self.pipe.controlnet = original, net
                 self.running = None
                 self.stop_requested.discard(session)
             self.last_steps_run = result.steps_run
@@ -141,15 +149,6 @@ class _Runner:
             while len(self.recent) > KEEP_CALLS:
                 shutil.rmtree(self.recent.popleft(), ignore_errors=True)
         return [str(path) for path in paths], result.seeds[0]
-
-
-def _drawn(drawing) -> PIL.Image.Image | None:
-    """The sketchpad's picture, or None when nothing was drawn on it (a canvas of one colour)."""
-    picture = drawing.get("composite") if isinstance(drawing, dict) else None
-    if picture is None:
-        return None
-    low, high = zip(*picture.convert("RGB").getextrema())
-    return None if low == high else picture
 
 
 def _settings(pipe):
@@ -176,27 +175,22 @@ def guidance_after_regions(regions: str, guidance: float, plain: float, for_regi
     return guidance
 
 
-def _whole(name: str, value) -> int:
-    """Gradio's number boxes send floats; the pipeline wants integers (and names a bad one itself)."""
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, int):
-        return value
-    raise gr.Error(f"{name}: got {value!r}; expected a whole number", print_exception=False)
-
-
 def build_app(pipe, title: str = "ldm-pipeline") -> gr.Blocks:
-    """A Gradio app drawing with `pipe`: text-to-image, image-to-image and inpainting, a gallery of PNGs
-    with recipes.
+    """A Gradio app drawing with `pipe`: text-to-image (with the hires fix), image-to-image, inpainting and
+    ControlNet, a gallery of PNGs with recipes.
 
     Args:
-        pipe: a `LatentDiffusionPipeline` (any model it loads). Calls run one at a time.
+        pipe: a `LatentDiffusionPipeline` (any model it loads). Calls run one at a time. The Control tab
+            draws with the ControlNet `pipe.controlnet` holds when the app is built (the other tabs
+            draw without it); without one, it says how to load one.
         title: the page's title.
 
     Returns:
         The `gr.Blocks`, queued; `.launch()` serves it (in a notebook too). Its text-to-image event is
         the API endpoint `/generate`: `Client(url).predict("a red circle", api_name="/generate")`
-        returns (gallery, seed used); every input but the prompt has a default.
+        returns (gallery, seed used); every input but the prompt has a default. Its last inputs are the
+        hires fix: `hires_fix` (off), `hires_scale` (2), `hires_upscaler` ("latent" or "lanczos"),
+        `hires_steps` (0: the call's steps) and `hires_strength` (0.7).
         `/transform` is image-to-image: (reference picture, strength, then `/generate`'s inputs).
         `/inpaint` is inpainting: (editor value, strength, mask blur, masked content, inpaint only
         masked, padding, then `/generate`'s inputs), where the editor value is a dict
@@ -205,17 +199,26 @@ def build_app(pipe, title: str = "ldm-pipeline") -> gr.Blocks:
         `client.predict(value, prompt="a green circle", seed=3, api_name="/inpaint")`. The whole picture
         is drawn at its own size, and outside the mask and its blur band it comes back exactly; with
         inpaint only masked, the area around the mask (plus padding) is drawn at width x height.
+        `/control` draws with the pipeline's ControlNet: (control picture, preprocessor "none" |
+        "canny" | "scribble", control scale, start, end, guess mode, then `/generate`'s inputs up to the
+        number of images, a sketchpad drawing used when the picture is None, composition, regions).
     """
     runner = _Runner(pipe)
     s = _settings(pipe)
     scheduler_names = [MODEL_SCHEDULER, *SCHEDULERS]
 
+    net = pipe.controlnet  # the Control tab's
+
     # The inputs' defaults are the components' values (shown by `Client.view_api()`), not Python defaults.
     def generate(prompt: str, negative_prompt: str, steps: float, guidance: float, scheduler: str, width: float,
                  height: float, seed: float, num_images: float, composition: bool = False, regions: str = "",
-                 request: gr.Request = None, progress=gr.Progress()):
+                 hires_fix: bool = False, hires_scale: float = default("hires_scale"),
+                 hires_upscaler: str = default("hires_upscaler"), hires_steps: float = 0,
+                 hires_strength: float = default("hires_strength"), request: gr.Request = None,
+                 progress=gr.Progress()):
         return _draw(prompt, negative_prompt, steps, guidance, scheduler, width, height, seed, num_images,
-                     composition, regions, request, progress)
+                     composition, regions, request, progress,
+                     **hires_arguments(hires_fix, hires_scale, hires_upscaler, hires_steps, hires_strength))
 
     def transform(reference, strength: float, prompt: str, negative_prompt: str, steps: float, guidance: float,
                   scheduler: str, width: float, height: float, seed: float, num_images: float, drawing=None,
@@ -239,6 +242,18 @@ def build_app(pipe, title: str = "ldm-pipeline") -> gr.Blocks:
                      strength=float(strength), mask_blur=_whole("mask blur", mask_blur), masked_content=masked_content,
                      padding_mask_crop=_whole("padding", padding) if only_masked else None)
 
+    def control(control_picture, preprocessor: str, control_scale: float, control_start: float,
+                control_end: float, guess_mode: bool, prompt: str, negative_prompt: str, steps: float,
+                guidance: float, scheduler: str, width: float, height: float, seed: float, num_images: float,
+                drawing=None, composition: bool = False, regions: str = "", request: gr.Request = None,
+                progress=gr.Progress()):
+        if net is None:
+            raise gr.Error(NO_CONTROLNET, print_exception=False)
+        picture = followed_picture(control_picture if control_picture is not None else _drawn(drawing), preprocessor)
+        return _draw(prompt, negative_prompt, steps, guidance, scheduler, width, height, seed, num_images,
+                     composition, regions, request, progress,
+                     **control_arguments(net, picture, control_scale, control_start, control_end, guess_mode))
+
     def _draw(prompt, negative_prompt, steps, guidance, scheduler, width, height, seed, num_images, composition,
               regions, request, progress, **picture):
         if not isinstance(prompt, str) or not prompt.strip():
@@ -257,12 +272,13 @@ def build_app(pipe, title: str = "ldm-pipeline") -> gr.Blocks:
             arguments["regions"] = parse_regions(regions or "")
         except ValueError as error:
             raise gr.Error(f"regions: {error}", print_exception=False) from None
-        arguments.update(picture)  # image-to-image and inpainting: image=, strength=, mask_image=, ...
+        arguments.update(picture)  # image=, strength=, mask_image=, ..., control_image=, ..., hires_fix=, ...
         session = getattr(request, "session_hash", None)
         return runner.run(session, progress, scheduler, **arguments)
 
     with gr.Blocks(title=title, delete_cache=(3600, 3600)) as demo:
-        gr.Markdown(f"# {title}\nLatent diffusion: text-to-image, image-to-image and inpainting. Each image "
+        gr.Markdown(f"# {title}\nLatent diffusion: text-to-image, image-to-image, inpainting and ControlNet. "
+                    "Each image "
                     "downloads as a PNG carrying its recipe (`ldm generate --from image.png` draws it again).")
         with gr.Row():
             with gr.Column(scale=1):
@@ -290,6 +306,7 @@ def build_app(pipe, title: str = "ldm-pipeline") -> gr.Blocks:
                                          placeholder="0,0,0.5,0.5; 0.5,0.5,1,1", elem_id="regions",
                                          info="left,top,right,bottom as fractions of the image, or 'all'" + hint)
                 with gr.Tab("Text to image"):
+                    hires = hires_controls()  # the hires fix's accordion
                     go = gr.Button("Generate", variant="primary", elem_id="generate")
                 with gr.Tab("Image to image"):
                     with gr.Tab("Upload"):
@@ -304,6 +321,8 @@ def build_app(pipe, title: str = "ldm-pipeline") -> gr.Blocks:
                     go_image = gr.Button("Transform", variant="primary", elem_id="transform")
                 with gr.Tab("Inpaint"):
                     paint = inpaint_controls(s["size"])  # the editor, the inpainting settings, the button
+                with gr.Tab("Control"):
+                    steer = control_controls(s["size"], _ReferenceImage, net)  # picture, settings, button
                 stop = gr.Button("Stop", variant="stop", elem_id="stop")
             with gr.Column(scale=1):
                 gallery = gr.Gallery(label="Images", columns=4, format="png", elem_id="gallery",
@@ -316,16 +335,21 @@ def build_app(pipe, title: str = "ldm-pipeline") -> gr.Blocks:
         settings = [prompt, negative, steps, guidance, scheduler, width, height, seed, num_images]
         one_model = dict(concurrency_id="model", concurrency_limit=1)  # every drawing event waits in one line
         parts = [composition, regions]
-        text_run = go.click(generate, [*settings, *parts], [gallery, used], api_name="generate", **one_model)
-        submit_run = prompt.submit(generate, [*settings, *parts], [gallery, used], api_visibility="private",
-                                   **one_model)
+        upscale = [hires.fix, hires.scale, hires.upscaler, hires.steps, hires.strength]
+        text_run = go.click(generate, [*settings, *parts, *upscale], [gallery, used], api_name="generate",
+                            **one_model)
+        submit_run = prompt.submit(generate, [*settings, *parts, *upscale], [gallery, used],
+                                   api_visibility="private", **one_model)
         image_run = go_image.click(transform, [reference, strength, *settings, drawing, *parts], [gallery, used],
                                    api_name="transform", **one_model)
         inpaint_run = paint.button.click(inpaint, [paint.editor, paint.strength, paint.mask_blur, paint.masked_content,
                                                    paint.only_masked, paint.padding, *settings, *parts],
                                          [gallery, used], api_name="inpaint", **one_model)
-        stop.click(runner.stop, None, None, cancels=[text_run, submit_run, image_run, inpaint_run], queue=False,
-                   api_visibility="private")
+        control_run = steer.button.click(control, [steer.picture, steer.preprocessor, steer.scale, steer.start,
+                                                   steer.end, steer.guess_mode, *settings, steer.drawing, *parts],
+                                         [gallery, used], api_name="control", **one_model)
+        stop.click(runner.stop, None, None, cancels=[text_run, submit_run, image_run, inpaint_run, control_run],
+                   queue=False, api_visibility="private")
         regions.change(lambda boxes, value: guidance_after_regions(boxes, value, s["guidance"], s["regions_guidance"]),
                        [regions, guidance], guidance, queue=False, api_visibility="private")
         gr.Timer(PREVIEW_POLL).tick(runner.latest_preview, None, live, queue=False, api_visibility="private")
