@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..sampling.schedulers import SCHEDULERS
 from ..settings import fields_of, meta
+from .api_config import add_flags as api_flags, config_from_args as api_config_from
 from .generate import generate as generate_command
 
 
@@ -136,11 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     paired = commands.add_parser("compare", help="two `ldm eval` reports of the same prompts, image by image")
     paired.add_argument("reports", nargs=2, type=Path, help="two JSON reports, A and B")
 
-    serve = commands.add_parser("serve", help="serve a web page (Gradio) drawing with a model; needs the [web] extra")
+    serve = commands.add_parser("serve", help="serve a web page (Gradio) drawing with a model, and with --api "
+                                              "AUTOMATIC1111's HTTP API; needs the [web] and [api] extras")
     serve.add_argument("--model", default=None, help="model folder or Hub id (default: the bundled model)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     serve.add_argument("--port", type=int, default=7860)
     serve.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (fp16 on CUDA)")
+    api_flags(serve)
     return parser
 
 
@@ -149,12 +152,24 @@ def serve(args: argparse.Namespace) -> None:
 
     if not 1 <= args.port <= 65535:
         raise ValueError(f"--port: got {args.port}; expected 1 to 65535")
+    load = lambda: LatentDiffusionPipeline.from_pretrained(args.model, device=args.device)  # noqa: E731
+    config = api_config_from(args, load)  # checked before any model loads
+    host = "0.0.0.0" if args.listen else args.host
     try:
-        from .web import serve as serve_app
+        if config is None or not args.nowebui:
+            from .web import serve as serve_page
     except ImportError as error:
         raise ValueError(f"serve: the web page needs Gradio ({error}); pip install 'ldm-pipeline[web]'") from None
-    pipe = LatentDiffusionPipeline.from_pretrained(args.model, device=args.device)
-    serve_app(pipe, host=args.host, port=args.port)
+    if config is None:
+        return serve_page(load(), host=host, port=args.port)
+    try:
+        from .api import serve as serve_api
+    except ImportError as error:
+        raise ValueError(f"serve --api: needs FastAPI and uvicorn ({error}); pip install 'ldm-pipeline[api]'") from None
+    if host != "127.0.0.1" and not config.auth:
+        print(f"ldm: warning: the API listens on {host} without --api-auth: anyone who reaches it can use it",
+              file=sys.stderr)
+    serve_api(load(), host=host, port=args.port, config=config, webui=not args.nowebui)
 
 
 def compare(args: argparse.Namespace) -> None:
