@@ -92,7 +92,8 @@ def test_txt2img_answers_pngs_carrying_recipes_with_a_direct_calls_pixels(shapes
     for path, image in zip(paths, drawn, strict=True):
         np.testing.assert_array_equal(rgb(PIL.Image.open(path)), rgb(image))
     recipe = read_recipe(paths[2])
-    assert (recipe.seed, recipe.scheduler, recipe.num_inference_steps, recipe.guidance_scale) == (7, "dpm++_karras", 4, 3)
+    assert (recipe.seed, recipe.scheduler, recipe.num_inference_steps, recipe.guidance_scale) == \
+        (7, "dpm++_karras", 4, 3)
     assert recipe.negative_prompt == "a blue square"
 
 
@@ -165,8 +166,8 @@ def test_options_switch_the_model_among_those_of_the_folder(shapes, pipe, tmp_pa
     assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "tiny"
     answer = client.post(TXT2IMG, json=dict(prompt="a red circle", seed=1, steps=2)).json()
     assert opened(answer["images"][0]).size == (16, 16) and json.loads(answer["info"])["sd_model_name"] == "tiny"
-    same = LatentDiffusionPipeline.from_pretrained(config.ckpt_dir / "tiny")("a red circle", seed=1, num_inference_steps=2,
-                                                                             progress=False).images[0]
+    tiny = LatentDiffusionPipeline.from_pretrained(config.ckpt_dir / "tiny")
+    same = tiny("a red circle", seed=1, num_inference_steps=2, progress=False).images[0]
     np.testing.assert_array_equal(rgb(opened(answer["images"][0])), rgb(same))
     client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "shapes"})
     # a request may use another model, given back afterwards unless it says not to
@@ -184,7 +185,8 @@ def test_options_switch_the_model_among_those_of_the_folder(shapes, pipe, tmp_pa
         answer = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": name})
         assert answer.status_code == 400, (name, answer.text)
         if name is not None:  # None there: no override
-            answer = client.post(TXT2IMG, json=dict(prompt="a", steps=1, override_settings={"sd_model_checkpoint": name}))
+            answer = client.post(TXT2IMG, json=dict(prompt="a", steps=1,
+                                                    override_settings={"sd_model_checkpoint": name}))
             assert answer.status_code == 400, (name, answer.text)
     assert "pickle" in client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "old.ckpt"}).json()["detail"]
     assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "shapes"
@@ -219,7 +221,8 @@ def test_lora_tags_in_the_prompt_load_loras_of_the_folder_for_that_call(componen
     for tag in ["<lora:../star:1>", "<lora:escape:1>", "<lora:old:1>", "<lora:nope:1>", "<lora:star:much>"]:
         answer = client.post(TXT2IMG, json=dict(prompt=f"a red circle {tag}", steps=1))
         assert answer.status_code == 400, (tag, answer.text)
-    assert client.post(TXT2IMG, json=dict(prompt="a <lora:star:1>", steps=1, disable_extra_networks=True)).status_code == 200
+    unloaded = client.post(TXT2IMG, json=dict(prompt="a <lora:star:1>", steps=1, disable_extra_networks=True))
+    assert unloaded.status_code == 200
 
 
 def test_controlnet_units_steer_with_nets_of_the_folder(components, tmp_path):
@@ -235,18 +238,17 @@ def test_controlnet_units_steer_with_nets_of_the_folder(components, tmp_path):
     answer = client.post(TXT2IMG, json=dict(prompt="a red circle", seed=4, steps=4,
                                             alwayson_scripts={"ControlNet": {"args": [unit]}}))
     assert answer.status_code == 200, answer.text
-    same = LatentDiffusionPipeline(**copy.deepcopy(components))("a red circle", seed=4, num_inference_steps=4,
-                                                                progress=False, controlnet=[net], control_image=[control],
-                                                                controlnet_conditioning_scale=[0.8],
-                                                                control_guidance_start=[0.0], control_guidance_end=[0.5])
+    same = LatentDiffusionPipeline(**copy.deepcopy(components))(
+        "a red circle", seed=4, num_inference_steps=4, progress=False, controlnet=[net], control_image=[control],
+        controlnet_conditioning_scale=[0.8], control_guidance_start=[0.0], control_guidance_end=[0.5])
     np.testing.assert_array_equal(rgb(opened(answer.json()["images"][0])), rgb(same.images[0]))
     plain = client.post(TXT2IMG, json=dict(prompt="a red circle", seed=4, steps=4)).json()
     assert not np.array_equal(rgb(opened(plain["images"][0])), rgb(same.images[0]))
     canny = dict(unit, module="canny", threshold_a=50, threshold_b=150)
     assert client.post(TXT2IMG, json=dict(prompt="a", steps=1, alwayson_scripts={"controlnet": {"args": [canny]}})
                        ).status_code == 200
-    for bad in [dict(model="../edges"), dict(model="nope"), dict(control_mode=1), dict(module="depth"), dict(image=None),
-                dict(weight="heavy"), dict(image="not a picture")]:
+    for bad in [dict(model="../edges"), dict(model="nope"), dict(control_mode=1), dict(module="depth"),
+                dict(image=None), dict(weight="heavy"), dict(image="not a picture")]:
         answer = client.post(TXT2IMG, json=dict(prompt="a", steps=1,
                                                 alwayson_scripts={"controlnet": {"args": [dict(unit, **bad)]}}))
         assert answer.status_code == 400, (bad, answer.text)
@@ -286,8 +288,10 @@ BAD = [
     (TXT2IMG, {"eta": -1}, 422), (TXT2IMG, {"cfg_scale": 1e308, "steps": 2}, 400),
     (IMG2IMG, {}, 400), (IMG2IMG, {"init_images": ["%%%"]}, 400), (IMG2IMG, {"init_images": [""]}, 400),
     (IMG2IMG, {"init_images": "picture"}, 422), (IMG2IMG, {"init_images": ["PIC"], "mask": "PIC8"}, 400),
-    (IMG2IMG, {"init_images": ["PIC"], "mask": "BLACK"}, 400), (IMG2IMG, {"init_images": ["PIC"], "resize_mode": 2}, 400),
-    (IMG2IMG, {"init_images": ["PIC"], "inpainting_fill": 7}, 422), (IMG2IMG, {"init_images": ["PIC"], "mask_blur": 10**9}, 400),
+    (IMG2IMG, {"init_images": ["PIC"], "mask": "BLACK"}, 400),
+    (IMG2IMG, {"init_images": ["PIC"], "resize_mode": 2}, 400),
+    (IMG2IMG, {"init_images": ["PIC"], "inpainting_fill": 7}, 422),
+    (IMG2IMG, {"init_images": ["PIC"], "mask_blur": 10**9}, 400),
     (IMG2IMG, {"init_images": ["PIC"], "denoising_strength": 2}, 422), (IMG2IMG, {"init_images": ["HUGE"]}, 400),
 ]
 
@@ -379,7 +383,8 @@ def test_lists_of_samplers_schedulers_and_embeddings(client):
     assert {"Euler a", "DPM++ 2M", "DDIM", "LCM"} <= set(samplers)
     assert [s["name"] for s in client.get("/sdapi/v1/schedulers").json()] == ["automatic", "karras"]
     assert client.get("/sdapi/v1/embeddings").json() == {"loaded": {}, "skipped": {}}
-    assert client.get("/sdapi/v1/loras").json() == [] and client.get("/controlnet/model_list").json() == {"model_list": []}
+    assert client.get("/sdapi/v1/loras").json() == []
+    assert client.get("/controlnet/model_list").json() == {"model_list": []}
     for name in samplers:
         answer = client.post(TXT2IMG, json=dict(prompt="a", sampler_name=name, steps=2, width=32, height=32))
         assert answer.status_code == 200, (name, answer.text)
@@ -475,7 +480,7 @@ try:
 
     schema = schemathesis.openapi.from_asgi("/openapi.json", build_api(SMALL, ApiConfig(
         model_name="shapes", limits=Limits(size=64, steps=2, images=2, batch=2, picture_mpx=0.01, prompt=200))))
-except ImportError:  # schemathesis is optional: the test is left out without it
+except (ImportError, AttributeError):  # schemathesis (4.x) is optional: the test is left out without it
     schema = None
 
 

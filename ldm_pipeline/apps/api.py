@@ -23,14 +23,12 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-import PIL.Image
 import torch
 from fastapi import Body, Depends, FastAPI, HTTPException, Query
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
 from .. import __version__
-from ..provenance.infotext import SAMPLERS
 from . import api_calls
 from .api_config import ApiConfig, Entry
 from .api_models import (EmbeddingsResponse, ImageResponse, Img2ImgRequest, LoraItem, PngInfoRequest,
@@ -168,8 +166,8 @@ class Api:
                     if job.interrupted:
                         break
                     job.number, job.skipped = number, False
-                    results.append(self.runner.draw(job.session, plan.scheduler, seed=plan.seed + number * request.batch_size,
-                                                    **arguments))
+                    seed = plan.seed + number * request.batch_size  # image i of the request: seed + i
+                    results.append(self.runner.draw(job.session, plan.scheduler, seed=seed, **arguments))
                     self.runner.previews.pop(job.session, None)  # the page's; this session has no page
                 return results
             finally:
@@ -279,7 +277,7 @@ def build_api(runner: Runner, config: ApiConfig | None = None, app: FastAPI | No
         if not (given and known):
             raise HTTPException(401, "Incorrect username or password", headers={"WWW-Authenticate": "Basic"})
 
-    guarded = dict(dependencies=[Depends(credentials)])
+    guarded = dict(dependencies=[Depends(credentials)]) if config.auth else {}
 
     def answer(work):
         """The pipeline's ValueError and TypeError are the request's fault: 400 with their message."""
@@ -328,7 +326,8 @@ def build_api(runner: Runner, config: ApiConfig | None = None, app: FastAPI | No
 
     @app.get("/sdapi/v1/samplers", response_model=list[SamplerItem], tags=["sdapi"], **guarded)
     async def samplers():
-        return [SamplerItem(name=theirs, aliases=[ours], options={}) for theirs, ours in api_calls.SAMPLER_NAMES.items()]
+        return [SamplerItem(name=theirs, aliases=[ours], options={})
+                for theirs, ours in api_calls.SAMPLER_NAMES.items()]
 
     @app.get("/sdapi/v1/schedulers", response_model=list[SchedulerItem], tags=["sdapi"], **guarded)
     async def schedulers():
@@ -344,7 +343,7 @@ def build_api(runner: Runner, config: ApiConfig | None = None, app: FastAPI | No
 
     @app.get("/sdapi/v1/embeddings", response_model=EmbeddingsResponse, tags=["sdapi"], **guarded)
     async def embeddings():
-        return EmbeddingsResponse(loaded={}, skipped={})
+        return EmbeddingsResponse(loaded={}, skipped={})  # textual inversion embeddings go here once there are any
 
     @app.post("/sdapi/v1/interrupt", tags=["sdapi"], **guarded)
     async def interrupt() -> dict:

@@ -117,7 +117,11 @@ def lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
 
 
 def check_supported(request, img2img: bool) -> None:
-    """Refuse what A1111 can do and this server cannot (rather than draw something else)."""
+    """Refuse what A1111 can do and this server cannot (rather than draw something else).
+
+    A feature the pipeline gains (hires fix: enable_hr, hr_scale, hr_upscaler, hr_second_pass_steps,
+    hr_resize_x/y with denoising_strength) leaves this list for `plan`, which maps its fields.
+    """
     r = request
     refused = [
         (r.enable_hr, "enable_hr: hires fix is not available yet"),
@@ -152,7 +156,8 @@ def check_limits(request, config: ApiConfig, default_steps: int) -> None:
     """The server's limits (`api_config.Limits`), on the values the call would use."""
     limits = config.limits
     checked = [("width", request.width, limits.size), ("height", request.height, limits.size),
-               ("steps", request.steps or default_steps, limits.steps), ("batch_size", request.batch_size, limits.batch),
+               ("steps", request.steps or default_steps, limits.steps),
+               ("batch_size", request.batch_size, limits.batch),
                ("batch_size x n_iter", request.batch_size * request.n_iter, limits.images),
                ("prompt (characters)", len(request.prompt), limits.prompt),
                ("negative_prompt (characters)", len(request.negative_prompt), limits.prompt)]
@@ -297,7 +302,8 @@ def info(request, results: list, model_name: str, model_hash: str | None) -> str
     return json.dumps({
         "prompt": request.prompt, "all_prompts": [r.prompt for r in recipes],
         "negative_prompt": request.negative_prompt, "all_negative_prompts": [r.negative_prompt for r in recipes],
-        "seed": seeds[0] if seeds else request.seed, "all_seeds": seeds, "subseed": -1, "all_subseeds": [-1] * len(seeds),
+        "seed": seeds[0] if seeds else request.seed, "all_seeds": seeds,
+        "subseed": -1, "all_subseeds": [-1] * len(seeds),
         "subseed_strength": 0, "width": first.width if first else request.width,
         "height": first.height if first else request.height,
         "sampler_name": SAMPLERS.get(first.scheduler, first.scheduler) if first else request.sampler_name,
