@@ -409,6 +409,45 @@ def test_ldm_serve_flags(model, monkeypatch, tmp_path):
         assert cli.main(["serve", "--model", str(model), *flags]) == 2 and not served
 
 
+def test_ldm_serve_api_as_a_command_draws_and_a_plain_kill_cleans_up(shapes, tmp_path):
+    import subprocess
+    import sys
+    import urllib.error
+    import urllib.request
+    from pathlib import Path
+
+    port, temporary = _free_port(), tmp_path / "tmp"
+    temporary.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRADIO_")}
+    env.update(OMP_NUM_THREADS="1", TMPDIR=str(temporary))
+    server = subprocess.Popen([sys.executable, "-m", "ldm_pipeline", "serve", "--api", "--port", str(port),
+                               "--api-auth", "u:p"], cwd=Path(__file__).resolve().parents[1], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}/sdapi/v1/txt2img"
+    body = json.dumps(dict(prompt="a red circle", seed=5, steps=4)).encode()
+    authorized = {"Authorization": "Basic " + base64.b64encode(b"u:p").decode(), "Content-Type": "application/json"}
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None and time.monotonic() < deadline
+            try:
+                answer = urllib.request.urlopen(urllib.request.Request(url, body, authorized), timeout=60)
+                answer = json.loads(answer.read())
+                break
+            except urllib.error.URLError:
+                time.sleep(0.5)
+        same = shapes("a red circle", seed=5, num_inference_steps=4, progress=False).images[0]
+        np.testing.assert_array_equal(rgb(opened(answer["images"][0])), rgb(same))
+        with pytest.raises(urllib.error.HTTPError, match="401"):
+            urllib.request.urlopen(urllib.request.Request(url, body, {"Content-Type": "application/json"}), timeout=60)
+        assert any(path.name.startswith("ldm-web-") for path in temporary.iterdir())  # the page's folders
+    finally:
+        server.terminate()  # a plain kill: the server stops as on Ctrl-C
+        output = server.communicate(timeout=60)[0]
+    assert server.returncode == 0, output[-3000:]
+    assert not [path for path in temporary.iterdir() if path.name.startswith("ldm-web-")], output[-3000:]
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

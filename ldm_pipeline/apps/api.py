@@ -17,6 +17,7 @@ import collections
 import dataclasses
 import re
 import secrets
+import signal
 import threading
 import time
 import uuid
@@ -385,7 +386,20 @@ def make_app(pipe, config: ApiConfig | None = None, webui: bool = True) -> FastA
 
 def serve(pipe, host: str = "127.0.0.1", port: int = 7860, config: ApiConfig | None = None,
           webui: bool = True) -> None:
-    """Serve `make_app(pipe, config, webui)` with uvicorn until interrupted (what `ldm serve --api` runs)."""
+    """Serve `make_app(pipe, config, webui)` with uvicorn until interrupted (what `ldm serve --api` runs).
+
+    A plain `kill` (SIGTERM) stops it as Ctrl-C does: uvicorn shuts down, then the process ends normally
+    and removes the page's temporary folders.
+    """
     import uvicorn
 
-    uvicorn.run(make_app(pipe, config, webui), host=host, port=port)
+    app = make_app(pipe, config, webui)
+    signal.signal(signal.SIGTERM, _interrupt)  # uvicorn raises the signal again once it has shut down
+    try:
+        uvicorn.run(app, host=host, port=port)
+    except KeyboardInterrupt:
+        pass
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
