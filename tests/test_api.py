@@ -173,7 +173,7 @@ def test_options_switch_the_model_among_those_of_the_folder(shapes, pipe, tmp_pa
     # a request may use another model, given back afterwards unless it says not to
     answer = client.post(TXT2IMG, json=dict(prompt="a red circle", seed=1, steps=2,
                                             override_settings={"sd_model_checkpoint": "tiny"})).json()
-    assert opened(answer["images"][0]).size == (16, 16)
+    assert opened(answer["images"][0]).size == (16, 16) and json.loads(answer["info"])["sd_model_name"] == "tiny"
     assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "shapes"
     client.post(TXT2IMG, json=dict(prompt="a", steps=1, override_settings={"sd_model_checkpoint": "tiny"},
                                    override_settings_restore_afterwards=False))

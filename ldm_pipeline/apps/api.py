@@ -47,6 +47,7 @@ class _Job:
 
     session: str
     count: int
+    model: str = ""  # the model it draws with
     number: int = 0
     interrupted: bool = False
     skipped: bool = False
@@ -147,12 +148,12 @@ class Api:
             parameters.update(init_images=None, mask=None)
         model_hash = results[0].recipes()[0].model_hash if results else None
         return ImageResponse(images=images, parameters=parameters,
-                             info=api_calls.info(request, results, self.model, model_hash))
+                             info=api_calls.info(request, results, job.model, model_hash))
 
     def _draw(self, plan: api_calls.Plan, job: _Job, request) -> list:
         previous = self.use_model(plan.model) if plan.model is not None else None
         try:
-            pipe = self.runner.pipe
+            pipe, job.model = self.runner.pipe, self.model
             arguments = dict(plan.arguments)
             if plan.controlnets:
                 arguments["controlnet"] = [self.controlnet(entry, pipe) for entry in plan.controlnets]
