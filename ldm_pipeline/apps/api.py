@@ -24,7 +24,6 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from fastapi import Body, Depends, FastAPI, HTTPException, Query
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
@@ -100,7 +99,7 @@ class Api:
         if name == self.config.model_name and self.config.load_model is not None:
             return self.config.load_model
         entry = self.config.find("checkpoint", "sd_model_checkpoint", name)
-        return lambda: _load_checkpoint(entry, self.config)
+        return lambda: self.config.load_checkpoint(entry)
 
     def use_model(self, name: str) -> str:
         """Load the named model into the runner (after the call in progress). Returns the previous name."""
@@ -160,7 +159,7 @@ class Api:
             if plan.loras and pipe.loras:
                 raise ValueError("prompt: <lora:...> tags need a model without LoRAs loaded beforehand")
             try:
-                for (entry, weight), name in zip(plan.loras, _adapter_names(plan.loras)):
+                for (entry, weight), name in zip(plan.loras, api_calls.adapter_names(plan.loras)):
                     pipe.load_lora_weights(entry.path, adapter_name=name, scale=weight,
                                            allow_pickle=self.config.allow_pickle)
                 results = []
@@ -229,26 +228,6 @@ class Api:
                  else []) + [name for name in self.config.entries("checkpoint") if name != self.config.model_name]
         return [SDModelItem(title=name, model_name=re.sub(r"\.(safetensors|ckpt|pt|pth|bin)$", "", name),
                             filename=name) for name in names]
-
-
-def _load_checkpoint(entry: Entry, config: ApiConfig):
-    from ..pipeline import LatentDiffusionPipeline
-
-    if entry.is_folder:
-        return LatentDiffusionPipeline.from_pretrained(entry.path, device=config.device,
-                                                       allow_pickle=config.allow_pickle)
-    return LatentDiffusionPipeline.from_single_file(entry.path, device=config.device, allow_pickle=config.allow_pickle)
-
-
-def _adapter_names(loras: list[tuple[Entry, float]]) -> list[str]:
-    """Adapter names from LoRA names: what peft accepts (no '.', not a torch.nn.Module attribute), each once."""
-    names = []
-    for entry, _ in loras:
-        name = re.sub(r"[^A-Za-z0-9_-]", "_", entry.name.rsplit("/", 1)[-1]) or "lora"
-        if hasattr(torch.nn.ModuleDict(), name) or name in names:
-            name = f"lora{len(names)}_{name}"
-        names.append(name)
-    return names
 
 
 def build_api(runner: Runner, config: ApiConfig | None = None, app: FastAPI | None = None) -> FastAPI:

@@ -116,6 +116,19 @@ def lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
     return re.sub(r"\s{2,}", " ", _LORA_TAG.sub("", prompt)).strip(" ,"), found
 
 
+def adapter_names(loras: list[tuple[Entry, float]]) -> list[str]:
+    """Adapter names from LoRA names: what peft accepts (no '.', not a torch.nn.Module attribute), each once."""
+    import torch
+
+    names = []
+    for entry, _ in loras:
+        name = re.sub(r"[^A-Za-z0-9_-]", "_", entry.name.rsplit("/", 1)[-1]) or "lora"
+        if hasattr(torch.nn.ModuleDict(), name) or name in names:
+            name = f"lora{len(names)}_{name}"
+        names.append(name)
+    return names
+
+
 def check_supported(request, img2img: bool) -> None:
     """Refuse what A1111 can do and this server cannot (rather than draw something else).
 

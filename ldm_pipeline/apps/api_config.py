@@ -204,6 +204,15 @@ class ApiConfig:
             raise ValueError(f"{what}: {name!r} leads out of the configured folder")
         return entry
 
+    def load_checkpoint(self, entry: Entry):
+        """The pipeline of a model of the checkpoint folder: a diffusers folder, or an original single file."""
+        from ..pipeline import LatentDiffusionPipeline
+
+        if entry.is_folder:
+            return LatentDiffusionPipeline.from_pretrained(entry.path, device=self.device,
+                                                           allow_pickle=self.allow_pickle)
+        return LatentDiffusionPipeline.from_single_file(entry.path, device=self.device, allow_pickle=self.allow_pickle)
+
 
 def model_name_of(source) -> str:
     """The name a starting model (--model: a folder, a file or a Hub id; None: the bundled one) is listed under."""
