@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..sampling.schedulers import SCHEDULERS
 from ..settings import fields_of, meta
+from .api_config import add_flags as api_flags, config_from_args as api_config_from
 from .generate import generate as generate_command
 
 
@@ -136,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     paired = commands.add_parser("compare", help="two `ldm eval` reports of the same prompts, image by image")
     paired.add_argument("reports", nargs=2, type=Path, help="two JSON reports, A and B")
 
-    serve = commands.add_parser("serve", help="serve a web page (Gradio) drawing with a model; needs the [web] extra")
+    serve = commands.add_parser("serve", help="serve a web page (Gradio) drawing with a model, and with --api "
+                                              "AUTOMATIC1111's HTTP API; needs the [web] and [api] extras")
     serve.add_argument("--model", default=None, help="model folder or Hub id (default: the bundled model)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     serve.add_argument("--port", type=int, default=7860)
@@ -144,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--controlnet", default=None, metavar="PATH",
                        help="a ControlNet (diffusers folder, Hub id or original .safetensors file) for the page's "
                             "Control tab")
+    api_flags(serve)
     return parser
 
 
@@ -152,16 +155,32 @@ def serve(args: argparse.Namespace) -> None:
 
     if not 1 <= args.port <= 65535:
         raise ValueError(f"--port: got {args.port}; expected 1 to 65535")
+
+    def load():
+        pipe = LatentDiffusionPipeline.from_pretrained(args.model, device=args.device)
+        if args.controlnet is not None:  # the page's Control tab draws with it
+            from ..loading.controlnet import load_controlnet
+
+            pipe.controlnet = load_controlnet(args.controlnet, torch_dtype=pipe.dtype).to(pipe.device)
+        return pipe
+
+    config = api_config_from(args, load)  # checked before any model loads
+    host = "0.0.0.0" if args.listen else args.host
     try:
-        from .web import serve as serve_app
+        if config is None or not args.nowebui:
+            from .web import serve as serve_page
     except ImportError as error:
         raise ValueError(f"serve: the web page needs Gradio ({error}); pip install 'ldm-pipeline[web]'") from None
-    pipe = LatentDiffusionPipeline.from_pretrained(args.model, device=args.device)
-    if args.controlnet is not None:
-        from ..loading.controlnet import load_controlnet
-
-        pipe.controlnet = load_controlnet(args.controlnet, torch_dtype=pipe.dtype).to(pipe.device)
-    serve_app(pipe, host=args.host, port=args.port)
+    if config is None:
+        return serve_page(load(), host=host, port=args.port)
+    try:
+        from .api import serve as serve_api
+    except ImportError as error:
+        raise ValueError(f"serve --api: needs FastAPI and uvicorn ({error}); pip install 'ldm-pipeline[api]'") from None
+    if host != "127.0.0.1" and not config.auth:
+        print(f"ldm: warning: the API listens on {host} without --api-auth: anyone who reaches it can use it",
+              file=sys.stderr)
+    serve_api(load(), host=host, port=args.port, config=config, webui=not args.nowebui)
 
 
 def compare(args: argparse.Namespace) -> None:

@@ -15,7 +15,6 @@ import shutil
 import signal
 import sys
 import tempfile
-import threading
 from collections import deque
 from pathlib import Path
 
@@ -40,12 +39,12 @@ from ..sampling.schedulers import SCHEDULERS  # noqa: E402
 from ..settings import default  # noqa: E402
 from .web_control import (NO_CONTROLNET, control_arguments, control_controls, followed_picture,  # noqa: E402
                           drawn as _drawn, hires_arguments, hires_controls, whole as _whole)
+from .runner import Runner  # noqa: E402
 from .web_inpaint import inpaint_controls, picture_and_mask  # noqa: E402
 
 MODEL_SCHEDULER = "model default"  # the scheduler the pipeline already has
 RANDOM_SEED = -1
 KEEP_CALLS = 64  # the output folders of this many recent calls stay on disk (Gradio copies what it serves)
-PREVIEWS = 10  # about this many live previews of the predicted image per run (see sampling.previews)
 PREVIEW_POLL = 0.5  # seconds between the page's looks at the latest preview
 
 
@@ -88,19 +87,15 @@ def _define_reference_image():
 _ReferenceImage = _without_type_stubs(_define_reference_image)
 
 
-class _Runner:
-    """Runs calls on one pipeline, one at a time; writes their PNGs; lets a session stop its own run."""
+class _Runner(Runner):
+    """The shared `Runner`, plus the page's side: each call's PNGs written into a private folder, and a
+    session's stop button and live previews."""
 
     def __init__(self, pipe):
-        self.pipe = pipe
-        self.lock = threading.Lock()
+        super().__init__(pipe)
         self.folder = _private_folder("ldm-web-images-")
         self.recent: deque[Path] = deque()
         self.count = 0
-        self.running: str | None = None  # session of the call now running
-        self.stop_requested: set[str] = set()
-        self.last_steps_run: int | None = None  # of the last call, for tests and logs
-        self.previews: dict[str | None, PIL.Image.Image] = {}  # session -> latest preview not yet shown
 
     def latest_preview(self, request: gr.Request | None = None):
         """The session's newest live preview (its first image), once; no change when there is none."""
@@ -108,40 +103,18 @@ class _Runner:
         return picture if picture is not None else gr.skip()
 
     def stop(self, request: gr.Request | None = None):
-        session = getattr(request, "session_hash", None)
-        if session is not None and session == self.running:
-            self.stop_requested.add(session)
+        super().stop(getattr(request, "session_hash", None))
 
     def run(self, session: str | None, progress, scheduler: str, **arguments) -> tuple[list[str], int]:
-        steps = arguments["num_inference_steps"]
-        total = max(1, int(steps * arguments["strength"])) if arguments.get("image") is not None else steps
-        if arguments.get("hires_fix"):  # and the refining pass's steps
-            total += int((arguments["hires_steps"] or steps) * arguments["hires_strength"])
-        done = [0]
-
-        def callback(step, timestep, latents):
-            done[0] += 1
-            progress((min(done[0], total), total), desc="denoising", unit="steps")
-            return False if session in self.stop_requested else None
+        def on_step(done, total):
+            progress((done, total), desc="denoising", unit="steps")
 
         with self.lock:
-            self.running = session
-            self.stop_requested.discard(session)
-            original, net = self.pipe.scheduler, self.pipe.controlnet
             try:
-                if scheduler != MODEL_SCHEDULER:
-                    self.pipe.set_scheduler(scheduler)
-                if "control_image" not in arguments:  # the pipeline's ControlNet steers the Control tab's calls only
-                    self.pipe.controlnet = None
-                result = self.pipe(callback=callback, progress=False, preview=lambda shown: self.previews.update({
-                                       session: shown[0]}), preview_every=max(1, steps // PREVIEWS), **arguments)
+                result = self.draw(session, None if scheduler == MODEL_SCHEDULER else scheduler, on_step,
+                                   **arguments)
             except (ValueError, TypeError) as error:
                 raise gr.Error(str(error), print_exception=False) from None
-            finally:
-                self.pipe.scheduler, self.pipe.controlnet = original, net
-                self.running = None
-                self.stop_requested.discard(session)
-            self.last_steps_run = result.steps_run
             self.count += 1
             out = self.folder / f"{self.count:06d}"
             paths = result.save(out)

@@ -113,26 +113,37 @@ def _hires(settings: dict[str, str], fields: dict) -> dict:
     return hires
 
 
+def split_parameters(text: str) -> tuple[str, str, dict[str, str]]:
+    """A1111's `parameters` text -> (prompt, negative prompt, {key: value} of the settings line, as text).
+
+    Without a settings line (no `Steps:`), all of the text is the prompt and the settings are {}.
+    """
+    lines = text.strip().split("\n")
+    settings = _split_settings(lines[-1]) if len(lines) > 1 else {}
+    if "Steps" not in settings:
+        return text.strip(), "", {}
+    body = "\n".join(lines[:-1])
+    prompt, _, negative = body.partition("\nNegative prompt:")
+    if body.startswith("Negative prompt:"):
+        prompt, negative = "", body[len("Negative prompt:"):]
+    return prompt.strip(), negative.strip(), settings
+
+
 def parse_parameters(text: str, source: str = "parameters") -> dict:
     """A1111's `parameters` text -> `Recipe` fields (only those the text gives).
 
     Args:
         source: the file it came from, for error messages.
     """
-    lines = text.strip().split("\n")
-    settings = _split_settings(lines[-1]) if len(lines) > 1 else {}
+    prompt, negative, settings = split_parameters(text)
     if "Steps" not in settings:
         raise ValueError(f"`path`: the 'parameters' chunk of {source!r} has no settings line (Steps: ...)")
-    body = "\n".join(lines[:-1])
-    prompt, _, negative = body.partition("\nNegative prompt:")
-    if body.startswith("Negative prompt:"):
-        prompt, negative = "", body[len("Negative prompt:"):]
     sampler = settings.get("Sampler", "DDIM")
     karras = settings.get("Schedule type", "").lower() == "karras" or sampler.endswith(" Karras")
     sampler = sampler.removesuffix(" Karras")
     names = [ours for ours, theirs in SAMPLERS.items() if theirs == sampler]
     scheduler = ("dpm++_karras" if karras else "dpm++") if sampler == "DPM++ 2M" else (names[0] if names else sampler)
-    fields = dict(prompt=prompt.strip(), negative_prompt=negative.strip(), scheduler=scheduler,
+    fields = dict(prompt=prompt, negative_prompt=negative, scheduler=scheduler,
                   model=settings.get("Model"), model_hash=settings.get("Model hash"),
                   prompt_weighting=True, prompt_composition=len(split_prompt(prompt)) > 1)
     try:
