@@ -97,6 +97,20 @@ def test_txt2img_answers_pngs_carrying_recipes_with_a_direct_calls_pixels(shapes
     assert recipe.negative_prompt == "a blue square"
 
 
+def test_txt2img_with_the_hires_fix_draws_the_pipelines_hires_pixels(shapes, client):
+    body = dict(prompt="a red circle in the top left", seed=2, enable_hr=True, hr_scale=1.5, hr_upscaler="Lanczos",
+                hr_second_pass_steps=6, denoising_strength=0.5, **FAST)
+    answer = client.post(TXT2IMG, json=body)
+    assert answer.status_code == 200, answer.text
+    image = opened(answer.json()["images"][0])
+    assert image.size == (96, 96)
+    expected = direct(shapes, prompt=body["prompt"], seed=2, num_inference_steps=4, hires_fix=True, hires_scale=1.5,
+                      hires_upscaler="lanczos", hires_steps=6, hires_strength=0.5).images[0]
+    np.testing.assert_array_equal(rgb(image), rgb(expected))
+    info = json.loads(answer.json()["info"])["infotexts"][0]
+    assert "Hires upscale: 1.5" in info and "Hires upscaler: Lanczos" in info and "Denoising strength: 0.5" in info
+
+
 def test_seed_minus_one_draws_a_random_seed_that_info_records(client):
     first, second = (json.loads(client.post(TXT2IMG, json=dict(prompt="a red circle", seed=-1, **FAST)).json()["info"])
                      for _ in range(2))
@@ -280,7 +294,7 @@ BAD = [
     (TXT2IMG, {"batch_size": 9}, 400), (TXT2IMG, {"n_iter": 1000}, 400), (TXT2IMG, {"seed": -5}, 400),
     (TXT2IMG, {"seed": 2**70}, 400), (TXT2IMG, {"sampler_name": "Euler z"}, 400),
     (TXT2IMG, {"scheduler": "exponential"}, 400), (TXT2IMG, {"sampler_name": "Euler", "scheduler": "karras"}, 400),
-    (TXT2IMG, {"enable_hr": True}, 400), (TXT2IMG, {"restore_faces": True}, 400), (TXT2IMG, {"styles": ["x"]}, 400),
+    (TXT2IMG, {"enable_hr": True, "hr_upscaler": "ESRGAN_4x"}, 400), (TXT2IMG, {"restore_faces": True}, 400), (TXT2IMG, {"styles": ["x"]}, 400),
     (TXT2IMG, {"override_settings": {"CLIP_stop_at_last_layers": 2}}, 400),
     (TXT2IMG, {"override_settings": {"sd_model_checkpoint": "../x"}}, 400), (TXT2IMG, {"prompt": "a" * 30_000}, 400),
     (TXT2IMG, {"prompt": "<lora:../x:1>"}, 400), (TXT2IMG, {"prompt": "<lora:/etc/passwd:1>"}, 400),

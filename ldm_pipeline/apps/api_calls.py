@@ -132,12 +132,15 @@ def adapter_names(loras: list[tuple[Entry, float]]) -> list[str]:
 def check_supported(request, img2img: bool) -> None:
     """Refuse what A1111 can do and this server cannot (rather than draw something else).
 
-    A feature the pipeline gains (hires fix: enable_hr, hr_scale, hr_upscaler, hr_second_pass_steps,
-    hr_resize_x/y with denoising_strength) leaves this list for `plan`, which maps its fields.
+    The hires fix's own checkpoint, sampler and prompts are refused; its other fields map to the pipeline's.
     """
     r = request
     refused = [
-        (r.enable_hr, "enable_hr: hires fix is not available yet"),
+        (r.enable_hr and r.hr_checkpoint_name not in (None, "", "Use same checkpoint"),
+         "hr_checkpoint_name: the hires pass uses the same model"),
+        (r.enable_hr and r.hr_sampler_name not in (None, "", "Use same sampler"),
+         "hr_sampler_name: the hires pass uses the same sampler"),
+        (r.enable_hr and (r.hr_prompt or r.hr_negative_prompt), "hr_prompt: the hires pass uses the same prompts"),
         (r.restore_faces, "restore_faces: face restoration is not available"),
         (r.tiling, "tiling: tiling is not available"),
         (r.styles, "styles: saved prompt styles are not available; put them in the prompt"),
@@ -165,6 +168,21 @@ def check_supported(request, img2img: bool) -> None:
         raise ValueError(f"override_settings: only sd_model_checkpoint can be overridden (got {sorted(unknown)})")
 
 
+HIRES_UPSCALERS = {"latent": "latent", "lanczos": "lanczos"}  # A1111's names (lower case) -> ours
+
+
+def hires_arguments(request) -> dict:
+    """A txt2img request's hires fix (enable_hr, hr_scale, hr_upscaler, hr_second_pass_steps, hr_resize_x/y,
+    denoising_strength) as the pipeline's hires settings."""
+    upscaler = (request.hr_upscaler or "Latent").lower()
+    if upscaler not in HIRES_UPSCALERS:
+        raise ValueError(f"hr_upscaler: got {request.hr_upscaler!r}; expected Latent or Lanczos")
+    strength = request.denoising_strength if request.denoising_strength is not None else 0.7
+    return dict(hires_fix=True, hires_scale=request.hr_scale, hires_upscaler=HIRES_UPSCALERS[upscaler],
+                hires_steps=request.hr_second_pass_steps or None, hires_strength=strength,
+                hires_width=request.hr_resize_x or None, hires_height=request.hr_resize_y or None)
+
+
 def check_limits(request, config: ApiConfig, default_steps: int) -> None:
     """The server's limits (`api_config.Limits`), on the values the call would use."""
     limits = config.limits
@@ -174,6 +192,11 @@ def check_limits(request, config: ApiConfig, default_steps: int) -> None:
                ("batch_size x n_iter", request.batch_size * request.n_iter, limits.images),
                ("prompt (characters)", len(request.prompt), limits.prompt),
                ("negative_prompt (characters)", len(request.negative_prompt), limits.prompt)]
+    if getattr(request, "enable_hr", False):  # the hires pass's size (the model's own size is at most `size` too)
+        side = max(request.width or 0, request.height or 0)  # 0: the model's own size, which the guard checks
+        scaled = int(side * request.hr_scale) if side and not (request.hr_resize_x or request.hr_resize_y) else None
+        checked += [("hr_resize_x", request.hr_resize_x, limits.size), ("hr_resize_y", request.hr_resize_y, limits.size),
+                    ("hires size (hr_scale x the size)", scaled, limits.size)]
     if hasattr(request, "mask_blur"):
         checked += [("mask_blur", max(request.mask_blur or 0, request.mask_blur_x), limits.size),
                     ("inpaint_full_res_padding", request.inpaint_full_res_padding, limits.size)]
@@ -205,6 +228,8 @@ def plan(request, config: ApiConfig, img2img: bool, default_steps: int) -> Plan:
                      height=request.height, num_images_per_prompt=request.batch_size)
     if request.eta is not None:
         arguments["eta"] = request.eta
+    if not img2img and request.enable_hr:
+        arguments.update(hires_arguments(request))
     max_pixels = config.limits.picture_pixels
     if img2img:
         if len(request.init_images) != 1:

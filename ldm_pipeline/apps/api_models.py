@@ -60,7 +60,7 @@ class Txt2ImgRequest(_Request):
                                                             "still taken out of the prompt)")
     firstphase_width: int = 0
     firstphase_height: int = 0
-    enable_hr: bool = Field(False, description="hires fix: not available yet")
+    enable_hr: bool = Field(False, description="hires fix: draw, upscale by hr_scale (or to hr_resize_x/y), refine")
     hr_scale: float = 2.0
     hr_upscaler: str | None = None
     hr_second_pass_steps: int = 0
