@@ -396,7 +396,7 @@ def test_lists_of_samplers_schedulers_and_embeddings(client):
     samplers = [s["name"] for s in client.get("/sdapi/v1/samplers").json()]
     assert {"Euler a", "DPM++ 2M", "DDIM", "LCM"} <= set(samplers)
     assert [s["name"] for s in client.get("/sdapi/v1/schedulers").json()] == ["automatic", "karras"]
-    assert client.get("/sdapi/v1/embeddings").json() == {"loaded": {}, "skipped": {}}
+    assert client.get("/sdapi/v1/embeddings").json() == {"loaded": {}, "skipped": {}}  # no --embeddings-dir
     assert client.get("/sdapi/v1/loras").json() == []
     assert client.get("/controlnet/model_list").json() == {"model_list": []}
     for name in samplers:
@@ -552,3 +552,26 @@ if schema is not None:
               suppress_health_check=list(HealthCheck))
     def test_no_request_the_openapi_schema_allows_gets_a_server_error(case, _served):
         case.call_and_validate(checks=[schemathesis.checks.not_a_server_error])
+
+
+def test_embeddings_of_the_folder_are_loaded_listed_and_drawn_with(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    pipe = LatentDiffusionPipeline.from_pretrained()
+    width = pipe.text_encoder.get_input_embeddings().weight.shape[-1]
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    torch.manual_seed(0)
+    save_file({"emb_params": torch.randn(2, width)}, folder / "starry.safetensors")
+    save_file({"emb_params": torch.randn(1, width + 1)}, folder / "wrong.safetensors")  # another model's width
+    (folder / "notes.txt").write_text("not an embedding")
+    client = TestClient(build_api(Runner(pipe), ApiConfig(embeddings_dir=folder, load_model=lambda: pipe)))
+    listed = client.get("/sdapi/v1/embeddings").json()
+    assert listed["loaded"] == {"starry": {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                                           "shape": width, "vectors": 2}}
+    assert list(listed["skipped"]) == ["wrong"] and "features per vector" in listed["skipped"]["wrong"]["error"]
+    answer = client.post(TXT2IMG, json=dict(prompt="a starry circle", seed=1, **FAST)).json()
+    plain = client.post(TXT2IMG, json=dict(prompt="a circle", seed=1, **FAST)).json()
+    assert not np.array_equal(rgb(opened(answer["images"][0])), rgb(opened(plain["images"][0])))
+    assert "TI hashes" in json.loads(answer["info"])["infotexts"][0]

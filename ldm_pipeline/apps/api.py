@@ -30,7 +30,7 @@ from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
 from .. import __version__
 from . import api_calls
-from .api_config import ApiConfig, Entry
+from .api_config import ApiConfig, Entry, load_embeddings
 from .api_models import (EmbeddingsResponse, ImageResponse, Img2ImgRequest, LoraItem, PngInfoRequest,
                          PngInfoResponse, ProgressResponse, ProgressState, SamplerItem, SchedulerItem, SDModelItem,
                          Txt2ImgRequest)
@@ -91,6 +91,7 @@ class Api:
         self.waiting = 0
         self.waiting_lock = threading.Lock()
         self.nets: collections.OrderedDict[str, Any] = collections.OrderedDict()
+        self.embeddings = load_embeddings(runner.pipe, config.embeddings_dir, config.allow_pickle)
 
     # -- models -----------------------------------------------------------------------------
 
@@ -106,7 +107,8 @@ class Api:
         previous = self.model
         if name != self.model:
             load = self._loader(name)
-            self.runner.switch(load)
+            pipe = self.runner.switch(load)
+            self.embeddings = load_embeddings(pipe, self.config.embeddings_dir, self.config.allow_pickle)
             self.model = name
         return previous
 
@@ -324,7 +326,8 @@ def build_api(runner: Runner, config: ApiConfig | None = None, app: FastAPI | No
 
     @app.get("/sdapi/v1/embeddings", response_model=EmbeddingsResponse, tags=["sdapi"], **guarded)
     async def embeddings():
-        return EmbeddingsResponse(loaded={}, skipped={})  # textual inversion embeddings go here once there are any
+        loaded, skipped = api.embeddings
+        return EmbeddingsResponse(loaded=loaded, skipped=skipped)
 
     @app.post("/sdapi/v1/interrupt", tags=["sdapi"], **guarded)
     async def interrupt() -> dict:

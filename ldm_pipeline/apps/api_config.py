@@ -177,6 +177,7 @@ class ApiConfig:
     ckpt_dir: Path | None = None
     lora_dir: Path | None = None
     controlnet_dir: Path | None = None
+    embeddings_dir: Path | None = None  # textual-inversion embeddings loaded into every model (A1111's folder)
     model_name: str | None = None  # default: the name the starting pipeline was loaded under
     load_model: object = None
     allow_pickle: bool = False
@@ -235,6 +236,8 @@ def add_flags(serve) -> None:
     for kind, flag in (("models", "--ckpt-dir"), ("LoRAs", "--lora-dir"), ("ControlNets", "--controlnet-dir")):
         serve.add_argument(flag, type=Path, default=None, metavar="DIR",
                            help=f"the folder API clients choose {kind} from (by name, never by path)")
+    serve.add_argument("--embeddings-dir", type=Path, default=None, metavar="DIR",
+                       help="textual-inversion embeddings loaded into the model (each under its file's name)")
     serve.add_argument("--allow-pickle", action="store_true",
                        help="let API clients choose pickled files (.ckpt, .pt, .bin; torch.load(weights_only=True))")
 
@@ -245,19 +248,46 @@ def config_from_args(args, load_model) -> ApiConfig | None:
         given = [flag for flag, value in (("--api-auth", args.api_auth), ("--api-limits", args.api_limits),
                                           ("--ckpt-dir", args.ckpt_dir), ("--lora-dir", args.lora_dir),
                                           ("--controlnet-dir", args.controlnet_dir),
+                                          ("--embeddings-dir", args.embeddings_dir),
                                           ("--allow-pickle", args.allow_pickle)) if value]
         if given:
             raise ValueError(f"{', '.join(given)}: apply to the API; add --api")
         return None
     for flag, folder in (("--ckpt-dir", args.ckpt_dir), ("--lora-dir", args.lora_dir),
-                         ("--controlnet-dir", args.controlnet_dir)):
+                         ("--controlnet-dir", args.controlnet_dir), ("--embeddings-dir", args.embeddings_dir)):
         if folder is not None and not folder.is_dir():
             raise ValueError(f"{flag}: {str(folder)!r} is not a folder")
     config = ApiConfig(limits=Limits.parse(args.api_limits), auth=parse_auth(args.api_auth), ckpt_dir=args.ckpt_dir,
-                       lora_dir=args.lora_dir, controlnet_dir=args.controlnet_dir, model_name=model_name_of(args.model),
+                       lora_dir=args.lora_dir, controlnet_dir=args.controlnet_dir,
+                       embeddings_dir=args.embeddings_dir, model_name=model_name_of(args.model),
                        load_model=load_model, allow_pickle=args.allow_pickle, device=args.device)
     if args.model is not None and Path(args.model).exists():  # a model of the folder is listed under its name there
         source = Path(args.model).resolve()
         config.model_name = next((e.name for e in config.entries("checkpoint").values() if e.path == source),
                                  config.model_name)
     return config
+
+
+def load_embeddings(pipe, folder: Path | None, allow_pickle: bool) -> tuple[dict, dict]:
+    """Load every embedding file of `folder` into `pipe` (as A1111 does at start and after a model switch).
+
+    Returns:
+        `(loaded, skipped)` as A1111's /embeddings reports them: name -> its vectors and width, or why not.
+    """
+    loaded, skipped = {}, {}
+    if folder is None:
+        return loaded, skipped
+    root = folder.resolve()
+    suffixes = {".safetensors", *(PICKLE_SUFFIXES if allow_pickle else ())}
+    for file in sorted(folder.iterdir()):
+        if file.suffix not in suffixes or not file.is_file() or file.resolve().parent != root:
+            continue  # another kind of file, or a link leading out of the folder
+        try:
+            token = pipe.load_textual_inversion(file, token=file.stem, allow_pickle=allow_pickle).embeddings[file.stem]
+        except (ValueError, TypeError, OSError, KeyError) as error:
+            skipped[file.stem] = {"error": str(error).splitlines()[0][:200]}
+            continue
+        width = pipe.text_encoder.get_input_embeddings().weight.shape[-1]
+        loaded[file.stem] = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": width,
+                             "vectors": token["vectors"]}
+    return loaded, skipped

@@ -175,7 +175,7 @@ class LoraItem(BaseModel):
 
 
 class EmbeddingsResponse(BaseModel):
-    loaded: dict[str, Any] = Field(description="textual inversion embeddings in use (none yet)")
+    loaded: dict[str, Any] = Field(description="textual-inversion embeddings of --embeddings-dir in use")
     skipped: dict[str, Any]
 
 
