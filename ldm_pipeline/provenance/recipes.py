@@ -120,7 +120,9 @@ class CallRecord:
         s = call.settings
         reasons = [why for given, why in ((call.seeds is None, "generator= was passed (give seed= instead)"),
                                           (s.latents is not None, "latents= was passed"),
-                                          (s.prompt_embeds is not None, "prompt embeddings were passed")) if given]
+                                          (s.prompt_embeds is not None, "prompt embeddings were passed"),
+                                          (call.image_latents is not None, "image= was latents (draw the "
+                                                                           "latents' own image first)")) if given]
         return cls(pipe=pipe, weights=fingerprint(pipe), settings=s, prompts=call.prompts, negatives=call.negatives,
                    scheduler=schedulers.scheduler_name(scheduler), scheduler_class=type(scheduler).__name__,
                    # diffusers' private entries say nothing of the schedule, and one is a list in set order
