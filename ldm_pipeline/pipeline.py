@@ -227,12 +227,13 @@ class LatentDiffusionPipeline(memory.MemoryMethods, adapters.AdapterMethods,
 
     # -- generation -------------------------------------------------------------------------
 
-    def encode_prompt(self, prompt: str | list[str], prompt_weighting: bool = False) -> torch.Tensor:
+    def encode_prompt(self, prompt: str | list[str], prompt_weighting: bool = False,
+                      clip_skip: int | None = None) -> torch.Tensor:
         """CLIP embeddings (B, L, D) of prompts, for `prompt_embeds=` / `negative_prompt_embeds=`.
 
         L is 77 times the windows the longest prompt needs (see `text.windows`)."""
         prompts = checks.prompts_of(prompt, None)
-        return text.encode_windows(self.tokenizer, self.text_encoder, prompts, None, prompt_weighting)
+        return text.encode_windows(self.tokenizer, self.text_encoder, prompts, None, prompt_weighting, clip_skip)
 
     @torch.no_grad()
     def __call__(

@@ -29,6 +29,10 @@ def xl_settings(pipe, s: GenerationSettings, prompts, count: int) -> GenerationS
     """The SDXL settings made plain: the second tower's prompts and negative prompts as one per prompt (None where
     the first's are read), sizes as tuples; refused on a one-tower model, as is what SDXL models do not take yet."""
     xl = pipe.added_layout is not None
+    if s.clip_skip:  # SDXL counts from the penultimate layer, one-tower models from the last
+        layers = min(encoder.config.num_hidden_layers for _, encoder in pipe.text_towers) - (1 if xl else 0)
+        if s.clip_skip > layers:
+            raise ValueError(f"`clip_skip`: got {s.clip_skip}; this model's text encoder has {layers} layer(s) to skip")
     if not xl:
         given = [name for name in XL_ONLY if _plain(getattr(s, name)) != _plain(default_of(name))]
         if given:
@@ -74,6 +78,8 @@ def image_latents(pipe, s: GenerationSettings, batch: int) -> torch.Tensor | Non
                          "(a base's output_type=\"latent\" images)")
     if s.denoising_start is not None and s.denoising_end is not None and s.denoising_start >= s.denoising_end:
         raise ValueError(f"`denoising_start`: {s.denoising_start} is not before `denoising_end` {s.denoising_end}")
+    if s.denoising_end is not None and s.mask_image is not None:
+        raise ValueError("`denoising_end`: inpainting runs the whole schedule; it does not hand off part-way")
     if s.denoising_end is not None and s.hires_fix:
         raise ValueError("`denoising_end`: stops the schedule early for a refiner; it does not go with hires_fix")
     if not is_latents:

@@ -202,3 +202,91 @@ def test_base_hands_off_to_the_refiner_as_diffusers_does(base, refiner, base_par
     _close(mine, reference)
     output = refiner(prompts, seed=4, image=latents, denoising_start=0.7, progress=False, **shared)
     assert output.steps_run == 3 and output.recipes()[0].not_reproducible  # latents are not in the recipe
+
+
+# -- folders, recipes, errors --------------------------------------------------------------------------
+
+
+def test_sdxl_folders_round_trip_offline_and_load_as_diffusers_writes_them(base, refiner, base_parts, refiner_parts,
+                                                                           tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    kwargs = dict(height=16, width=16, output_type="np", seed=6, **FAST)
+    for ours, theirs_cls, parts, config, name in (
+            (base, StableDiffusionXLPipeline, base_parts, {}, "base"),
+            (refiner, StableDiffusionXLImg2ImgPipeline, refiner_parts,
+             dict(requires_aesthetics_score=True, force_zeros_for_empty_prompt=False), "refiner")):
+        call = dict(kwargs, image=_picture(16, 16), strength=0.5) if name == "refiner" else kwargs
+        drawn = ours("a red circle", **call).images
+        saved = ours.save_pretrained(tmp_path / name)
+        loaded = LatentDiffusionPipeline.from_pretrained(saved)  # the base class finds the SDXL sibling
+        assert type(loaded) is LatentDiffusionXLPipeline and loaded.is_refiner == (name == "refiner")
+        assert loaded.settings == ours.settings
+        # the same weights, bit for bit; a weight read in place from the file may sit at another memory alignment,
+        # which changes a matrix product's rounding in the last bit
+        np.testing.assert_allclose(loaded("a red circle", **call).images, drawn, atol=1e-5, rtol=0)
+        assert loaded.model_hash() == ours.model_hash()
+        reread = theirs_cls.from_pretrained(saved)  # diffusers reads our folder ...
+        assert reread.config.get("requires_aesthetics_score", False) == (name == "refiner")
+        _theirs(theirs_cls, parts, **config).save_pretrained(tmp_path / f"diffusers-{name}")  # ... and we read its
+        from_diffusers = LatentDiffusionPipeline.from_pretrained(tmp_path / f"diffusers-{name}")
+        assert from_diffusers.settings == ours.settings
+        np.testing.assert_allclose(from_diffusers("a red circle", **call).images, drawn, atol=1e-5, rtol=0)
+
+
+def test_recipes_keep_the_sdxl_settings_and_reproduce_draws_the_same_pixels(base, tmp_path):
+    output = base(["a red circle", "a cat"], prompt_2=["a blue square", None], negative_prompt="blurry",
+                  negative_prompt_2="green", seed=8, clip_skip=1, original_size=(32, 32),
+                  crops_coords_top_left=(2, 4), height=16, width=16, **FAST)
+    recipes = output.recipes()
+    assert [r.prompt_2 for r in recipes] == ["a blue square", None]
+    assert [r.negative_prompt_2 for r in recipes] == ["green", "green"]
+    assert (recipes[0].clip_skip, recipes[0].original_size, recipes[0].crops_coords_top_left) == (1, (32, 32), (2, 4))
+    assert recipes[0].guidance_scale == 5.0  # SDXL's default
+    for path, first in zip(output.save(tmp_path / "drawn"), output.images):  # each image alone, from its PNG
+        again = base.reproduce(path, progress=False)
+        np.testing.assert_array_equal(np.asarray(again.images[0]), np.asarray(first))
+
+
+def test_the_refiner_reproduces_its_image_to_image(refiner, tmp_path):
+    output = refiner("a cat", image=_picture(16, 16), strength=0.5, aesthetic_score=8.0, seed=2, **FAST)
+    assert output.recipes()[0].aesthetic_score == 8.0
+    again = refiner.reproduce(output.recipes(), image=_picture(16, 16), progress=False)
+    np.testing.assert_array_equal(np.asarray(again.images[0]), np.asarray(output.images[0]))
+
+
+def test_a_one_tower_model_refuses_the_sdxl_settings_and_takes_clip_skip(pipe):
+    for name, value in (("prompt_2", "a cat"), ("original_size", (32, 32)), ("aesthetic_score", 7.0)):
+        with pytest.raises(ValueError, match=f"`{name}`: this model has one text encoder"):
+            pipe("a red circle", **{name: value}, **FAST)
+    skipped = pipe("a red circle", seed=1, clip_skip=1, output_type="np", **FAST).images
+    plain = pipe("a red circle", seed=1, output_type="np", **FAST).images
+    assert np.abs(skipped - plain).max() > 0.01
+    hidden = pipe.text_encoder(pipe.tokenizer(["a red circle"], padding="max_length", return_tensors="pt").input_ids,
+                               output_hidden_states=True).hidden_states[-2]
+    np.testing.assert_allclose(pipe.encode_prompt("a red circle", clip_skip=1),
+                               pipe.text_encoder.final_layer_norm(hidden).detach(), atol=1e-6)
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (dict(denoising_start=0.5), "`denoising_start`: goes on from latents"),
+    (dict(denoising_end=0.001), "leaves no step to run"),
+    (dict(clip_skip=5), "`clip_skip`"),
+    (dict(prompt_2=["a", "b"]), "`prompt_2`"),
+    (dict(hires_fix=True), "`hires_fix`"),
+    (dict(prompt_embeds=torch.zeros(1, 77, 56)), "`pooled_prompt_embeds`"),
+])
+def test_bad_sdxl_calls_are_refused_with_the_setting_named(base, arguments, message):
+    prompt = None if "prompt_embeds" in arguments else "a cat"
+    with pytest.raises(ValueError, match=message):
+        base(prompt, height=16, width=16, **arguments, **FAST)
+
+
+def test_an_fp16_vae_with_force_upcast_decodes_in_fp32(base):
+    latents = base("a cat", seed=1, height=16, width=16, output_type="latent", **FAST).images
+    from ldm_pipeline.runtime.guards import decode_checked
+
+    full = decode_checked(base.vae, latents)
+    base.vae.to(torch.float16)
+    upcast = decode_checked(base.vae, latents.half(), upcast=True)
+    assert upcast.dtype == torch.float32 and base.vae.dtype == torch.float16
+    torch.testing.assert_close(upcast, full, atol=2e-3, rtol=0)

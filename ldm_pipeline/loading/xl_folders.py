@@ -126,9 +126,12 @@ def save_xl_components(components: dict, path: str | os.PathLike, settings: dict
     if target.exists() and (not target.is_dir() or (any(target.iterdir()) and
                                                     not (target / "model_index.json").is_file())):
         raise ValueError(f"`save_directory`: {str(target)!r} exists and is not a model folder; choose another path")
-    refiner = components.get("text_encoder") is None
+    # diffusers' text-to-image class takes no aesthetic score: a refiner's folder names the image-to-image one
+    image_to_image = components.get("text_encoder") is None or settings.get("requires_aesthetics_score")
+    if not image_to_image:
+        settings = {k: v for k, v in settings.items() if k != "requires_aesthetics_score"}
     with atomic_folder(target) as staging:
-        index = {"_class_name": "StableDiffusionXLImg2ImgPipeline" if refiner else "StableDiffusionXLPipeline",
+        index = {"_class_name": "StableDiffusionXLImg2ImgPipeline" if image_to_image else "StableDiffusionXLPipeline",
                  "_diffusers_version": diffusers.__version__, "feature_extractor": [None, None],
                  "image_encoder": [None, None], **settings}
         for name in XL_COMPONENTS:

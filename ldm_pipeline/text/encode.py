@@ -88,7 +88,8 @@ def encode_windows(tokenizer, text_encoder, prompts: list[str], chunks: int | No
     tokens = token_batch(tokenizer, prompts, chunks, weighting)
     if clip_skip:
         output = run_encoder(text_encoder, tokens, hidden_layer=-(clip_skip + 1))
-        hidden = text_encoder.text_model.final_layer_norm(output.hidden_states[-(clip_skip + 1)])
+        final_norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm  # transformers 4 nests it
+        hidden = final_norm(output.hidden_states[-(clip_skip + 1)])
     else:
         hidden = run_encoder(text_encoder, tokens)[0]
     hidden = hidden.reshape(len(prompts), -1, hidden.shape[-1])  # the chunks of a prompt, one after another
