@@ -42,8 +42,10 @@ class _RecipeMethods:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Recipe":
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        known = {f.name: f.type for f in dataclasses.fields(cls)}
+        # JSON has no tuples: SDXL's sizes (recipe type tuple) come back as lists
+        return cls(**{k: tuple(v) if isinstance(v, list) and known[k] in (tuple, tuple | None) else v
+                      for k, v in data.items() if k in known})
 
     def parameters(self) -> str:
         """This recipe as A1111's `parameters` text (see `infotext`)."""
