@@ -181,7 +181,8 @@ class LatentDiffusionXLPipeline(LatentDiffusionPipeline):
 
     @torch.no_grad()
     def encode_prompt(self, prompt: str | list[str], prompt_2: str | list[str] | None = None,
-                      prompt_weighting: bool = False, clip_skip: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      prompt_weighting: bool = False,
+                      clip_skip: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The context (B, L, D) and pooled projection (B, P) of prompts, for `prompt_embeds=` and
         `pooled_prompt_embeds=` (or their negatives). L is 77 times the windows the longest prompt needs."""
         prompts = checks.prompts_of(prompt, None)

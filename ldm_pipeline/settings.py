@@ -255,7 +255,7 @@ class GenerationSettings:
     # the UNet's size and aesthetic conditions; a one-tower model refuses those it cannot use
     prompt_2: str | list[str] | None = setting(  # text_encoder_2's prompt (default: `prompt`)
         recorded=PROMPT, recipe_type=str | None)
-    negative_prompt_2: str | list[str] | None = setting(  # text_encoder_2's negative prompt (default: `negative_prompt`)
+    negative_prompt_2: str | list[str] | None = setting(  # text_encoder_2's (default: `negative_prompt`)
         recorded=PROMPT, recipe_type=str | None)
     pooled_prompt_embeds: torch.Tensor | None = setting(recorded=None)  # with prompt_embeds: text_encoder_2's pooled
     negative_pooled_prompt_embeds: torch.Tensor | None = setting(recorded=None)

@@ -98,7 +98,8 @@ def resolve(pipe, settings: GenerationSettings) -> Call:
         generator = latent_ops.generators_for(seeds)
     work = inpaint.region(reference, mask, height, width, s.padding_mask_crop) if mask is not None else None
     return Call(settings=s, prompts=prompts, negatives=negatives, batch=batch, reference=reference, seeds=seeds,
-                generator=generator, region=work, controls=controls, prompts_2=s.prompt_2, negatives_2=s.negative_prompt_2,
+                generator=generator, region=work, controls=controls, prompts_2=s.prompt_2,
+                negatives_2=s.negative_prompt_2,
                 image_latents=image_latents)
 
 

@@ -1,6 +1,7 @@
 """SDXL: tiny random SDXL-shaped components (a base and a refiner) draw diffusers' SDXL pixels."""
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -290,3 +291,55 @@ def test_an_fp16_vae_with_force_upcast_decodes_in_fp32(base):
     upcast = decode_checked(base.vae, latents.half(), upcast=True)
     assert upcast.dtype == torch.float32 and base.vae.dtype == torch.float16
     torch.testing.assert_close(upcast, full, atol=2e-3, rtol=0)
+
+
+# -- original single files ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["base", "refiner"])
+def test_original_single_files_load_offline_with_the_shipped_tokenizers(base, refiner, model, tmp_path, monkeypatch):
+    import json
+    import shutil
+    import socket
+
+    from safetensors.torch import save_file
+
+    from ldm_format import to_sdxl_state_dict
+    from ldm_pipeline.loading import single_file
+    from ldm_pipeline.loading.single_file import config_dir
+    from ldm_pipeline.loading.single_file_xl import guess_xl_config
+
+    def refuse(*args, **kwargs):
+        raise OSError("network access attempted in an offline test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    # this checkout's configs/ (an editable install of another checkout maps ldm_pipeline.configs there)
+    monkeypatch.setattr(single_file, "config_root", lambda: Path(__file__).resolve().parents[1] / "configs")
+    ours = base if model == "base" else refiner
+    checkpoint = tmp_path / f"tiny-{model}.safetensors"
+    save_file(to_sdxl_state_dict(ours.unet, ours.vae, ours.text_encoder, ours.text_encoder_2), checkpoint)
+    name = "sdxl" if model == "base" else "sdxl_refiner"
+    assert guess_xl_config(checkpoint, {k: () for k in __import__("safetensors").safe_open(
+        checkpoint, "pt").keys()}) == name
+    configs = ours.save_pretrained(tmp_path / "configs")  # the tiny architecture's configs, the shipped tokenizers'
+    for folder in ("tokenizer", "tokenizer_2"):
+        if (configs / folder).is_dir():
+            shutil.rmtree(configs / folder)
+            (configs / folder).mkdir()
+            shutil.copy(config_dir(name) / folder / "tokenizer_config.json", configs / folder)
+    loaded = LatentDiffusionXLPipeline.from_single_file(checkpoint, config=str(configs))
+    assert loaded.is_refiner == (model == "refiner") and loaded.settings == ours.settings
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        mine, theirs = getattr(ours, part), getattr(loaded, part)
+        if mine is None:
+            assert theirs is None
+            continue
+        state = theirs.state_dict()
+        for key, value in mine.state_dict().items():
+            assert torch.equal(state[key], value), (part, key)
+    assert loaded.tokenizer_2.pad_token == "!" and loaded.tokenizer_2("a photo of a cat").input_ids == [
+        49406, 320, 1125, 539, 320, 2368, 49407]
+    assert loaded.identity.name == f"tiny-{model}"
+    index = json.loads((config_dir(name) / "model_index.json").read_text())
+    assert index.get("requires_aesthetics_score", False) == (model == "refiner")
