@@ -99,8 +99,7 @@ def resolve(pipe, settings: GenerationSettings) -> Call:
     work = inpaint.region(reference, mask, height, width, s.padding_mask_crop) if mask is not None else None
     return Call(settings=s, prompts=prompts, negatives=negatives, batch=batch, reference=reference, seeds=seeds,
                 generator=generator, region=work, controls=controls, prompts_2=s.prompt_2,
-                negatives_2=s.negative_prompt_2,
-                image_latents=image_latents)
+                negatives_2=s.negative_prompt_2, image_latents=image_latents)
 
 
 def _check_hires(settings, pipe, image_given: bool) -> None:
