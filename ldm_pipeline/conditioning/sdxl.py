@@ -50,7 +50,7 @@ class Layout:
         """The packed (B, L + rows, D) context -> context (B, L, D), pooled (B, P), time ids (B, T)."""
         extra = packed[:, -self.rows:].reshape(packed.shape[0], -1)
         pooled, time_ids = extra[:, :self.pooled_dim], extra[:, self.pooled_dim:self.pooled_dim + self.time_dim]
-        return packed[:, :-self.rows], pooled, time_ids
+        return packed[:, :-self.rows].contiguous(), pooled.contiguous(), time_ids.contiguous()
 
     def context_shape(self, packed_shape: tuple) -> tuple:
         """The (L, D) shape the UNet sees for a packed context's (L + rows, D)."""
