@@ -343,3 +343,30 @@ def test_original_single_files_load_offline_with_the_shipped_tokenizers(base, re
     assert loaded.identity.name == f"tiny-{model}"
     index = json.loads((config_dir(name) / "model_index.json").read_text())
     assert index.get("requires_aesthetics_score", False) == (model == "refiner")
+
+
+def test_the_command_line_draws_with_an_sdxl_folder_and_draws_it_again(base, tmp_path, capsys):
+    from ldm_pipeline.apps.cli import main
+
+    model = base.save_pretrained(tmp_path / "sdxl")
+    out, again = tmp_path / "cat.png", tmp_path / "again.png"
+    assert main(["generate", "a cat", "--model", str(model), "--steps", "3", "--seed", "5", "--size", "16x16",
+                 "--clip-skip", "1", "--out", str(out)]) == 0
+    assert main(["generate", "--from", str(out), "--model", str(model), "--out", str(again)]) == 0
+    with PIL.Image.open(out) as first, PIL.Image.open(again) as second:
+        assert np.array_equal(np.asarray(first), np.asarray(second))
+
+
+def test_long_weighted_and_composed_prompts_and_inpainting_run_on_sdxl(base):
+    kwargs = dict(height=16, width=16, output_type="np", seed=3, **FAST)
+    plain = base("a red circle", **kwargs).images
+    long = base("a red circle " + "in the top left " * 30, **kwargs)  # 120+ tokens: two windows in both towers
+    assert long.images.shape == plain.shape
+    weighted = base("a (red:1.5) circle", prompt_weighting=True, **kwargs).images
+    composed = base("a red circle AND a blue square", prompt_composition=True, **kwargs).images
+    assert np.abs(weighted - plain).max() > 0.001 and np.abs(composed - plain).max() > 0.001
+    mask = PIL.Image.new("L", (16, 16), 0)
+    mask.paste(255, (0, 0, 8, 16))
+    painted = base("a red circle", image=_picture(16, 16), mask_image=mask, mask_blur=0, **kwargs).images[0]
+    kept = np.asarray(_picture(16, 16), dtype=np.float32)[:, 8:] / 255
+    np.testing.assert_allclose(painted[:, 8:], kept, atol=1e-6)  # outside the mask: the picture itself
