@@ -370,3 +370,14 @@ def test_long_weighted_and_composed_prompts_and_inpainting_run_on_sdxl(base):
     painted = base("a red circle", image=_picture(16, 16), mask_image=mask, mask_blur=0, **kwargs).images[0]
     kept = np.asarray(_picture(16, 16), dtype=np.float32)[:, 8:] / 255
     np.testing.assert_allclose(painted[:, 8:], kept, atol=1e-6)  # outside the mask: the picture itself
+
+
+def test_clip_skip_is_a1111s_clip_skip_less_one_in_the_infotext():
+    from ldm_pipeline import Recipe
+    from ldm_pipeline.provenance import infotext
+
+    text = Recipe(prompt="a cat", seed=1, clip_skip=1).parameters()
+    assert "Clip skip: 2" in text and infotext.parse_parameters(text)["clip_skip"] == 1
+    plain = Recipe(prompt="a cat", seed=1).parameters()
+    assert "Clip skip" not in plain and "clip_skip" not in infotext.parse_parameters(plain)
+    assert "clip_skip" not in infotext.parse_parameters(plain.replace("Seed: 1", "Seed: 1, Clip skip: 1"))
