@@ -34,6 +34,9 @@ def xl_settings(pipe, s: GenerationSettings, prompts, count: int) -> GenerationS
         if s.clip_skip > layers:
             raise ValueError(f"`clip_skip`: got {s.clip_skip}; this model's text encoder has {layers} layer(s) to skip")
     if not xl:
+        if pipe.unet.config.get("addition_embed_type") == "text_time":
+            raise ValueError("`unet`: takes SDXL's added conditions (pooled text and size ids), which this "
+                             "pipeline does not give; use LatentDiffusionXLPipeline (from_pretrained finds it)")
         given = [name for name in XL_ONLY if _plain(getattr(s, name)) != _plain(default_of(name))]
         if given:
             raise ValueError(f"`{given[0]}`: this model has one text encoder and no added conditions; the SDXL "

@@ -381,3 +381,9 @@ def test_clip_skip_is_a1111s_clip_skip_less_one_in_the_infotext():
     plain = Recipe(prompt="a cat", seed=1).parameters()
     assert "Clip skip" not in plain and "clip_skip" not in infotext.parse_parameters(plain)
     assert "clip_skip" not in infotext.parse_parameters(plain.replace("Seed: 1", "Seed: 1, Clip skip: 1"))
+
+
+def test_the_one_tower_class_refuses_an_sdxl_unet_before_it_runs(base_parts):
+    parts = {k: v for k, v in base_parts.items() if k not in ("tokenizer_2", "text_encoder_2")}
+    with pytest.raises(ValueError, match="use LatentDiffusionXLPipeline"):
+        LatentDiffusionPipeline(**parts)("a cat", **FAST)
