@@ -1,10 +1,11 @@
 """The stages of a pipeline call, in the order `LatentDiffusionPipeline.__call__` runs them.
 
 1. `resolve`: the call's settings with the model's defaults filled in, every one checked
-2. `encode_text`: the prompts' contexts (and each composed part's) and the negative prompts'
+2. `encode_text`: the prompts' contexts (and each composed part's) and the negative prompts' (SDXL:
+   both towers', each row carrying its added conditions: `stages_xl`)
 3. `starting_latents`: noise, or the reference image noised to `strength` (inpainting: the picture
-   and what is kept of it), and the timesteps
-4. `model_for`: the UNet, or its compiled runner (a 9-channel inpainting UNet: wrapped)
+   and what is kept of it; a refiner: a base's latents), and the timesteps (cut at `denoising_end`)
+4. `model_for`: the UNet, or its compiled runner (a 9-channel inpainting UNet, an SDXL UNet: wrapped)
 5. `guidances_for`, `hooks_for`: classifier-free or composed guidance, CLIP guidance; after each step
    the known region put back (4-channel inpainting), the non-finite watch and previews
 6. the loop itself is `sampling.loop.denoise`
