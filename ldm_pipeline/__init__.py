@@ -16,14 +16,16 @@ from .guidance.clip_model import Clip
 from .images import load_image, make_grid
 from .loading.folders import ModelFileError, ModelNotFoundError
 from .pipeline import DEFAULT_MODEL, LatentDiffusionPipeline, PipelineOutput
+from .pipeline_xl import LatentDiffusionXLPipeline
 from .provenance.png import read_recipe, read_recipes
 from .provenance.recipes import Recipe
 from .runtime.guards import NonFiniteError
 from .sampling.schedulers import SCHEDULERS
 from .settings import GenerationSettings
 
-__all__ = ["Clip", "DEFAULT_MODEL", "GenerationSettings", "LatentDiffusionPipeline", "ModelFileError",
-           "ModelNotFoundError", "NonFiniteError", "PipelineOutput", "Recipe", "SCHEDULERS", "load_image", "make_grid", "read_recipe", "read_recipes"]
+__all__ = ["Clip", "DEFAULT_MODEL", "GenerationSettings", "LatentDiffusionPipeline", "LatentDiffusionXLPipeline",
+           "ModelFileError", "ModelNotFoundError", "NonFiniteError", "PipelineOutput", "Recipe", "SCHEDULERS",
+           "load_image", "make_grid", "read_recipe", "read_recipes"]
 __version__ = "0.1.0"
 
 # `from ldm_pipeline import previews` (and the other modules that once sat at the top) finds the module

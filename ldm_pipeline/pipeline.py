@@ -12,7 +12,7 @@ import torch
 from . import hires, images, stages
 from .adapters import lora as adapters, textual_inversion
 from .fast import compile as fast
-from .loading import folders as loading, single_file
+from .loading import folders as loading, single_file, xl_folders
 from .output import PipelineOutput
 from .provenance import reproduce
 from .provenance.hashes import ModelIdentity
@@ -52,7 +52,11 @@ class LatentDiffusionPipeline(memory.MemoryMethods, adapters.AdapterMethods,
         components = dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, scheduler=scheduler)
         loading.check_components(components)
         self.tokenizer, self.text_encoder, self.vae, self.unet, self.scheduler = components.values()
-        self.defaults = {**FALLBACK_DEFAULTS, **(defaults or {})}
+        self._init_state(defaults, controlnet)
+
+    def _init_state(self, defaults: dict | None, controlnet) -> None:
+        """What a pipeline keeps besides its components (shared with `LatentDiffusionXLPipeline`)."""
+        self.defaults = {**self.FALLBACK_DEFAULTS, **(defaults or {})}
         self.compiled: fast.CompiledUNet | None = None  # set by compile()
         self.embedding_cache = text.EmbeddingCache()  # repeated prompts and "" are encoded once
         self.identity = ModelIdentity()  # the model's name and hash, for recipes
@@ -68,6 +72,20 @@ class LatentDiffusionPipeline(memory.MemoryMethods, adapters.AdapterMethods,
     def components(self) -> dict:
         return dict(tokenizer=self.tokenizer, text_encoder=self.text_encoder, vae=self.vae, unet=self.unet,
                     scheduler=self.scheduler)
+
+    FALLBACK_DEFAULTS = FALLBACK_DEFAULTS
+    added_layout = None  # SDXL models: how the added conditions ride on the contexts (conditioning.sdxl.Layout)
+    vae_upcast = False  # SDXL models: an fp16 VAE decodes in fp32 (its config's `force_upcast`)
+
+    @property
+    def named_models(self) -> list[tuple[str, torch.nn.Module]]:
+        """The models with weights, by component name (what the model hash covers, in its order)."""
+        return [("text_encoder", self.text_encoder), ("vae", self.vae), ("unet", self.unet)]
+
+    @property
+    def text_towers(self) -> list[tuple]:
+        """(tokenizer, text encoder) of each text tower: one here, two for SDXL."""
+        return [(self.tokenizer, self.text_encoder)]
 
     # Read off the first weight: diffusers' `unet.device`/`unet.dtype` walk every module (2 ms a call).
     @property
@@ -87,7 +105,7 @@ class LatentDiffusionPipeline(memory.MemoryMethods, adapters.AdapterMethods,
         device = torch.device(device) if device is not None else self.device
         dtype = dtype or default_dtype(device)
         self.disable_model_cpu_offload()
-        for model in (self.text_encoder, self.vae, self.unet):
+        for _, model in self.named_models:
             if model.dtype != dtype:  # a same-dtype cast is a no-op, but diffusers warns about it
                 model.to(dtype=dtype)
             model.to(device=device)
@@ -119,7 +137,8 @@ class LatentDiffusionPipeline(memory.MemoryMethods, adapters.AdapterMethods,
         if batch is not None and (not checks.is_int(batch) or batch < 1):
             raise ValueError(f"`batch`: got {batch!r}; expected an integer >= 1 (the UNet's batch) or None")
         self.compiled = fast.compile_unet(self.unet, mode or fast.default_mode(self.device), cache_dir, verbose,
-                                          batch, height, width, self.vae_scale_factor, self.tokenizer.model_max_length)
+                                          batch, height, width, self.vae_scale_factor,
+                                          self.text_towers[0][0].model_max_length)
         return self
 
     def model_hash(self) -> str:
@@ -154,6 +173,8 @@ class LatentDiffusionPipeline(memory.MemoryMethods, adapters.AdapterMethods,
                         allow_pickle: bool = False) -> "LatentDiffusionPipeline":
         """Load a diffusers model folder, local or from the Hub; with no argument, the bundled model.
 
+        An SDXL folder (base or refiner) gives a `LatentDiffusionXLPipeline`.
+
         Args:
             path_or_id: a local folder or a Hub id such as "stable-diffusion-v1-5/stable-diffusion-v1-5".
             torch_dtype: defaults to fp16 on CUDA and fp32 on CPU.
@@ -169,6 +190,10 @@ class LatentDiffusionPipeline(memory.MemoryMethods, adapters.AdapterMethods,
             path_or_id = DEFAULT_MODEL
         device = torch.device(device or "cpu")
         folder = loading.resolve_model_dir(path_or_id)
+        if xl_folders.is_xl_folder(folder):  # SDXL (base or refiner): the two-tower sibling class
+            from .pipeline_xl import LatentDiffusionXLPipeline
+
+            return LatentDiffusionXLPipeline.from_pretrained(path_or_id, torch_dtype, device, allow_pickle)
         components = loading.load_components(folder, torch_dtype=torch_dtype or default_dtype(device),
                                              allow_pickle=allow_pickle)
         pipe = cls(**components, defaults=loading.read_defaults(folder))
@@ -197,17 +222,18 @@ class LatentDiffusionPipeline(memory.MemoryMethods, adapters.AdapterMethods,
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
         """Write the diffusers folder layout (safetensors), loadable by diffusers' StableDiffusionPipeline too."""
-        extra = {k: v for k, v in self.defaults.items() if FALLBACK_DEFAULTS.get(k) != v}
+        extra = {k: v for k, v in self.defaults.items() if self.FALLBACK_DEFAULTS.get(k) != v}
         return loading.save_components(self.components, save_directory, defaults=extra)
 
     # -- generation -------------------------------------------------------------------------
 
-    def encode_prompt(self, prompt: str | list[str], prompt_weighting: bool = False) -> torch.Tensor:
+    def encode_prompt(self, prompt: str | list[str], prompt_weighting: bool = False,
+                      clip_skip: int | None = None) -> torch.Tensor:
         """CLIP embeddings (B, L, D) of prompts, for `prompt_embeds=` / `negative_prompt_embeds=`.
 
         L is 77 times the windows the longest prompt needs (see `text.windows`)."""
         prompts = checks.prompts_of(prompt, None)
-        return text.encode_windows(self.tokenizer, self.text_encoder, prompts, None, prompt_weighting)
+        return text.encode_windows(self.tokenizer, self.text_encoder, prompts, None, prompt_weighting, clip_skip)
 
     @torch.no_grad()
     def __call__(
@@ -255,6 +281,21 @@ class LatentDiffusionPipeline(memory.MemoryMethods, adapters.AdapterMethods,
         hires_upscaler="latent",
         hires_steps: int | None = None,
         hires_strength: float = 0.7,
+        prompt_2: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        clip_skip: int | None = None,
+        denoising_end: float | None = None,
+        denoising_start: float | None = None,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] | None = None,
+        negative_target_size: tuple[int, int] | None = None,
+        aesthetic_score: float = 6.0,
+        negative_aesthetic_score: float = 2.5,
     ) -> PipelineOutput:
         """Draw images for prompts; with `image=`, start from that picture (image-to-image).
 
@@ -281,7 +322,11 @@ class LatentDiffusionPipeline(memory.MemoryMethods, adapters.AdapterMethods,
         `guess_mode` runs the nets on the prompt's copy only (see `conditioning.controlnet`).
         `hires_fix=True` draws at the base size, upscales by `hires_scale` (or to `hires_width` x
         `hires_height`) with `hires_upscaler` ("latent", "lanczos", a model file or a callable) and
-        refines with `hires_strength` of `hires_steps` (see `hires`).
+        refines with `hires_strength` of `hires_steps` (see `hires`). `clip_skip=N` reads the prompt N layers
+        before the text encoder's last. `denoising_end` stops at that share of the schedule (with
+        `output_type="latent"`, the latents a refiner goes on from); `denoising_start` goes on from there, `image`
+        being those latents. The SDXL settings (`prompt_2`, `negative_prompt_2`, pooled embeddings, the size and
+        aesthetic conditions) are `LatentDiffusionXLPipeline`'s; a one-tower model refuses them.
 
         Returns:
             `PipelineOutput` with `.images` (PIL list, np (B, H, W, 3), pt (B, 3, H, W) or
@@ -302,7 +347,13 @@ class LatentDiffusionPipeline(memory.MemoryMethods, adapters.AdapterMethods,
             control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end,
             guess_mode=guess_mode, hires_fix=hires_fix, hires_scale=hires_scale, hires_width=hires_width,
             hires_height=hires_height, hires_upscaler=hires_upscaler, hires_steps=hires_steps,
-            hires_strength=hires_strength))
+            hires_strength=hires_strength, prompt_2=prompt_2, negative_prompt_2=negative_prompt_2,
+            pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            clip_skip=clip_skip, denoising_end=denoising_end, denoising_start=denoising_start,
+            original_size=original_size, crops_coords_top_left=crops_coords_top_left, target_size=target_size,
+            negative_original_size=negative_original_size,
+            negative_crops_coords_top_left=negative_crops_coords_top_left, negative_target_size=negative_target_size,
+            aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score))
         # 2. text: the prompts' contexts (one per composed part) and the negative prompts'
         contexts = stages.encode_text(self, call)
         # 3. starting latents: noise, or the reference picture noised to `strength` (inpainting: and the mask)

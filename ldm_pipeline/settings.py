@@ -90,6 +90,40 @@ def _bool(name: str) -> Callable[[Any], None]:
     return check
 
 
+def _clip_skip(value) -> None:
+    if value is not None and not (checks.is_int(value) and value >= 0):
+        raise ValueError(f"`clip_skip`: got {value!r}; expected None or an integer >= 0 (text encoder layers to skip)")
+
+
+def _fraction(name: str) -> Callable[[Any], None]:
+    def check(value):
+        if value is None:
+            return
+        checks.finite_number(name, value, "None or a number in (0, 1) (a share of the schedule)")
+        if not 0 < value < 1:
+            raise ValueError(f"`{name}`: got {value!r}; expected None or a number in (0, 1) (a share of the schedule)")
+    return check
+
+
+def _pair(name: str, zero: bool = False) -> Callable[[Any], None]:
+    def check(value):
+        if value is None:
+            return
+        low = 0 if zero else 1
+        if not (isinstance(value, (tuple, list)) and len(value) == 2 and all(checks.is_int(v) and v >= low
+                                                                            for v in value)):
+            raise ValueError(f"`{name}`: got {value!r}; expected None or (height, width): two integers >= {low}"
+                             if name.endswith("size") else
+                             f"`{name}`: got {value!r}; expected None or (top, left): two integers >= {low}")
+    return check
+
+
+def _score(name: str) -> Callable[[Any], None]:
+    def check(value):
+        checks.finite_number(name, value, "a number (an aesthetic score, about 1 to 10)")
+    return check
+
+
 @dataclass(frozen=True)
 class GenerationSettings:
     """The settings of one call, in `LatentDiffusionPipeline.__call__`'s names and order (diffusers' names).
@@ -216,6 +250,43 @@ class GenerationSettings:
         0.7, recipe_type=float | None, only_with="hires_fix", check=_hires_strength,
         flag="--hires-strength", flag_options=dict(type=float, metavar="S", help=(
             "hires fix: the refining pass's denoising strength in (0, 1] (default 0.7)")))
+
+    # SDXL (pipeline_xl.py, conditioning/sdxl.py): the second text tower, clip skip, the base/refiner hand-off and
+    # the UNet's size and aesthetic conditions; a one-tower model refuses those it cannot use
+    prompt_2: str | list[str] | None = setting(  # text_encoder_2's prompt (default: `prompt`)
+        recorded=PROMPT, recipe_type=str | None)
+    negative_prompt_2: str | list[str] | None = setting(  # text_encoder_2's (default: `negative_prompt`)
+        recorded=PROMPT, recipe_type=str | None)
+    pooled_prompt_embeds: torch.Tensor | None = setting(recorded=None)  # with prompt_embeds: text_encoder_2's pooled
+    negative_pooled_prompt_embeds: torch.Tensor | None = setting(recorded=None)
+    clip_skip: int | None = setting(
+        recipe_type=int | None, check=_clip_skip,
+        flag="--clip-skip", flag_options=dict(type=int, metavar="N", help=(
+            "read the prompt N layers before the text encoder's usual one (diffusers' clip_skip; A1111's 'Clip "
+            "skip' is N + 1)")))
+    denoising_end: float | None = setting(  # stop at this share of the schedule (a base handing off to a refiner)
+        recipe_type=float | None, check=_fraction("denoising_end"),
+        flag="--denoising-end", flag_options=dict(type=float, metavar="F", help=(
+            "stop after this share of the schedule (hand the latents to a refiner, which starts there)")))
+    denoising_start: float | None = setting(  # image-to-image from latents already this far along the schedule
+        recipe_type=float | None, check=_fraction("denoising_start"), only_with="image",
+        flag="--denoising-start", flag_options=dict(type=float, metavar="F", help=(
+            "image-to-image: start at this share of the schedule, the --image being latents that far along")))
+    original_size: tuple[int, int] | None = setting(  # SDXL's size conditions (height, width): default the drawn size
+        recipe_type=tuple | None, check=_pair("original_size"))
+    crops_coords_top_left: tuple[int, int] = setting((0, 0), recipe_type=tuple, recipe_default=(0, 0),
+                                                     check=_pair("crops_coords_top_left", zero=True))
+    target_size: tuple[int, int] | None = setting(recipe_type=tuple | None, check=_pair("target_size"))
+    negative_original_size: tuple[int, int] | None = setting(  # default: the positive ones
+        recipe_type=tuple | None, check=_pair("negative_original_size"))
+    negative_crops_coords_top_left: tuple[int, int] | None = setting(
+        recipe_type=tuple | None, check=_pair("negative_crops_coords_top_left", zero=True))
+    negative_target_size: tuple[int, int] | None = setting(recipe_type=tuple | None,
+                                                           check=_pair("negative_target_size"))
+    aesthetic_score: float = setting(  # a refiner's aesthetic condition (`requires_aesthetics_score` models)
+        6.0, recipe_type=float, recipe_default=6.0, check=_score("aesthetic_score"))
+    negative_aesthetic_score: float = setting(
+        2.5, recipe_type=float, recipe_default=2.5, check=_score("negative_aesthetic_score"))
 
     def replace(self, **changes) -> "GenerationSettings":
         return dataclasses.replace(self, **changes)

@@ -1,10 +1,11 @@
 """The stages of a pipeline call, in the order `LatentDiffusionPipeline.__call__` runs them.
 
 1. `resolve`: the call's settings with the model's defaults filled in, every one checked
-2. `encode_text`: the prompts' contexts (and each composed part's) and the negative prompts'
+2. `encode_text`: the prompts' contexts (and each composed part's) and the negative prompts' (SDXL:
+   both towers', each row carrying its added conditions: `stages_xl`)
 3. `starting_latents`: noise, or the reference image noised to `strength` (inpainting: the picture
-   and what is kept of it), and the timesteps
-4. `model_for`: the UNet, or its compiled runner (a 9-channel inpainting UNet: wrapped)
+   and what is kept of it; a refiner: a base's latents), and the timesteps (cut at `denoising_end`)
+4. `model_for`: the UNet, or its compiled runner (a 9-channel inpainting UNet, an SDXL UNet: wrapped)
 5. `guidances_for`, `hooks_for`: classifier-free or composed guidance, CLIP guidance; after each step
    the known region put back (4-channel inpainting), the non-finite watch and previews
 6. the loop itself is `sampling.loop.denoise`
@@ -22,9 +23,9 @@ from pathlib import Path
 import PIL.Image
 import torch
 
-from . import images, masks
+from . import images, masks, stages_xl
 from .adapters import lora as adapters, textual_inversion
-from .conditioning import controlnet, inpaint
+from .conditioning import controlnet, inpaint, sdxl
 from .guidance import clip as clip_guidance, composition
 from .guidance.base import ClassifierFree, Guidance
 from .output import PipelineOutput
@@ -51,6 +52,9 @@ class Call:
     generator: torch.Generator | list[torch.Generator]
     region: inpaint.Region | None = None  # inpainting: the picture, its mask and the part drawn
     controls: controlnet.Controls | None = None  # the ControlNets that steer it
+    prompts_2: list[str | None] | None = None  # SDXL: the second tower's prompt per prompt (None: the prompt)
+    negatives_2: list[str | None] | None = None  # ... and negative prompt (None: the negative prompt)
+    image_latents: torch.Tensor | None = None  # image-to-image from latents (a base's hand-off to a refiner)
 
 
 def resolve(pipe, settings: GenerationSettings) -> Call:
@@ -74,7 +78,9 @@ def resolve(pipe, settings: GenerationSettings) -> Call:
     s = s.replace(regions=composition.check_regions(s.regions, s.prompt, prompts, s.prompt_composition))
     clip_guidance.check_clip_guidance(s.clip_guidance_scale, s.clip_model, prompts, s.clip_guidance_every)
     previews.check_preview(s.preview, s.preview_every)
-    reference = images.load_image(s.image) if s.image is not None else None
+    s = stages_xl.xl_settings(pipe, s, prompts, num_prompts)
+    image_latents = stages_xl.image_latents(pipe, s, batch)
+    reference = images.load_image(s.image) if s.image is not None and image_latents is None else None
     mask = _mask_of(pipe, s, reference)
     controls = controlnet.controls_of(s, pipe.controlnet)
     _check_hires(s, pipe, reference is not None)
@@ -83,8 +89,8 @@ def resolve(pipe, settings: GenerationSettings) -> Call:
         reference_size = images.image_size(reference, s.height, s.width, factor)  # a crop is drawn at full size
     elif controls is not None and reference is None:  # text-to-image draws at the control picture's size
         reference_size = images.image_size(controls.pictures[0], s.height, s.width, factor)
-    height, width = checks.output_size(s.height, s.width, factor, pipe.unet.config.sample_size, s.latents,
-                                       reference_size)
+    height, width = checks.output_size(s.height, s.width, factor, pipe.unet.config.sample_size,
+                                       s.latents if image_latents is None else image_latents, reference_size)
     s = s.replace(height=height, width=width)
     guards.check_fits(pipe.vae, pipe.unet, batch, height, width, pipe.dtype, pipe.device, s.output_type != "latent")
     seeds, generator = None, s.generator
@@ -93,7 +99,8 @@ def resolve(pipe, settings: GenerationSettings) -> Call:
         generator = latent_ops.generators_for(seeds)
     work = inpaint.region(reference, mask, height, width, s.padding_mask_crop) if mask is not None else None
     return Call(settings=s, prompts=prompts, negatives=negatives, batch=batch, reference=reference, seeds=seeds,
-                generator=generator, region=work, controls=controls)
+                generator=generator, region=work, controls=controls, prompts_2=s.prompt_2,
+                negatives_2=s.negative_prompt_2, image_latents=image_latents)
 
 
 def _check_hires(settings, pipe, image_given: bool) -> None:
@@ -163,11 +170,15 @@ def encode_text(pipe, call: Call) -> Contexts:
                               for texts in (prompts, negatives))
     slots, part_weights = composition.split_prompts(prompts) if s.prompt_composition else ([prompts], None)
     guided = s.guidance_scale > 1 or len(slots) > 1  # composed parts are each guided against the negative
-    cond, uncond = text.encode_prompts(
-        pipe.tokenizer, pipe.text_encoder, composition.joined(slots),
-        negative_prompts=composition.negatives_for(negatives, prompts, len(slots)),
-        num_images_per_prompt=s.num_images_per_prompt, guided=guided, prompt_embeds=s.prompt_embeds,
-        negative_prompt_embeds=s.negative_prompt_embeds, cache=pipe.embedding_cache, weighting=s.prompt_weighting)
+    negatives = composition.negatives_for(negatives, prompts, len(slots))
+    if pipe.added_layout is not None:
+        cond, uncond = stages_xl.two_towers(pipe, call, composition.joined(slots), negatives, guided)
+    else:
+        cond, uncond = text.encode_prompts(
+            pipe.tokenizer, pipe.text_encoder, composition.joined(slots), negative_prompts=negatives,
+            num_images_per_prompt=s.num_images_per_prompt, guided=guided, prompt_embeds=s.prompt_embeds,
+            negative_prompt_embeds=s.negative_prompt_embeds, cache=pipe.embedding_cache, weighting=s.prompt_weighting,
+            clip_skip=s.clip_skip)
     cond, *parts = cond.to(pipe.device, pipe.dtype).chunk(len(slots))
     uncond = uncond.to(pipe.device, pipe.dtype) if uncond is not None else None
     return Contexts(cond=cond, uncond=uncond, parts=parts, part_weights=part_weights)
@@ -186,9 +197,28 @@ class Start:
 def starting_latents(pipe, call: Call) -> Start:
     """Stage 3: noise; or the reference picture encoded and noised to `strength`; or, inpainting, that
     and what is kept of the picture."""
+    start = _start(pipe, call)
+    if call.settings.denoising_end is not None:  # a base handing off to a refiner stops part-way
+        start.timesteps = latent_ops.timesteps_until(start.scheduler, start.timesteps, call.settings.denoising_end)
+    if not len(start.timesteps):
+        share = call.settings.denoising_start if call.settings.denoising_start is not None else \
+            call.settings.denoising_end
+        raise ValueError(f"`denoising_start`, `denoising_end`: {share} of {call.settings.num_inference_steps} steps "
+                         "leaves no step to run; take more steps or another share")
+    return start
+
+
+def _start(pipe, call: Call) -> Start:
     s = call.settings
     scheduler = schedulers.fresh_copy(pipe.scheduler)
     scheduler.set_timesteps(s.num_inference_steps, device=pipe.device)
+    if call.image_latents is not None:  # a base's latents: noised to `strength`, or gone on from where it stopped
+        if s.denoising_start is not None:
+            return Start(scheduler, latent_ops.timesteps_from(scheduler, s.denoising_start),
+                         call.image_latents.to(pipe.device, pipe.dtype))
+        timesteps = latent_ops.img2img_timesteps(scheduler, s.num_inference_steps, s.strength)
+        return Start(scheduler, timesteps, latent_ops.img2img_start(
+            scheduler, call.image_latents.to(pipe.device, pipe.dtype), timesteps[:1], call.generator))
     if call.reference is None:
         factor = pipe.vae_scale_factor
         shape = (call.batch, pipe.unet.config.in_channels, s.height // factor, s.width // factor)
@@ -202,7 +232,7 @@ def starting_latents(pipe, call: Call) -> Start:
                                        s.strength, s.masked_content)
         return Start(scheduler, timesteps, latents, known)
     pixels = images.to_tensor(call.reference, s.height, s.width).to(pipe.device, pipe.vae.dtype)
-    encoded = guards.encode_checked(pipe.vae, pixels, call.batch, call.generator)
+    encoded = guards.encode_checked(pipe.vae, pixels, call.batch, call.generator, upcast=pipe.vae_upcast)
     return Start(scheduler, timesteps, latent_ops.img2img_start(scheduler, encoded.to(pipe.dtype), timesteps[:1],
                                                                 call.generator))
 
@@ -213,7 +243,11 @@ def model_for(pipe, call: Call, start: Start, cond: torch.Tensor):
     # a compiled package holds no unfused LoRA layers and takes no ControlNet residuals
     compiled = pipe.compiled and not adapters.unfused(pipe) and call.controls is None
     sample_shape = (pipe.unet.config.in_channels, *start.latents.shape[2:])
-    unet = pipe.compiled.runner_for(pipe.unet, sample_shape, cond.shape[1:]) if compiled else pipe.unet
+    layout = pipe.added_layout  # SDXL: the contexts carry the added conditions (conditioning.sdxl)
+    context_shape = layout.context_shape(cond.shape[1:]) if layout is not None else cond.shape[1:]
+    unet = pipe.compiled.runner_for(pipe.unet, sample_shape, context_shape) if compiled else pipe.unet
+    if layout is not None:
+        unet = sdxl.AddedConditionsUNet(unet, layout)
     if start.known is not None and start.known.masked_latents is not None:
         unet = inpaint.InpaintUNet(unet, start.known)
     if call.controls is not None:  # the nets see the 4-channel latents, as in diffusers' ControlNet inpainting
@@ -265,10 +299,10 @@ def finish(pipe, call: Call, final: torch.Tensor, scheduler, steps_run: int,
     if s.output_type == "latent":
         result = final
     elif call.region is not None:  # the drawn pixels pasted back into the picture
-        drawn = images.postprocess(guards.decode_checked(pipe.vae, final), "np")
+        drawn = images.postprocess(guards.decode_checked(pipe.vae, final, upcast=pipe.vae_upcast), "np")
         result = images.from_unit_array(inpaint.paste_back(call.region, drawn, s.mask_blur), s.output_type)
     else:
-        result = images.postprocess(guards.decode_checked(pipe.vae, final), s.output_type)
+        result = images.postprocess(guards.decode_checked(pipe.vae, final, upcast=pipe.vae_upcast), s.output_type)
     if pipe.offload:
         pipe.offload.offload_all()  # the GPU is free between calls
     extra = {**clip_guidance.recipe_of(guidances), **adapters.recipe_of(pipe), **textual_inversion.recipe_of(pipe)}
@@ -278,4 +312,5 @@ def finish(pipe, call: Call, final: torch.Tensor, scheduler, steps_run: int,
     return PipelineOutput(
         images=result, seeds=call.seeds, height=height, width=width, num_inference_steps=s.num_inference_steps,
         steps_run=steps_run, scheduler=schedulers.scheduler_name(scheduler), guidance_scale=s.guidance_scale,
-        strength=s.strength if call.reference is not None else None, prompts=call.prompts, call=record)
+        strength=s.strength if call.reference is not None or call.image_latents is not None else None,
+        prompts=call.prompts, call=record)

@@ -83,18 +83,20 @@ OPENCLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.
                   "self_attn.out_proj": "attn.out_proj"}
 
 
-def to_openclip_state_dict(text_encoder) -> dict[str, torch.Tensor]:
-    """A CLIPTextModel in SD 2.x's OpenCLIP layout (`cond_stage_model.model.*`, fused q/k/v projections)."""
+def to_openclip_state_dict(text_encoder, prefix: str = "cond_stage_model.model.") -> dict[str, torch.Tensor]:
+    """A CLIPTextModel in SD 2.x's OpenCLIP layout (`cond_stage_model.model.*`, fused q/k/v projections); a
+    CLIPTextModelWithProjection (SDXL) keeps its projection, transposed as OpenCLIP stores it."""
     state = {(k[len("text_model."):] if k.startswith("text_model.") else k): v
              for k, v in text_encoder.state_dict().items()}
-    prefix = "cond_stage_model.model."
+    projection = state.get("text_projection.weight")
     out = {
         f"{prefix}token_embedding.weight": state["embeddings.token_embedding.weight"],
         f"{prefix}positional_embedding": state["embeddings.position_embedding.weight"],
         f"{prefix}ln_final.weight": state["final_layer_norm.weight"],
         f"{prefix}ln_final.bias": state["final_layer_norm.bias"],
-        # unused by SD (it reads the hidden states), present in real checkpoints
-        f"{prefix}text_projection": torch.eye(text_encoder.config.hidden_size),
+        # unused by SD 2 (it reads the hidden states), present in real checkpoints
+        f"{prefix}text_projection": projection.T if projection is not None else
+        torch.eye(text_encoder.config.hidden_size),
     }
     for index in range(text_encoder.config.num_hidden_layers):
         layer, block = f"encoder.layers.{index}.", f"{prefix}transformer.resblocks.{index}."
@@ -125,3 +127,30 @@ def controlnet_to_ldm(net) -> dict[str, torch.Tensor]:
             new = unet_key(key, net.config.layers_per_block, set())
         state[f"control_model.{new}"] = value.contiguous()
     return state
+
+
+def to_sdxl_state_dict(unet, vae, text_encoder, text_encoder_2) -> dict[str, torch.Tensor]:
+    """SDXL components in the original (sgm) layout: the UNet's added embedding as `label_emb.0`, CLIP ViT-L at
+    `conditioner.embedders.0.transformer.`, OpenCLIP at `conditioner.embedders.1.model.` (a refiner, with no
+    `text_encoder`: its only tower at `conditioner.embedders.0.model.`)."""
+    layers = unet.config.layers_per_block
+    attention_blocks = {i for i, kind in enumerate(unet.config.up_block_types) if "CrossAttn" in kind}
+    state = {}
+    for key, value in unet.state_dict().items():
+        if key.startswith("add_embedding."):
+            new = key.replace("add_embedding.linear_1", "label_emb.0.0").replace("add_embedding.linear_2",
+                                                                               "label_emb.0.2")
+        else:
+            new = unet_key(key, layers, attention_blocks)
+        state[f"model.diffusion_model.{new}"] = value
+    blocks = len(vae.config.block_out_channels)
+    for key, value in vae.state_dict().items():
+        new = vae_key(key, blocks)
+        state[f"first_stage_model.{new}"] = value[:, :, None, None] if ".attn_1." in new and value.ndim == 2 else value
+    if text_encoder is not None:
+        for key, value in text_encoder.state_dict().items():
+            key = key if key.startswith("text_model.") else f"text_model.{key}"
+            state[f"conditioner.embedders.0.transformer.{key}"] = value
+    tower = "conditioner.embedders.1.model." if text_encoder is not None else "conditioner.embedders.0.model."
+    state.update(to_openclip_state_dict(text_encoder_2, tower))
+    return {k: v.contiguous() for k, v in state.items()}

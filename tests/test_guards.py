@@ -113,7 +113,7 @@ def test_finite_calls_give_no_warning_and_the_same_pixels_with_the_guard(pipe, m
         warnings.simplefilter("error")
         guarded = pipe("a cat", **FAST).images
     monkeypatch.setattr(guards, "check_latents", lambda *args: None)
-    monkeypatch.setattr(guards, "decode_checked", lambda vae, latents: pipe.vae.decode(
+    monkeypatch.setattr(guards, "decode_checked", lambda vae, latents, upcast=False: pipe.vae.decode(
         latents / pipe.vae.config.scaling_factor).sample)
     assert np.array_equal(guarded, pipe("a cat", **FAST).images)
 

@@ -137,5 +137,5 @@ def test_resolve_fills_in_the_model_defaults_and_the_reference_size(pipe):
     assert call.reference.size == (24, 40) and call.seeds is not None and len(call.seeds) == 1
     assert default("strength") == s.strength == 0.8
     assert {f.name for f in fields_of(IMAGE)} == {"prompt", "negative_prompt", "seed"}
-    assert {f.name for f in fields_of(PROMPT)} == {"regions"}
+    assert {f.name for f in fields_of(PROMPT)} == {"regions", "prompt_2", "negative_prompt_2"}  # SDXL: per prompt
     assert isinstance(call.generator, (torch.Generator, list))

@@ -78,7 +78,8 @@ def start(pipe, work: Region, count: int, generator, scheduler, timesteps: torch
     pure_noise = strength == 1.0
     image_latents = None
     if not nine or not pure_noise:
-        image_latents = guards.encode_checked(pipe.vae, pixels, count, generator).to(pipe.dtype)
+        image_latents = guards.encode_checked(pipe.vae, pixels, count, generator,
+                                              upcast=pipe.vae_upcast).to(pipe.dtype)
     shape = (count, pipe.vae.config.latent_channels, height // factor, width // factor)
     noise = latent_ops.initial_noise(shape, generator, pipe.device, pipe.dtype)
     if image_latents is not None and masked_content in ("latent_noise", "latent_nothing"):
@@ -94,7 +95,7 @@ def start(pipe, work: Region, count: int, generator, scheduler, timesteps: torch
         keep = torch.from_numpy(np.asarray(work.work_mask, dtype=np.float32) < 128)[None, None]
         masked_pixels = images.to_tensor(work.work_picture, height, width) * keep
         masked_latents = guards.encode_checked(pipe.vae, masked_pixels.to(pipe.device, pipe.vae.dtype), count,
-                                               generator).to(pipe.dtype)
+                                               generator, upcast=pipe.vae_upcast).to(pipe.dtype)
     return latents, Known(mask=mask, image_latents=image_latents, noise=noise, masked_latents=masked_latents)
 
 

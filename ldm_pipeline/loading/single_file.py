@@ -75,7 +75,7 @@ def pickled_shapes(checkpoint: Path) -> dict[str, tuple]:
     return {key: tuple(value.shape) for key, value in state.items() if isinstance(value, torch.Tensor)}
 
 
-def bundled_clip_tokenizer(config: str | os.PathLike = "sd15") -> CLIPTokenizer:
+def bundled_clip_tokenizer(config: str | os.PathLike = "sd15", subfolder: str = "tokenizer") -> CLIPTokenizer:
     """OpenAI's CLIP tokenizer, read offline from the vocabulary shipped in `configs/clip_tokenizer`.
 
     Stable Diffusion 1.x and 2.x share this BPE vocabulary (49,408 tokens; start 49406, end
@@ -84,6 +84,7 @@ def bundled_clip_tokenizer(config: str | os.PathLike = "sd15") -> CLIPTokenizer:
 
     Args:
         config: "sd15", "sd21" or a model folder whose tokenizer/tokenizer_config.json gives the special tokens.
+        subfolder: the tokenizer's folder in it (SDXL's second tokenizer: "tokenizer_2", padding with "!").
     """
     folder = Path(config) if Path(config).is_dir() else config_dir(str(config))
     vocabulary = config_root() / "clip_tokenizer"
@@ -91,7 +92,7 @@ def bundled_clip_tokenizer(config: str | os.PathLike = "sd15") -> CLIPTokenizer:
         # CLIPTokenizer reads plain files; the shipped ones are gzip-compressed (0.5 MB instead of 1.5 MB)
         for name in ("vocab.json", "merges.txt"):
             (Path(staging) / name).write_bytes(gzip.decompress((vocabulary / f"{name}.gz").read_bytes()))
-        shutil.copy(folder / "tokenizer" / "tokenizer_config.json", staging)
+        shutil.copy(folder / subfolder / "tokenizer_config.json", staging)
         return CLIPTokenizer.from_pretrained(staging)
 
 

@@ -62,7 +62,7 @@ def hash_state(digest, state: dict[str, torch.Tensor], prefix: str = "", as_fp32
 
 
 def _models(pipe) -> list[tuple[str, torch.nn.Module]]:
-    return [("text_encoder", pipe.text_encoder), ("vae", pipe.vae), ("unet", pipe.unet)]
+    return pipe.named_models  # text encoder(s), VAE, UNet
 
 
 def _base_tensors(model: torch.nn.Module):

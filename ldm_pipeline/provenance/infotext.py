@@ -77,6 +77,8 @@ def format_parameters(recipe, version: str = "") -> str:
         settings["Hires upscaler"] = _UPSCALERS.get(recipe.hires_upscaler, recipe.hires_upscaler)
         if recipe.hires_width or recipe.hires_height:
             settings["Hires resize"] = f"{recipe.hires_width or 0}x{recipe.hires_height or 0}"
+    if getattr(recipe, "clip_skip", None):  # A1111 counts the last layer as 1: our clip_skip=1 is its "Clip skip: 2"
+        settings["Clip skip"] = recipe.clip_skip + 1
     for i, unit in enumerate(getattr(recipe, "controlnets", None) or []):  # as sd-webui-controlnet writes them
         settings[f"ControlNet {i}"] = (f"Module: none, Model: {unit['name']} [{unit['digest'][:8]}], Weight: "
                                        f"{_number(unit['scale'])}, Guidance Start: {_number(unit['start'])}, "
@@ -154,6 +156,8 @@ def parse_parameters(text: str, source: str = "parameters") -> dict:
             if key in settings and key != "Steps":
                 kind = _kind(meta(f.name).recipe_type)
                 fields[f.name] = kind(settings[key]) if kind is not str else settings[key].replace(" ", "_")
+        if int(settings.get("Clip skip", 1)) > 1:
+            fields["clip_skip"] = int(settings["Clip skip"]) - 1
         if "Hires upscale" in settings or "Hires resize" in settings:
             fields.update(_hires(settings, fields))
     except ValueError as error:

@@ -42,8 +42,10 @@ class _RecipeMethods:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Recipe":
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        known = {f.name: f.type for f in dataclasses.fields(cls)}
+        # JSON has no tuples: SDXL's sizes (recipe type tuple) come back as lists
+        return cls(**{k: tuple(v) if isinstance(v, list) and known[k] in (tuple, tuple | None) else v
+                      for k, v in data.items() if k in known})
 
     def parameters(self) -> str:
         """This recipe as A1111's `parameters` text (see `infotext`)."""
@@ -120,7 +122,9 @@ class CallRecord:
         s = call.settings
         reasons = [why for given, why in ((call.seeds is None, "generator= was passed (give seed= instead)"),
                                           (s.latents is not None, "latents= was passed"),
-                                          (s.prompt_embeds is not None, "prompt embeddings were passed")) if given]
+                                          (s.prompt_embeds is not None, "prompt embeddings were passed"),
+                                          (call.image_latents is not None, "image= was latents (draw the "
+                                                                           "latents' own image first)")) if given]
         return cls(pipe=pipe, weights=fingerprint(pipe), settings=s, prompts=call.prompts, negatives=call.negatives,
                    scheduler=schedulers.scheduler_name(scheduler), scheduler_class=type(scheduler).__name__,
                    # diffusers' private entries say nothing of the schedule, and one is a list in set order

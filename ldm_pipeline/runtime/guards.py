@@ -123,15 +123,25 @@ def check_latents(latents: torch.Tensor, watch: StepWatch, steps_run: int) -> No
     )
 
 
-def decode_checked(vae, latents: torch.Tensor) -> torch.Tensor:
+def decode_checked(vae, latents: torch.Tensor, upcast: bool = False) -> torch.Tensor:
     """`latents.decode_latents`, then a check: a half-precision VAE whose pixels are not finite (the
     known fp16 overflow of Stable Diffusion's VAE) decodes again in fp32, with a warning.
 
+    Args:
+        upcast: an fp16 VAE decodes in fp32 straight away (SDXL's VAE, whose config says `force_upcast`,
+            overflows in fp16; diffusers' SDXL pipelines do the same).
+
     Returns:
-        (B, 3, H, W) finite pixels in the VAE's dtype.
+        (B, 3, H, W) finite pixels in the VAE's dtype (float32 when upcast).
     Raises:
         NonFiniteError: when the pixels are not finite in float32 either.
     """
+    if upcast and vae.dtype == torch.float16:
+        pixels = run_in_float32(vae, lambda: latent_ops.decode_latents(vae, latents.float()))
+        if bool(torch.isfinite(pixels).all()):
+            return pixels
+        raise NonFiniteError("the decoded pixels hold NaN or infinity although the VAE ran in float32; the latents "
+                             f"are out of the VAE's range, {_advice(latents.dtype)}")
     pixels = latent_ops.decode_latents(vae, latents)
     if bool(torch.isfinite(pixels).all()):
         return pixels
@@ -149,10 +159,11 @@ def decode_checked(vae, latents: torch.Tensor) -> torch.Tensor:
     )
 
 
-def encode_checked(vae, pixels: torch.Tensor, count: int, generator) -> torch.Tensor:
+def encode_checked(vae, pixels: torch.Tensor, count: int, generator, upcast: bool = False) -> torch.Tensor:
     """`latents.encode_image` with the same fp32 retry as `decode_checked`, for image-to-image's reference.
 
-    The retry rewinds the generators first, so it draws the same posterior sample.
+    The retry rewinds the generators first, so it draws the same posterior sample. With `upcast` a
+    half-precision VAE encodes in fp32 straight away (as diffusers' SDXL pipelines do for `force_upcast`).
     """
     # GroupNorm needs two values per group: at the encoder's deepest level that is its narrowest blocks' channels
     # per group times the latent cells, which an image of a few pixels does not reach
@@ -161,6 +172,11 @@ def encode_checked(vae, pixels: torch.Tensor, count: int, generator) -> torch.Te
     if cells * min(config.block_out_channels) // config.norm_num_groups < 2:
         raise ValueError(f"`image`: {pixels.shape[3]}x{pixels.shape[2]} is too small for this VAE to encode; "
                          "give a larger image or height= and width=")
+    if upcast and vae.dtype in HALF:
+        encoded = run_in_float32(vae, lambda: latent_ops.encode_image(vae, pixels.float(), count, generator))
+        if bool(torch.isfinite(encoded).all()):
+            return encoded.to(vae.dtype)
+        raise NonFiniteError("the VAE's float32 encoding of `image` holds NaN or infinity; check the image")
     generators = generator if isinstance(generator, list) else [generator] if generator is not None else []
     states = [g.get_state() for g in generators]
     encoded = latent_ops.encode_image(vae, pixels, count, generator)

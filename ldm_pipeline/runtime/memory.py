@@ -162,7 +162,8 @@ class MemoryMethods:
         """Keep the models on the CPU, each on `device` (default: the GPU) only while it runs."""
         device = checks.check_offload_device(device)
         self.disable_model_cpu_offload()
-        self.offload = ModelOffload([self.text_encoder, self.unet, self.vae], device)
+        encoders = [model for name, model in self.named_models if name.startswith("text_encoder")]
+        self.offload = ModelOffload([*encoders, self.unet, self.vae], device)
         return self
 
     def disable_model_cpu_offload(self):

@@ -90,3 +90,32 @@ def img2img_start(scheduler, reference_latents: torch.Tensor, timestep: torch.Te
                           reference_latents.dtype)
     timesteps = timestep.reshape(1).repeat(reference_latents.shape[0])
     return scheduler.add_noise(reference_latents, noise, timesteps)
+
+
+def _cutoff(scheduler, share: float) -> int:
+    """The training timestep at `share` of the way from pure noise (diffusers' discrete cutoff)."""
+    total = scheduler.config.num_train_timesteps
+    return int(round(total - share * total))
+
+
+def timesteps_until(scheduler, timesteps: torch.Tensor, denoising_end: float | None) -> torch.Tensor:
+    """The timesteps that run before `denoising_end` of the schedule (all for None): those at or above the
+    cutoff, as diffusers' SDXL pipelines cut them for a base that hands its latents to a refiner."""
+    if denoising_end is None:
+        return timesteps
+    cutoff = _cutoff(scheduler, denoising_end)
+    return timesteps[:int((timesteps >= cutoff).sum())]
+
+
+def timesteps_from(scheduler, denoising_start: float) -> torch.Tensor:
+    """The tail of the schedule after `denoising_start` (a refiner going on from a base's latents): the timesteps
+    below the cutoff, one more for a second-order scheduler cut between its two evaluations. Call after
+    `scheduler.set_timesteps`; it sets the scheduler's begin index."""
+    cutoff = _cutoff(scheduler, denoising_start)
+    count = int((scheduler.timesteps < cutoff).sum())
+    if scheduler.order == 2 and count % 2 == 0 and count < len(scheduler.timesteps):
+        count += 1
+    begin = len(scheduler.timesteps) - count
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(begin)
+    return scheduler.timesteps[begin:]

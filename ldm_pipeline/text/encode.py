@@ -46,27 +46,52 @@ def text_states(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
 encode_text = torch.no_grad()(text_states)  # the same, without gradients: what the pipeline feeds the UNet
 
 
+def token_batch(tokenizer, prompts: list[str], chunks: int, weighting: bool = False) -> dict[str, torch.Tensor]:
+    """The tokens an encoder reads for `prompts` in `chunks` windows each: `input_ids` and `attention_mask`
+    (B * chunks, L), and `weights` (B, chunks * L) or None. One window without weighting is the tokenizer's
+    own output, token for token."""
+    if chunks == 1 and not weighting:
+        tokens = tokenize(tokenizer, prompts)
+        return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"], "weights": None}
+    tokens = windows_of.windows(tokenizer, prompts, chunks, weighting)
+    return {"input_ids": tokens["input_ids"].flatten(0, 1), "attention_mask": tokens["attention_mask"].flatten(0, 1),
+            "weights": tokens["weights"] if weighting else None}
+
+
+def run_encoder(text_encoder, tokens: dict[str, torch.Tensor], hidden_layer: int | None = None):
+    """The encoder's output for a `token_batch`; `hidden_states` only when `hidden_layer` (an index) is asked for."""
+    mask = None
+    if getattr(text_encoder.config, "use_attention_mask", False):
+        mask = tokens["attention_mask"].to(text_encoder.device)
+    return text_encoder(tokens["input_ids"].to(text_encoder.device), attention_mask=mask,
+                        output_hidden_states=hidden_layer is not None)
+
+
 @torch.no_grad()
 def encode_windows(tokenizer, text_encoder, prompts: list[str], chunks: int | None = None,
-                   weighting: bool = False) -> torch.Tensor:
+                   weighting: bool = False, clip_skip: int | None = None) -> torch.Tensor:
     """Embeddings of prompts of any length: `chunks` windows of the tokenizer's length each (see `text.windows`).
 
     Args:
         chunks: windows per prompt; None: as many as the longest prompt needs. With one window
             and no weighting this is `encode_text`, token for token.
         weighting: read the `(text:1.3)` syntax and scale the tokens' embeddings.
+        clip_skip: read the hidden states this many layers before the last, through the final layer norm
+            (diffusers' `clip_skip` for one-tower models); None or 0: the last layer's output.
 
     Returns:
         (B, chunks * L, D) tensor on the text encoder's device and in its dtype.
     """
     chunks = chunks or windows_of.chunks_needed(tokenizer, prompts, weighting)
-    if chunks == 1 and not weighting:
+    if chunks == 1 and not weighting and not clip_skip:
         return encode_text(tokenizer, text_encoder, prompts)
-    tokens = windows_of.windows(tokenizer, prompts, chunks, weighting)
-    mask = None
-    if getattr(text_encoder.config, "use_attention_mask", False):
-        mask = tokens["attention_mask"].flatten(0, 1).to(text_encoder.device)
-    hidden = text_encoder(tokens["input_ids"].flatten(0, 1).to(text_encoder.device), attention_mask=mask)[0]
+    tokens = token_batch(tokenizer, prompts, chunks, weighting)
+    if clip_skip:
+        output = run_encoder(text_encoder, tokens, hidden_layer=-(clip_skip + 1))
+        final_norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm  # transformers 4 nests it
+        hidden = final_norm(output.hidden_states[-(clip_skip + 1)])
+    else:
+        hidden = run_encoder(text_encoder, tokens)[0]
     hidden = hidden.reshape(len(prompts), -1, hidden.shape[-1])  # the chunks of a prompt, one after another
     return windows_of.apply_weights(hidden, tokens["weights"]) if weighting else hidden
 
@@ -89,20 +114,22 @@ class EmbeddingCache:
         self._entries.clear()
 
     def encode(self, tokenizer, text_encoder, prompts: list[str], chunks: int | None = None,
-               weighting: bool = False) -> torch.Tensor:
-        """`encode_windows(tokenizer, text_encoder, prompts, chunks, weighting)`, from the cache when seen before.
+               weighting: bool = False, clip_skip: int | None = None, encoder=None):
+        """`encoder(tokenizer, text_encoder, prompts, chunks, weighting, clip_skip)` (default `encode_windows`),
+        from the cache when seen before.
 
         The result may be the cached tensor itself: do not change it in place.
         """
+        encoder = encoder or encode_windows
         owner = (id(tokenizer), id(text_encoder), weights_state(text_encoder))
         if owner != self._owner:
             self._entries.clear()
             self._owner = owner
-        key = (tuple(prompts), chunks, weighting)
+        key = (encoder.__qualname__, tuple(prompts), chunks, weighting, clip_skip)
         if key in self._entries:
             self._entries.move_to_end(key)
         else:
-            self._entries[key] = encode_windows(tokenizer, text_encoder, prompts, chunks, weighting)
+            self._entries[key] = encoder(tokenizer, text_encoder, prompts, chunks, weighting, clip_skip)
             if len(self._entries) > self.size:
                 self._entries.popitem(last=False)
         return self._entries[key]
@@ -120,6 +147,7 @@ def encode_prompts(
     negative_prompt_embeds: torch.Tensor | None = None,
     cache: EmbeddingCache | None = None,
     weighting: bool = False,
+    clip_skip: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Conditional and unconditional embeddings, one row per image to draw.
 
@@ -131,6 +159,7 @@ def encode_prompts(
             embeddings are computed and None is returned for them.
         cache: reuses the embeddings of prompts seen before (see `EmbeddingCache`).
         weighting: read the `(text:1.3)` syntax in prompts and negative prompts (see `text.windows`).
+        clip_skip: read both sides this many layers before the last (see `encode_windows`).
 
     Prompts and negative prompts are encoded in as many windows as the longest of them needs,
     and at least as many as given embeddings hold, so that both sides have the same length.
@@ -158,11 +187,13 @@ def encode_prompts(
         if embeds.shape[1] != texts_length:
             raise ValueError(f"`{name}`: {embeds.shape[1]} tokens, but the other side's prompts need {texts_length}; "
                              "give both embeddings, or embeddings as long as the longest prompt")
-    cond = prompt_embeds if prompt_embeds is not None else encode(tokenizer, text_encoder, prompts, chunks, weighting)
+    cond = prompt_embeds
+    if cond is None:
+        cond = encode(tokenizer, text_encoder, prompts, chunks, weighting, clip_skip)
     uncond = None
     if guided:
         uncond = negative_prompt_embeds if negatives is None else encode(tokenizer, text_encoder, negatives, chunks,
-                                                                        weighting)
+                                                                        weighting, clip_skip)
     dtype = text_encoder.dtype if text_encoder is not None else cond.dtype
     device = text_encoder.device if text_encoder is not None else cond.device
 
