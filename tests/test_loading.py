@@ -120,7 +120,7 @@ def test_configs_build_full_size_architectures(config, unet, vae, text_encoder):
 
 def test_unknown_config_name():
     with pytest.raises(ValueError, match=r"`config`: no configuration 'sd99' in configs/; expected one of "
-                                         r"\['sd15', 'sd21'\]"):
+                                         r"\['sd15', 'sd21', 'sdxl', 'sdxl_refiner'\]"):
         build_random("sd99")
 
 
