@@ -1,6 +1,6 @@
 """The bundled edge ControlNet on hand-drawn outlines: is each object drawn where its outline is, in its shape?
 
-    python benchmarks/controlnet_edges.py                    # about 5 minutes on 2 CPU cores
+    python benchmarks/controlnet_edges.py                    # about 2 minutes on one CPU core
 
 1. Twelve outlines drawn by hand (PIL ImageDraw: one-pixel white lines on black, 64x64): circles,
    squares and triangles in the corners and the centre, small, default and large; each with a

@@ -167,6 +167,7 @@ def encode_controls(vae, dataset, count: int, size: int, low: int, high: int, ba
 
 
 def control_data(pipe, config: ControlNetTrainConfig, dataset, size: int) -> ControlData:
+    """The first `config.cache_size` items of `dataset` encoded with `pipe`'s frozen VAE and text encoder."""
     means, stds, edges, captions, unplaced = encode_controls(pipe.vae, dataset, config.cache_size, size,
                                                              config.canny_low, config.canny_high)
     encoder = pipe.text_encoder
