@@ -8,4 +8,4 @@ from .scenes import (BACKGROUND, COLOURS, CORNERS, EVAL_KINDS, EXTRA_SHAPES, HEL
                      MIN_GAP_PIXELS, OBJECT_CHANCES, PARTIAL_NOUN, POSITION_BOXES, POSITIONS, SHAPES, SIZE_PROBS,
                      SIZES, SPLITS, STAR_INNER, SUPERSAMPLE, Scene, ShapeObject, allowed_pairs, caption,
                      composed_caption, eval_prompts, eval_scenes, new_shape_scenes, object_chances, parse_caption,
-                     partial_caption, sample_scene, scene_regions)
+                     partial_caption, sample_scene, scene_regions, unplaced_caption)

@@ -135,6 +135,13 @@ def partial_caption(scene: Scene, rng: np.random.Generator, chance: float) -> st
     return " and ".join(phrases)
 
 
+def unplaced_caption(scene: Scene) -> str:
+    """A caption that names only each object's colour and shape: no position, no size ("an orange circle and
+    a blue square"). An edge ControlNet trains on some such captions, so that its outline alone decides
+    where an object goes and how large it is."""
+    return " and ".join(f"{_article(obj.colour)} {obj.colour} {obj.shape}" for obj in scene.objects)
+
+
 _PHRASE = re.compile(
     r"(?P<article>an?) (?:(?P<size>small|large) )?(?P<colour>{}) (?P<shape>{}) in the (?P<position>{})".format(
         "|".join(COLOURS), "|".join(SHAPES + EXTRA_SHAPES), "|".join(POSITIONS)))

@@ -18,7 +18,7 @@ from pathlib import Path
 from .loop import LoopConfig
 
 STAGES = ("tokenizer", "clip", "vae", "unet")
-SHAPES_ONLY = ("max_objects", "partial_captions", "three_objects_prob", "split")  # stage settings of the shapes data alone
+SHAPES_ONLY = ("max_objects", "partial_captions", "three_objects_prob", "split", "unplaced_captions")  # stage settings of the shapes data alone
 FINETUNE_STAGE = "finetune"  # optional: finetune.json (then finetune2.json, ...), UNet stages that go on in turn
 DECODER_STAGE = "decoder"  # optional: decoder.json, a decoder-only VAE stage run after the UNet
 
@@ -34,6 +34,7 @@ def _substitute(value, run: Path):
 def read_stage(config_path: str | Path, run_dir: str | Path, overrides: dict | None = None):
     """The stage's config dataclass, with `{run}` paths placed in `run_dir` and loop overrides applied."""
     from .clip import ClipConfig
+    from .controlnet import ControlNetTrainConfig
     from .lcm import LcmConfig
     from .lora import LoraTrainConfig
     from .unet import UnetConfig
@@ -47,9 +48,11 @@ def read_stage(config_path: str | Path, run_dir: str | Path, overrides: dict | N
     stage = raw.pop("stage", path.stem)
     if stage == "tokenizer":
         return stage, raw
-    classes = {"clip": ClipConfig, "vae": VaeConfig, "unet": UnetConfig, "lora": LoraTrainConfig, "lcm": LcmConfig}
+    classes = {"clip": ClipConfig, "vae": VaeConfig, "unet": UnetConfig, "lora": LoraTrainConfig,
+               "controlnet": ControlNetTrainConfig, "lcm": LcmConfig}
     if stage not in classes:
-        raise ValueError(f"`config`: {str(path)!r} has stage {stage!r}; expected one of {[*STAGES, 'lora', 'lcm']}")
+        raise ValueError(f"`config`: {str(path)!r} has stage {stage!r}; expected one of "
+                         f"{[*STAGES, 'lora', 'controlnet', 'lcm']}")
     overrides = dict(overrides or {})
     if "data" in overrides:  # --data: the stage's data, not a loop setting
         raw["data"] = overrides.pop("data")
@@ -71,17 +74,19 @@ def read_stage(config_path: str | Path, run_dir: str | Path, overrides: dict | N
 
 def run_stage(config_path: str | Path, run_dir: str | Path, resume: bool = False, overrides: dict | None = None,
               progress: bool = True):
-    """Run one stage (tokenizer, clip, vae or unet) from its config."""
+    """Run one stage (tokenizer, clip, vae, unet, lora or controlnet) from its config."""
     stage, config = read_stage(config_path, run_dir, overrides)
     if stage == "tokenizer":
         return build_tokenizer(config)
     from .clip import train_clip
+    from .controlnet import train_controlnet
     from .lcm import train_lcm
     from .lora import train_lora
     from .unet import train_unet
     from .vae import train_vae
 
-    trainer = {"clip": train_clip, "vae": train_vae, "unet": train_unet, "lora": train_lora, "lcm": train_lcm}[stage]
+    trainer = {"clip": train_clip, "vae": train_vae, "unet": train_unet, "lora": train_lora,
+               "controlnet": train_controlnet, "lcm": train_lcm}[stage]
     return trainer(config, resume=resume, progress=progress)
 
 
