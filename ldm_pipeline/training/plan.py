@@ -36,6 +36,7 @@ def read_stage(config_path: str | Path, run_dir: str | Path, overrides: dict | N
     from .clip import ClipConfig
     from .controlnet import ControlNetTrainConfig
     from .lcm import LcmConfig
+    from .textual_inversion import TextualInversionConfig
     from .lora import LoraTrainConfig
     from .unet import UnetConfig
     from .vae import VaeConfig
@@ -49,10 +50,10 @@ def read_stage(config_path: str | Path, run_dir: str | Path, overrides: dict | N
     if stage == "tokenizer":
         return stage, raw
     classes = {"clip": ClipConfig, "vae": VaeConfig, "unet": UnetConfig, "lora": LoraTrainConfig,
-               "controlnet": ControlNetTrainConfig, "lcm": LcmConfig}
+               "controlnet": ControlNetTrainConfig, "lcm": LcmConfig, "textual_inversion": TextualInversionConfig}
     if stage not in classes:
         raise ValueError(f"`config`: {str(path)!r} has stage {stage!r}; expected one of "
-                         f"{[*STAGES, 'lora', 'controlnet', 'lcm']}")
+                         f"{[*STAGES, 'lora', 'controlnet', 'lcm', 'textual_inversion']}")
     overrides = dict(overrides or {})
     if "data" in overrides:  # --data: the stage's data, not a loop setting
         raw["data"] = overrides.pop("data")
@@ -81,12 +82,14 @@ def run_stage(config_path: str | Path, run_dir: str | Path, resume: bool = False
     from .clip import train_clip
     from .controlnet import train_controlnet
     from .lcm import train_lcm
+    from .textual_inversion import train_textual_inversion
     from .lora import train_lora
     from .unet import train_unet
     from .vae import train_vae
 
     trainer = {"clip": train_clip, "vae": train_vae, "unet": train_unet, "lora": train_lora,
-               "controlnet": train_controlnet, "lcm": train_lcm}[stage]
+               "controlnet": train_controlnet, "lcm": train_lcm,
+               "textual_inversion": train_textual_inversion}[stage]
     return trainer(config, resume=resume, progress=progress)
 
 
