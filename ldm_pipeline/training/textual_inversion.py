@@ -35,7 +35,7 @@ class TextualInversionConfig:
     model: str | None = None  # a folder or Hub id; None: the bundled model
     token: str = "<new>"  # the new token
     placeholder: str = ""  # the word of the captions the token replaces ("" : captions already use the token)
-    initializer: str = "shape"  # an existing word whose embedding the token starts from
+    initializer: str = "triangle"  # an existing word whose embedding the token starts from
     image_size: int | None = None
 
     def __post_init__(self):
