@@ -75,6 +75,23 @@ def pickled_shapes(checkpoint: Path) -> dict[str, tuple]:
     return {key: tuple(value.shape) for key, value in state.items() if isinstance(value, torch.Tensor)}
 
 
+def checkpoint_shapes(checkpoint: Path, allow_pickle: bool) -> dict[str, tuple]:
+    """The tensor shapes of a single-file checkpoint, checked: a whole safetensors file, or a pickle only with
+    `allow_pickle` (read with `torch.load(weights_only=True)`)."""
+    if not checkpoint.is_file():
+        raise ValueError(f"`path`: no file at {str(checkpoint)!r}")
+    if checkpoint.suffix in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise ModelFileError(checkpoint, "is a pickled checkpoint, which can run code when loaded; use its "
+                                             ".safetensors version, or pass allow_pickle=True if you trust the file "
+                                             "(it is then loaded with torch.load(weights_only=True))")
+        return pickled_shapes(checkpoint)
+    if checkpoint.suffix != ".safetensors":
+        raise ValueError(f"`path`: {str(checkpoint)!r} is not a .safetensors file (or, with allow_pickle=True, "
+                         f"one of {', '.join(PICKLE_SUFFIXES)})")
+    return check_safetensors(checkpoint)
+
+
 def bundled_clip_tokenizer(config: str | os.PathLike = "sd15", subfolder: str = "tokenizer") -> CLIPTokenizer:
     """OpenAI's CLIP tokenizer, read offline from the vocabulary shipped in `configs/clip_tokenizer`.
 
@@ -113,19 +130,7 @@ def load_single_file(path: str | os.PathLike, config: str | None = None,
     from diffusers import StableDiffusionPipeline
 
     checkpoint = Path(path)
-    if not checkpoint.is_file():
-        raise ValueError(f"`path`: no file at {str(checkpoint)!r}")
-    if checkpoint.suffix in PICKLE_SUFFIXES:
-        if not allow_pickle:
-            raise ModelFileError(checkpoint, "is a pickled checkpoint, which can run code when loaded; use its "
-                                             ".safetensors version, or pass allow_pickle=True if you trust the file "
-                                             "(it is then loaded with torch.load(weights_only=True))")
-        shapes = pickled_shapes(checkpoint)
-    elif checkpoint.suffix == ".safetensors":
-        shapes = check_safetensors(checkpoint)
-    else:
-        raise ValueError(f"`path`: {str(checkpoint)!r} is not a .safetensors file (or, with allow_pickle=True, "
-                         f"one of {', '.join(PICKLE_SUFFIXES)})")
+    shapes = checkpoint_shapes(checkpoint, allow_pickle)
     name = config or guess_config(checkpoint, shapes)
     folder = config_dir(name) if not Path(name).is_dir() else Path(name)
     if tokenizer is None:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from .folders import PICKLE_SUFFIXES, ModelFileError, check_safetensors, load_part, read_json
-from .single_file import bundled_clip_tokenizer, config_dir, pickled_shapes
+from .folders import load_part, read_json
+from .single_file import bundled_clip_tokenizer, checkpoint_shapes, config_dir
 from .xl_folders import SETTINGS, XL_COMPONENTS
 
 BASE_TOWER = "conditioner.embedders.1.model."  # OpenCLIP as a base's second tower
@@ -35,21 +35,6 @@ def guess_xl_config(checkpoint: Path, shapes: dict[str, tuple]) -> str:
                      "LatentDiffusionPipeline.from_single_file")
 
 
-def _shapes(checkpoint: Path, allow_pickle: bool) -> dict[str, tuple]:
-    if not checkpoint.is_file():
-        raise ValueError(f"`path`: no file at {str(checkpoint)!r}")
-    if checkpoint.suffix in PICKLE_SUFFIXES:
-        if not allow_pickle:
-            raise ModelFileError(checkpoint, "is a pickled checkpoint, which can run code when loaded; use its "
-                                             ".safetensors version, or pass allow_pickle=True if you trust the file "
-                                             "(it is then loaded with torch.load(weights_only=True))")
-        return pickled_shapes(checkpoint)
-    if checkpoint.suffix != ".safetensors":
-        raise ValueError(f"`path`: {str(checkpoint)!r} is not a .safetensors file (or, with allow_pickle=True, "
-                         f"one of {', '.join(PICKLE_SUFFIXES)})")
-    return check_safetensors(checkpoint)
-
-
 def load_single_file_xl(path: str | os.PathLike, config: str | None = None, torch_dtype: torch.dtype | None = None,
                         allow_pickle: bool = False) -> tuple[dict, dict]:
     """Components of an original single-file SDXL checkpoint, and the pipeline settings of its config folder
@@ -61,7 +46,7 @@ def load_single_file_xl(path: str | os.PathLike, config: str | None = None, torc
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
     checkpoint = Path(path)
-    shapes = _shapes(checkpoint, allow_pickle)
+    shapes = checkpoint_shapes(checkpoint, allow_pickle)
     name = config or guess_xl_config(checkpoint, shapes)
     folder = Path(name) if Path(name).is_dir() else config_dir(str(name))
     index = read_json(folder / "model_index.json")
