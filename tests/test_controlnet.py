@@ -209,3 +209,14 @@ def test_ldm_generate_with_a_controlnet(components, nets, tmp_path):
     assert np.array_equal(pixels([PIL.Image.open(tmp_path / "again.png")]),
                           pixels([PIL.Image.open(tmp_path / "out.png")]))
     assert main(["generate", "a cat", *common, "--out", str(tmp_path / "x.png")]) == 2  # no control picture
+
+
+def test_a_nets_digest_is_kept_until_its_weights_change(components):
+    from ldm_pipeline.conditioning.controlnet import digest
+
+    net = make_net(components["unet"], 4)
+    first = digest(net)
+    assert digest(net) == first and net._ldm_digest[1] == first
+    with torch.no_grad():
+        net.controlnet_mid_block.weight.add_(1.0)  # in place: the fingerprint notices
+    assert digest(net) != first
