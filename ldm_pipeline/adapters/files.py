@@ -29,7 +29,7 @@ def lora_file(source, weight_name: str | None = None) -> Path:
     if path.is_file():
         return path
     if not path.is_dir() and is_hub_id(str(source)):
-        return _from_hub(str(source), weight_name or LORA_WEIGHT_NAME)
+        return from_hub(str(source), weight_name or LORA_WEIGHT_NAME)
     if not path.is_dir():
         raise FileNotFoundError(f"`path_or_folder`: {str(source)!r} is neither a LoRA file nor a folder, nor a Hub "
                                 "id (owner/name)")
@@ -47,15 +47,16 @@ def lora_file(source, weight_name: str | None = None) -> Path:
     return candidates[0]
 
 
-def _from_hub(repo: str, weight_name: str) -> Path:
-    """A LoRA file of a Hub repository (such as "latent-consistency/lcm-lora-sdv1-5"), downloaded or from the cache."""
+def from_hub(repo: str, weight_name: str, argument: str = "path_or_folder") -> Path:
+    """A file of a Hub repository (a LoRA's, such as "latent-consistency/lcm-lora-sdv1-5", or an embedding's),
+    downloaded or from the cache; errors name `argument`."""
     from huggingface_hub import hf_hub_download
 
     try:
         return Path(hf_hub_download(repo, weight_name))
     except Exception as error:  # unreachable, unknown, gated, no such file: huggingface_hub has many error types
         raise FileNotFoundError(
-            f"`path_or_folder`: cannot load {weight_name!r} of {repo!r} from the Hugging Face Hub "
+            f"`{argument}`: cannot load {weight_name!r} of {repo!r} from the Hugging Face Hub "
             f"({type(error).__name__}): it is unreachable, or has no such repository or file, and it is not in "
             "the local cache; pass a local file or folder, or weight_name= for another file") from error
 

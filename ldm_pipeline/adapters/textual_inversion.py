@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..loading.folders import is_hub_id
-from .files import PICKLED
+from .files import PICKLED, from_hub
 
 
 def read_embedding(source, token: str | None, weight_name: str | None, allow_pickle: bool
@@ -62,13 +62,7 @@ def _file(source, weight_name: str | None) -> Path:
         raise FileNotFoundError(f"`pretrained_model_name_or_path`: no embedding file in {str(path)!r}; pass "
                                 "weight_name=")
     if is_hub_id(str(source)):
-        from huggingface_hub import hf_hub_download
-
-        try:
-            return Path(hf_hub_download(str(source), weight_name or "learned_embeds.safetensors"))
-        except Exception as error:  # unreachable, unknown, no such file
-            raise FileNotFoundError(f"`pretrained_model_name_or_path`: cannot load {str(source)!r} from the Hugging "
-                                    f"Face Hub ({type(error).__name__}); pass a local file") from error
+        return from_hub(str(source), weight_name or "learned_embeds.safetensors", "pretrained_model_name_or_path")
     raise FileNotFoundError(f"`pretrained_model_name_or_path`: {str(source)!r} is neither a file, a folder nor a "
                             "Hub id")
 
