@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from . import hires, images, stages
-from .adapters import lora as adapters, textual_inversion
+from .adapters import fast as fast_mode, lora as adapters, textual_inversion
 from .fast import compile as fast
 from .loading import folders as loading, single_file, xl_folders
 from .output import PipelineOutput
@@ -31,7 +31,7 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
     return torch.float16 if torch.device(device).type == "cuda" else torch.float32
 
 
-class LatentDiffusionPipeline(memory.MemoryMethods, adapters.AdapterMethods,
+class LatentDiffusionPipeline(memory.MemoryMethods, fast_mode.FastMethods, adapters.AdapterMethods,
                               textual_inversion.TextualInversionMethods):
     """Text-to-image and image-to-image with a CLIP text encoder, a VAE and a conditional UNet.
 
@@ -196,7 +196,7 @@ class LatentDiffusionPipeline(memory.MemoryMethods, adapters.AdapterMethods,
             return LatentDiffusionXLPipeline.from_pretrained(path_or_id, torch_dtype, device, allow_pickle)
         components = loading.load_components(folder, torch_dtype=torch_dtype or default_dtype(device),
                                              allow_pickle=allow_pickle)
-        pipe = cls(**components, defaults=loading.read_defaults(folder))
+        pipe = cls(**components, defaults=fast_mode.model_fast_lora(folder, loading.read_defaults(folder)))
         pipe.identity.name = Path(path_or_id).resolve().name if Path(path_or_id).is_dir() else str(path_or_id)
         return pipe.to(device, torch_dtype)
 
@@ -222,8 +222,14 @@ class LatentDiffusionPipeline(memory.MemoryMethods, adapters.AdapterMethods,
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
         """Write the diffusers folder layout (safetensors), loadable by diffusers' StableDiffusionPipeline too."""
-        extra = {k: v for k, v in self.defaults.items() if self.FALLBACK_DEFAULTS.get(k) != v}
-        return loading.save_components(self.components, save_directory, defaults=extra)
+        return loading.save_components(self.components, save_directory, defaults=self._saved_defaults())
+
+    def _saved_defaults(self) -> dict:
+        """The defaults a saved folder keeps (those not the fallbacks); refused in fast mode (its LoRA is fused)."""
+        if self.fast:
+            raise ValueError("save_pretrained: fast mode is on, so its LoRA is fused into the weights; "
+                             "disable_fast() first")
+        return {k: v for k, v in self.defaults.items() if self.FALLBACK_DEFAULTS.get(k) != v}
 
     # -- generation -------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from .adapters import fast as fast_mode
 from .conditioning import sdxl
 from .loading import folders as loading, xl_folders
 from .pipeline import LatentDiffusionPipeline, default_dtype
@@ -147,7 +148,8 @@ class LatentDiffusionXLPipeline(LatentDiffusionPipeline):
                                              "LatentDiffusionPipeline.from_pretrained")
         components, settings = xl_folders.load_xl_components(folder, torch_dtype=torch_dtype or default_dtype(device),
                                                              allow_pickle=allow_pickle)
-        pipe = cls(**components, **settings, defaults=loading.read_defaults(folder))
+        defaults = fast_mode.model_fast_lora(folder, loading.read_defaults(folder))
+        pipe = cls(**components, **settings, defaults=defaults)
         pipe.identity.name = Path(path_or_id).resolve().name if Path(path_or_id).is_dir() else str(path_or_id)
         return pipe.to(device, torch_dtype)
 
@@ -174,8 +176,8 @@ class LatentDiffusionXLPipeline(LatentDiffusionPipeline):
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
         """Write diffusers' SDXL folder layout (safetensors), loadable by diffusers' SDXL pipelines too."""
-        extra = {k: v for k, v in self.defaults.items() if self.FALLBACK_DEFAULTS.get(k) != v}
-        return xl_folders.save_xl_components(self.components, save_directory, self.settings, defaults=extra)
+        return xl_folders.save_xl_components(self.components, save_directory, self.settings,
+                                            defaults=self._saved_defaults())
 
     # -- text -------------------------------------------------------------------------------
 

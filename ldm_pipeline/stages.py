@@ -24,7 +24,7 @@ import PIL.Image
 import torch
 
 from . import images, masks, stages_xl
-from .adapters import lora as adapters, textual_inversion
+from .adapters import fast as fast_mode, lora as adapters, textual_inversion
 from .conditioning import controlnet, inpaint, sdxl
 from .guidance import clip as clip_guidance, composition
 from .guidance.base import ClassifierFree, Guidance
@@ -305,7 +305,8 @@ def finish(pipe, call: Call, final: torch.Tensor, scheduler, steps_run: int,
         result = images.postprocess(guards.decode_checked(pipe.vae, final, upcast=pipe.vae_upcast), s.output_type)
     if pipe.offload:
         pipe.offload.offload_all()  # the GPU is free between calls
-    extra = {**clip_guidance.recipe_of(guidances), **adapters.recipe_of(pipe), **textual_inversion.recipe_of(pipe)}
+    extra = {**clip_guidance.recipe_of(guidances), **adapters.recipe_of(pipe), **textual_inversion.recipe_of(pipe),
+             **fast_mode.recipe_of(pipe)}
     if call.controls is not None:
         extra["controlnets"] = controlnet.record(call.controls, s.control_image)
     record = recipes.CallRecord.of(pipe, call, scheduler, extra=extra)

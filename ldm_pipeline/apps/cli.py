@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                           help="load a LoRA (a .safetensors file or a folder; diffusers or kohya keys) at SCALE "
                                "(default 1); repeat for several")
+    generate.add_argument("--fast", nargs="?", const="", default=None, metavar="LCM_LORA",
+                          help="draw in a step or a few: fuse the model's LCM-LoRA (or this one: a folder, file or "
+                               "Hub id) and take its scheduler, steps and guidance (pipe.enable_fast())")
     generate.add_argument("--region", action="append", default=[], type=_region, metavar="L,T,R,B",
                           help="with --prompt-composition: the box of the next AND part, as fractions of the image "
                                "(0,0,0.5,0.5 is the top left quarter; 'all' for the whole image); one per part")

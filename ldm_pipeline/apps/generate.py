@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..loading.folders import is_hub_id
 from ..settings import fields_of, meta
 
 
@@ -27,7 +28,7 @@ def _setting_arguments(args: argparse.Namespace) -> dict:
 
 # what --from takes from the recipe instead: the setting flags and these (with their defaults, to notice them given)
 _RECIPE_OPTIONS = {"prompt": ("prompt", []), "size": ("--size", None), "scheduler": ("--scheduler", None),
-                   "region": ("--region", []), "outpaint": ("--outpaint", None)}
+                   "region": ("--region", []), "outpaint": ("--outpaint", None), "fast": ("--fast", None)}
 
 
 def _given_with_recipe(args: argparse.Namespace) -> list[str]:
@@ -75,6 +76,9 @@ def generate(args: argparse.Namespace) -> None:
 
     for spec in args.lora:
         _lora_spec(spec)  # before a model loads
+    if args.fast and not Path(args.fast).exists() and not is_hub_id(args.fast):
+        raise ValueError(f"--fast: {args.fast!r} is neither a LoRA file or folder nor a Hub id (owner/name); give "
+                         "an LCM-LoRA, or --fast alone for the model's own")
     if args.prompts is not None:
         jobs = _prompt_jobs(args)  # the whole file is checked before a model loads
     elif args.out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
@@ -112,11 +116,13 @@ def generate(args: argparse.Namespace) -> None:
         pipe.enable_attention_slicing().enable_vae_slicing()
     if args.low_memory or args.tile_vae:
         pipe.enable_vae_tiling()
-    if args.scheduler:
-        pipe.set_scheduler(args.scheduler)
     for spec in args.lora:
         path, scale = _lora_spec(spec)
         pipe.load_lora_weights(path, adapter_name=Path(path).stem.replace(".", "_"), scale=scale)
+    if args.fast is not None:
+        pipe.enable_fast(args.fast or None)
+    if args.scheduler:  # after --fast: a scheduler named here wins
+        pipe.set_scheduler(args.scheduler)
     if args.compile:
         pipe.compile(batch=None)  # built for the call's own size and batch when it runs
     if args.controlnet:  # the call takes the loaded nets, not their paths

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from pathlib import Path
@@ -111,8 +112,6 @@ def _controls(recipe: Recipe, pipe, nets, pictures) -> dict:
 def reproduce(pipe, source, image=None, ignore_model_hash: bool = False, progress: bool = True, mask_image=None,
               controlnet=None, control_image=None):
     """Draw the image(s) of a recipe again with `pipe`; see `LatentDiffusionPipeline.reproduce`."""
-    import copy
-
     if isinstance(source, Recipe):
         recipes = [source]
     elif isinstance(source, (list, tuple)) and source and all(isinstance(r, Recipe) for r in source):
@@ -129,6 +128,35 @@ def reproduce(pipe, source, image=None, ignore_model_hash: bool = False, progres
             raise ValueError("`source`: the recipe has no seed, so its starting noise is unknown")
         if any(getattr(recipe, name) != getattr(first, name) for name in _CALL_FIELDS):
             raise ValueError("`source`: these recipes come from different calls; reproduce them one at a time")
+    with fast_as(first.fast, pipe):
+        return _draw(pipe, recipes, image, ignore_model_hash, progress, mask_image, controlnet, control_image)
+
+
+@contextlib.contextmanager
+def fast_as(wanted: bool, pipe):
+    """Fast mode (`enable_fast`, the model's own LoRA) on or off as a recipe was drawn, and back after."""
+    mode = pipe.fast_mode
+    if bool(wanted) == (mode is not None):
+        yield
+        return
+    if wanted:
+        pipe.enable_fast()
+    else:
+        pipe.disable_fast()
+    try:
+        yield
+    finally:
+        if mode is not None:
+            pipe.enable_fast(mode.source)
+        else:
+            pipe.disable_fast()
+
+
+def _draw(pipe, recipes, image, ignore_model_hash, progress, mask_image, controlnet, control_image):
+    """Check the adapters and model against the first recipe, then draw them all."""
+    import copy
+
+    first = recipes[0]
     _check_loras(first, pipe)
     _check_embeddings(first, pipe)
     if not ignore_model_hash:
