@@ -56,8 +56,10 @@ class Runner:
             return True
         return False
 
-    def draw(self, session: str | None, scheduler: str | None = None, on_step=None, **arguments):
-        """`pipe(**arguments)` with `scheduler` (our name; None: the pipeline's own) for this call only.
+    def draw(self, session: str | None, scheduler: str | None = None, on_step=None, fast: bool | None = None,
+             **arguments):
+        """`pipe(**arguments)` with `scheduler` (our name; None: the pipeline's own) and fast mode on or off
+        (`enable_fast`, the model's own LoRA; None: as the pipeline is) for this call only.
 
         `on_step(done, total)` follows the denoising steps. Returns the `PipelineOutput`; the pipeline's
         ValueError and TypeError pass through (the caller words them for its users).
@@ -86,8 +88,13 @@ class Runner:
             self.running = session
             self.progress = Progress(session, total)
             self.stop_requested.discard(session)
-            original, net = self.pipe.scheduler, self.pipe.controlnet
+            original, net, mode = self.pipe.scheduler, self.pipe.controlnet, self.pipe.fast_mode
             try:
+                if fast is not None and bool(fast) != (mode is not None):
+                    if fast:
+                        self.pipe.enable_fast()
+                    else:
+                        self.pipe.disable_fast()
                 if scheduler is not None:
                     self.pipe.set_scheduler(scheduler)
                 if "control_image" not in arguments:  # the pipeline's own ControlNet steers control calls only
@@ -95,6 +102,10 @@ class Runner:
                 result = self.pipe(callback=callback, progress=False, preview=preview,
                                    preview_every=max(1, steps // PREVIEWS), **arguments)
             finally:
+                if mode is None:
+                    self.pipe.disable_fast()
+                else:
+                    self.pipe.enable_fast(mode.source)
                 self.pipe.scheduler, self.pipe.controlnet = original, net
                 self.running = None
                 self.progress = None

@@ -34,6 +34,7 @@ if "gradio" not in sys.modules and "GRADIO_TEMP_DIR" not in os.environ:
 import gradio as gr  # noqa: E402
 import PIL.Image  # noqa: E402
 
+from ..adapters.fast import lora_settings  # noqa: E402
 from ..guidance.composition import parse_regions  # noqa: E402
 from ..sampling.schedulers import SCHEDULERS  # noqa: E402
 from ..settings import default  # noqa: E402
@@ -105,14 +106,15 @@ class _Runner(Runner):
     def stop(self, request: gr.Request | None = None):
         super().stop(getattr(request, "session_hash", None))
 
-    def run(self, session: str | None, progress, scheduler: str, **arguments) -> tuple[list[str], int]:
+    def run(self, session: str | None, progress, scheduler: str, fast: bool = False,
+            **arguments) -> tuple[list[str], int]:
         def on_step(done, total):
             progress((done, total), desc="denoising", unit="steps")
 
         with self.lock:
             try:
                 result = self.draw(session, None if scheduler == MODEL_SCHEDULER else scheduler, on_step,
-                                   **arguments)
+                                   fast=bool(fast), **arguments)
             except (ValueError, TypeError) as error:
                 raise gr.Error(str(error), print_exception=False) from None
             self.count += 1
@@ -127,9 +129,16 @@ class _Runner(Runner):
 def _settings(pipe):
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     regions_guidance = pipe.defaults.get("regions_guidance_scale")
+    fast = lora_settings(pipe.defaults["fast_lora"]) if pipe.defaults.get("fast_lora") else {}
     return dict(steps=int(pipe.defaults["num_inference_steps"]), guidance=float(pipe.defaults["guidance_scale"]),
                 size=int(size), multiple=int(pipe.vae_scale_factor),
-                regions_guidance=None if regions_guidance is None else float(regions_guidance))
+                regions_guidance=None if regions_guidance is None else float(regions_guidance),
+                fast_steps=fast.get("num_inference_steps"), fast_guidance=fast.get("guidance_scale", 1.0))
+
+
+def fast_settings(on: bool, s: dict) -> tuple[int, float]:
+    """The steps and guidance sliders' values once the fast box is ticked (the fast LoRA's) or cleared (the model's)."""
+    return (s["fast_steps"], s["fast_guidance"]) if on else (s["steps"], s["guidance"])
 
 
 def guidance_after_regions(regions: str, guidance: float, plain: float, for_regions: float | None) -> float:
@@ -163,7 +172,9 @@ def build_app(pipe, title: str = "ldm-pipeline") -> gr.Blocks:
         the API endpoint `/generate`: `Client(url).predict("a red circle", api_name="/generate")`
         returns (gallery, seed used); every input but the prompt has a default. Its last inputs are the
         hires fix: `hires_fix` (off), `hires_scale` (2), `hires_upscaler` ("latent" or "lanczos"),
-        `hires_steps` (0: the call's steps) and `hires_strength` (0.7).
+        `hires_steps` (0: the call's steps) and `hires_strength` (0.7), then `fast`: draw with the model's
+        LCM-LoRA (`enable_fast`; its steps and guidance are the sliders' values when ticked). Every event
+        below ends with `fast` too.
         `/transform` is image-to-image: (reference picture, strength, then `/generate`'s inputs).
         `/inpaint` is inpainting: (editor value, strength, mask blur, masked content, inpaint only
         masked, padding, then `/generate`'s inputs), where the editor value is a dict
@@ -187,48 +198,49 @@ def build_app(pipe, title: str = "ldm-pipeline") -> gr.Blocks:
                  height: float, seed: float, num_images: float, composition: bool = False, regions: str = "",
                  hires_fix: bool = False, hires_scale: float = default("hires_scale"),
                  hires_upscaler: str = default("hires_upscaler"), hires_steps: float = 0,
-                 hires_strength: float = default("hires_strength"), request: gr.Request = None,
+                 hires_strength: float = default("hires_strength"), fast: bool = False, request: gr.Request = None,
                  progress=gr.Progress()):
         return _draw(prompt, negative_prompt, steps, guidance, scheduler, width, height, seed, num_images,
-                     composition, regions, request, progress,
+                     composition, regions, fast, request, progress,
                      **hires_arguments(hires_fix, hires_scale, hires_upscaler, hires_steps, hires_strength))
 
     def transform(reference, strength: float, prompt: str, negative_prompt: str, steps: float, guidance: float,
                   scheduler: str, width: float, height: float, seed: float, num_images: float, drawing=None,
-                  composition: bool = False, regions: str = "", request: gr.Request = None, progress=gr.Progress()):
+                  composition: bool = False, regions: str = "", fast: bool = False, request: gr.Request = None,
+                  progress=gr.Progress()):
         if reference is None:  # then the drawing, if anything was drawn
             reference = _drawn(drawing)
         if reference is None:
             raise gr.Error("image: upload or draw a reference picture for image-to-image", print_exception=False)
         return _draw(prompt, negative_prompt, steps, guidance, scheduler, width, height, seed, num_images,
-                     composition, regions, request, progress, image=reference, strength=float(strength))
+                     composition, regions, fast, request, progress, image=reference, strength=float(strength))
 
     def inpaint(edited, strength: float, mask_blur: float, masked_content: str, only_masked: bool, padding: float,
                 prompt: str, negative_prompt: str, steps: float, guidance: float, scheduler: str, width: float,
                 height: float, seed: float, num_images: float, composition: bool = False, regions: str = "",
-                request: gr.Request = None, progress=gr.Progress()):
+                fast: bool = False, request: gr.Request = None, progress=gr.Progress()):
         picture, mask = picture_and_mask(edited)
         if not only_masked:  # the whole picture, drawn at its own size
             width = height = None
         return _draw(prompt, negative_prompt, steps, guidance, scheduler, width, height, seed, num_images,
-                     composition, regions, request, progress, image=picture, mask_image=mask,
+                     composition, regions, fast, request, progress, image=picture, mask_image=mask,
                      strength=float(strength), mask_blur=_whole("mask blur", mask_blur), masked_content=masked_content,
                      padding_mask_crop=_whole("padding", padding) if only_masked else None)
 
     def control(control_picture, preprocessor: str, control_scale: float, control_start: float,
                 control_end: float, guess_mode: bool, prompt: str, negative_prompt: str, steps: float,
                 guidance: float, scheduler: str, width: float, height: float, seed: float, num_images: float,
-                drawing=None, composition: bool = False, regions: str = "", request: gr.Request = None,
-                progress=gr.Progress()):
+                drawing=None, composition: bool = False, regions: str = "", fast: bool = False,
+                request: gr.Request = None, progress=gr.Progress()):
         if net is None:
             raise gr.Error(NO_CONTROLNET, print_exception=False)
         picture = followed_picture(control_picture if control_picture is not None else _drawn(drawing), preprocessor)
         return _draw(prompt, negative_prompt, steps, guidance, scheduler, width, height, seed, num_images,
-                     composition, regions, request, progress,
+                     composition, regions, fast, request, progress,
                      **control_arguments(net, picture, control_scale, control_start, control_end, guess_mode))
 
     def _draw(prompt, negative_prompt, steps, guidance, scheduler, width, height, seed, num_images, composition,
-              regions, request, progress, **picture):
+              regions, fast, request, progress, **picture):
         if not isinstance(prompt, str) or not prompt.strip():
             raise gr.Error(f"prompt: got {prompt!r}; type what to draw", print_exception=False)
         if scheduler not in scheduler_names:
@@ -247,7 +259,7 @@ def build_app(pipe, title: str = "ldm-pipeline") -> gr.Blocks:
             raise gr.Error(f"regions: {error}", print_exception=False) from None
         arguments.update(picture)  # image=, strength=, mask_image=, ..., control_image=, ..., hires_fix=, ...
         session = getattr(request, "session_hash", None)
-        return runner.run(session, progress, scheduler, **arguments)
+        return runner.run(session, progress, scheduler, fast=bool(fast), **arguments)
 
     with gr.Blocks(title=title, delete_cache=(3600, 3600)) as demo:
         gr.Markdown(f"# {title}\nLatent diffusion: text-to-image, image-to-image, inpainting and ControlNet. "
@@ -261,6 +273,9 @@ def build_app(pipe, title: str = "ldm-pipeline") -> gr.Blocks:
                 with gr.Row():
                     steps = gr.Slider(1, 150, value=s["steps"], step=1, label="Steps", elem_id="steps")
                     guidance = gr.Slider(0, 20, value=s["guidance"], step=0.5, label="Guidance", elem_id="guidance")
+                fast = gr.Checkbox(pipe.fast, label=f"Fast: the model's LCM-LoRA ({s['fast_steps']} step(s), guidance "
+                                   f"{s['fast_guidance']:g}; a fused LoRA, so compile() keeps working)",
+                                   visible=s["fast_steps"] is not None, elem_id="fast")
                 with gr.Row():
                     scheduler = gr.Dropdown(scheduler_names, value=MODEL_SCHEDULER, label="Scheduler",
                                             elem_id="scheduler")
@@ -306,20 +321,22 @@ def build_app(pipe, title: str = "ldm-pipeline") -> gr.Blocks:
                                  "downloads as a PNG carrying its recipe", precision=0, interactive=False,
                                  elem_id="seed-used")
         settings = [prompt, negative, steps, guidance, scheduler, width, height, seed, num_images]
+        fast.change(lambda on: fast_settings(on, s), fast, [steps, guidance], queue=False, api_visibility="private")
         one_model = dict(concurrency_id="model", concurrency_limit=1)  # every drawing event waits in one line
         parts = [composition, regions]
         upscale = [hires.fix, hires.scale, hires.upscaler, hires.steps, hires.strength]
-        text_run = go.click(generate, [*settings, *parts, *upscale], [gallery, used], api_name="generate",
+        text_run = go.click(generate, [*settings, *parts, *upscale, fast], [gallery, used], api_name="generate",
                             **one_model)
-        submit_run = prompt.submit(generate, [*settings, *parts, *upscale], [gallery, used],
+        submit_run = prompt.submit(generate, [*settings, *parts, *upscale, fast], [gallery, used],
                                    api_visibility="private", **one_model)
-        image_run = go_image.click(transform, [reference, strength, *settings, drawing, *parts], [gallery, used],
+        image_run = go_image.click(transform, [reference, strength, *settings, drawing, *parts, fast], [gallery, used],
                                    api_name="transform", **one_model)
         inpaint_run = paint.button.click(inpaint, [paint.editor, paint.strength, paint.mask_blur, paint.masked_content,
-                                                   paint.only_masked, paint.padding, *settings, *parts],
+                                                   paint.only_masked, paint.padding, *settings, *parts, fast],
                                          [gallery, used], api_name="inpaint", **one_model)
         control_run = steer.button.click(control, [steer.picture, steer.preprocessor, steer.scale, steer.start,
-                                                   steer.end, steer.guess_mode, *settings, steer.drawing, *parts],
+                                                   steer.end, steer.guess_mode, *settings, steer.drawing, *parts,
+                                                   fast],
                                          [gallery, used], api_name="control", **one_model)
         stop.click(runner.stop, None, None, cancels=[text_run, submit_run, image_run, inpaint_run, control_run],
                    queue=False, api_visibility="private")
