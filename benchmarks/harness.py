@@ -21,6 +21,7 @@ of a configuration also pays the compile, before any timing.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -42,13 +43,23 @@ CONFIGS = {
     "bundled-b1": dict(model="bundled", size=64, steps=50, batch=1, repeats=7),
     "bundled-b16": dict(model="bundled", size=64, steps=50, batch=16, repeats=3),
     "bundled-b4": dict(model="bundled", size=64, steps=50, batch=4, repeats=5),
+    "bundled-s1": dict(model="bundled", size=64, steps=1, batch=1, repeats=15),
+    "bundled-s2": dict(model="bundled", size=64, steps=2, batch=1, repeats=15),
+    "bundled-s4": dict(model="bundled", size=64, steps=4, batch=1, repeats=11),
     "bundled-s10": dict(model="bundled", size=64, steps=10, batch=1, repeats=7),
     "bundled-s20": dict(model="bundled", size=64, steps=20, batch=1, repeats=7),
     "bundled-128": dict(model="bundled", size=128, steps=50, batch=1, repeats=5),
+    # fast mode: the bundled LCM-LoRA fused, the lcm scheduler at guidance 1 (diffusers: LCMScheduler + its
+    # load_lora_weights and fuse_lora of the same file)
+    "bundled-lcm1": dict(model="bundled", size=64, steps=1, batch=1, repeats=15, fast=True),
+    "bundled-lcm2": dict(model="bundled", size=64, steps=2, batch=1, repeats=15, fast=True),
+    "bundled-lcm4": dict(model="bundled", size=64, steps=4, batch=1, repeats=11, fast=True),
     "sd15-256": dict(model="sd15", size=256, steps=3, batch=1, repeats=3, cuda_steps=50),
     "sd15-512": dict(model="sd15", size=512, steps=2, batch=1, repeats=2, cuda_steps=50),
 }
-CPU_DEFAULT = ["bundled-b1", "bundled-s10", "bundled-s20", "bundled-b4", "bundled-b16", "bundled-128", "sd15-256"]
+CPU_DEFAULT = ["bundled-b1", "bundled-s1", "bundled-s2", "bundled-s4", "bundled-s10", "bundled-s20", "bundled-lcm1",
+               "bundled-lcm2", "bundled-lcm4", "bundled-b4", "bundled-b16", "bundled-128", "sd15-256"]
+FAST_LORA = ROOT / "ldm_pipeline" / "models" / "shapes-lcm-lora"
 
 
 def components_for(model: str, device: torch.device, dtype: torch.dtype) -> tuple[dict, float]:
@@ -138,31 +149,47 @@ def build_pipelines(name: str, device: torch.device, cache_dir: str | None, comp
 
     config = CONFIGS[name]
     steps = config.get("cuda_steps", config["steps"]) if device.type == "cuda" else config["steps"]
-    components, guidance = components_for(config["model"], device, default_dtype(device))
+    shared, guidance = components_for(config["model"], device, default_dtype(device))
+    fast = config.get("fast", False)
+    if fast:
+        guidance = 1.0
+
+    def components():  # fast mode fuses a LoRA into the weights: each pipeline then gets its own copy
+        return copy.deepcopy(shared) if fast else shared
     batch, size = config["batch"], config["size"]
     prompts = [PROMPT_BUNDLED if config["model"] == "bundled" else PROMPT_SD] * batch
     common = dict(num_inference_steps=steps, guidance_scale=guidance, height=size, width=size)
     runs = {}
     if only in (None, "ours_eager"):
-        eager = LatentDiffusionPipeline(**components)
+        eager = LatentDiffusionPipeline(**components())
+        if fast:
+            eager.enable_fast(FAST_LORA)
         runs["ours_eager"] = lambda: eager(prompts, seed=0, progress=False, output_type="np", **common).images
     if only in (None, "ours_compiled"):
-        compiled = LatentDiffusionPipeline(**components)
+        compiled = LatentDiffusionPipeline(**components())
+        if fast:
+            compiled.enable_fast(FAST_LORA)
         start = time.perf_counter()
         compiled.compile(compile_mode, cache_dir=cache_dir, height=size, width=size,
                          batch=batch * (2 if guidance > 1 else 1))
         runs["compile_s"] = time.perf_counter() - start
         runs["ours_compiled"] = lambda: compiled(prompts, seed=0, progress=False, output_type="np", **common).images
     if only in (None, "diffusers"):
-        theirs = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
+        theirs = StableDiffusionPipeline(**components(), safety_checker=None, feature_extractor=None,
                                          requires_safety_checker=False)
         theirs.set_progress_bar_config(disable=True)
+        if fast:
+            from diffusers import LCMScheduler
+
+            theirs.scheduler = LCMScheduler.from_config(theirs.scheduler.config)
+            theirs.load_lora_weights(FAST_LORA)
+            theirs.fuse_lora()
 
         def diffusers_call():
             generators = [torch.Generator().manual_seed(i) for i in range(batch)]
             return theirs(prompts, generator=generators, output_type="np", **common).images
         runs["diffusers"] = diffusers_call
-    runs["settings"] = dict(steps=steps, guidance=guidance, dtype=str(default_dtype(device)))
+    runs["settings"] = dict(steps=steps, guidance=guidance, dtype=str(default_dtype(device)), fast=fast)
     return runs
 
 
@@ -234,13 +261,22 @@ def plot(results: list[dict], path: Path) -> None:
     figure = Figure(figsize=(13, 3.8))
     for index, (axis, fixed, label) in enumerate(axes_spec):
         ax = figure.add_subplot(1, 3, index + 1)
-        rows = sorted((r for r in bundled if all(r[k] == v for k, v in fixed.items())), key=lambda r: r[axis])
-        for key, style in (("diffusers", "s-"), ("ours_eager", "o--"), ("ours_compiled", "o-")):
-            ax.plot([r[axis] for r in rows], [r["median_s"][key] for r in rows], style, label=key.replace("_", " "))
+        chosen = [r for r in bundled if all(r[k] == v for k, v in fixed.items())]
+        for fast, marker in ((False, "o"), (True, "^")):
+            rows = sorted((r for r in chosen if r.get("fast", False) == fast), key=lambda r: r[axis])
+            if not rows:
+                continue
+            for key, style in (("diffusers", "s-"), ("ours_eager", "--"), ("ours_compiled", "-")):
+                what = key.replace("_", " ") + (", LCM-LoRA (guidance 1)" if fast else "")
+                ax.plot([r[axis] for r in rows], [r["median_s"][key] for r in rows],
+                        style if key == "diffusers" and not fast else marker + style, label=what)
+        if axis == "steps":
+            ax.set_xscale("log")
+            ax.set_yscale("log")
         ax.set_xlabel(label)
         ax.set_ylabel("seconds per call")
         ax.grid(alpha=0.3)
-    figure.axes[0].legend()
+    figure.axes[0].legend(fontsize=7)
     figure.suptitle("bundled model, CPU: ldm_pipeline (eager and pipe.compile()) against diffusers")
     figure.tight_layout()
     figure.savefig(path, dpi=110)

@@ -12,6 +12,12 @@ from .api_config import add_flags as api_flags, config_from_args as api_config_f
 from .generate import generate as generate_command
 
 
+def _fast_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--fast", nargs="?", const="", default=None, metavar="LCM_LORA",
+                        help="draw in a step or a few: fuse the model's LCM-LoRA (or this one: a folder, file or "
+                             "Hub id) and take its scheduler, steps and guidance (pipe.enable_fast())")
+
+
 def _size(text: str) -> tuple[int, int]:
     try:
         width, height = (int(part) for part in text.lower().split("x"))
@@ -41,9 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                           help="load a LoRA (a .safetensors file or a folder; diffusers or kohya keys) at SCALE "
                                "(default 1); repeat for several")
-    generate.add_argument("--fast", nargs="?", const="", default=None, metavar="LCM_LORA",
-                          help="draw in a step or a few: fuse the model's LCM-LoRA (or this one: a folder, file or "
-                               "Hub id) and take its scheduler, steps and guidance (pipe.enable_fast())")
+    _fast_flag(generate)
     generate.add_argument("--region", action="append", default=[], type=_region, metavar="L,T,R,B",
                           help="with --prompt-composition: the box of the next AND part, as fractions of the image "
                                "(0,0,0.5,0.5 is the top left quarter; 'all' for the whole image); one per part")
@@ -111,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--steps", type=int, default=None)
     evaluate.add_argument("--guidance", type=float, default=None)
     evaluate.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None)
+    _fast_flag(evaluate)
     evaluate.add_argument("--clip", default=None, help="CLIPModel folder or Hub id (default: the bundled shapes CLIP)")
     evaluate.add_argument("--features", choices=("clip", "inception"), default="clip", help="FID features")
     evaluate.add_argument("--inception", default=None, help="Inception-v3 TorchScript file for --features inception")
@@ -277,10 +282,12 @@ def evaluate(args: argparse.Namespace) -> None:
     references = rep.reference_stats(real, extractor, args.cache_dir)
 
     pipe = LatentDiffusionPipeline.from_pretrained(args.model, device=args.device)
+    if args.fast is not None:
+        pipe.enable_fast(args.fast or None)
     if args.scheduler:
         pipe.set_scheduler(args.scheduler)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    about = {"model": str(args.model or "bundled"), "prompts": args.prompts,
+    about = {"model": str(args.model or "bundled"), "prompts": args.prompts, "fast": args.fast is not None,
              "real": args.real or ("shapes renders" if real else None)}
     if args.sweep:
         axes = {"steps": args.sweep_steps or rep.SWEEP_STEPS, "schedulers": args.sweep_schedulers or rep.SWEEP_SCHEDULERS,
