@@ -22,7 +22,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
-from . import images, stages
+from . import images, stages, stages_xl
 from .runtime import guards
 from .sampling import latents as latent_ops, schedulers
 from .sampling.loop import denoise
@@ -86,6 +86,8 @@ def refine(pipe, call: stages.Call, contexts: stages.Contexts, latents: torch.Te
     scheduler.set_timesteps(steps, device=pipe.device)
     timesteps = latent_ops.img2img_timesteps(scheduler, steps, s.hires_strength)
     upscaled = upscale(pipe, latents, s.hires_upscaler, height, width, call.generator)
+    if pipe.added_layout is not None:  # SDXL: the size ids of the size drawn at now
+        contexts = stages_xl.at_size(pipe, s, contexts, height, width)
     start = stages.Start(scheduler, timesteps, latent_ops.img2img_start(scheduler, upscaled, timesteps[:1],
                                                                         call.generator))
     big = replace(call, settings=s.replace(height=height, width=width))

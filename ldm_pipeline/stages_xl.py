@@ -3,10 +3,13 @@
 - `xl_settings` (stage 1): the SDXL settings checked and made plain, refused on a one-tower model;
 - `image_latents` (stage 1): `image=` given as latents, the refiner's side of a hand-off
   (`denoising_start`), checked with `denoising_end`;
-- `two_towers` (stage 2): both towers' contexts, each row packed with its added conditions.
+- `two_towers` (stage 2): both towers' contexts, each row packed with its added conditions;
+- `at_size` (the hires pass): those contexts with the size ids of the larger size.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 
@@ -42,10 +45,8 @@ def xl_settings(pipe, s: GenerationSettings, prompts, count: int) -> GenerationS
             raise ValueError(f"`{given[0]}`: this model has one text encoder and no added conditions; the SDXL "
                              "settings (prompt_2, pooled embeddings, sizes, aesthetic scores) need an SDXL model")
         return s.replace(crops_coords_top_left=default_of("crops_coords_top_left"))  # a recipe's list: the tuple
-    for name, why in (("controlnet", "SDXL ControlNets are not supported yet"),
-                      ("hires_fix", "the hires fix is not supported for SDXL models yet")):
-        if getattr(s, name) or (name == "controlnet" and pipe.controlnet is not None):
-            raise ValueError(f"`{name}`: {why}")
+    if s.controlnet or pipe.controlnet is not None:
+        raise ValueError("`controlnet`: SDXL ControlNets are not supported yet")
     if s.prompt_embeds is not None and s.pooled_prompt_embeds is None:
         raise ValueError("`pooled_prompt_embeds`: an SDXL model needs them with `prompt_embeds` (the second text "
                          "encoder's pooled projection)")
@@ -147,3 +148,20 @@ def two_towers(pipe, call, prompts: list[str] | None, negatives: list[str] | Non
         return layout.pack(context, pooled, ids).repeat_interleave(s.num_images_per_prompt, dim=0)
 
     return packed(cond, positive), (packed(uncond, negative) if uncond is not None else None)
+
+
+def at_size(pipe, s: GenerationSettings, contexts, height: int, width: int):
+    """The packed contexts with the time ids of a call drawn at (height, width): the hires pass conditions on
+    the size it draws at (`original_size` and `target_size`, when not given, are that size)."""
+    layout = pipe.added_layout
+    positive, negative = sdxl.time_ids(s, height, width, pipe.requires_aesthetics_score)
+
+    def repacked(packed: torch.Tensor | None, ids: list[float]) -> torch.Tensor | None:
+        if packed is None:
+            return None
+        context, pooled, _ = layout.unpack(packed)
+        ids = torch.tensor([ids], dtype=packed.dtype, device=packed.device).expand(packed.shape[0], -1)
+        return layout.pack(context, pooled, ids)
+
+    return replace(contexts, cond=repacked(contexts.cond, positive), uncond=repacked(contexts.uncond, negative),
+                   parts=[repacked(part, positive) for part in contexts.parts])

@@ -268,12 +268,35 @@ def test_a_one_tower_model_refuses_the_sdxl_settings_and_takes_clip_skip(pipe):
                                pipe.text_encoder.final_layer_norm(hidden).detach(), atol=1e-6)
 
 
+def test_the_hires_fix_conditions_its_pass_on_the_larger_size(base):
+    """Base pass at 16x24 with size ids (16, 24); the hires pass at 32x48 with (32, 48); the recipe draws it again."""
+    seen = []
+    forward = base.unet.forward
+
+    def watched(sample, timestep, *args, added_cond_kwargs=None, **kwargs):
+        seen.append((tuple(sample.shape[-2:]), added_cond_kwargs["time_ids"][0].tolist()))
+        return forward(sample, timestep, *args, added_cond_kwargs=added_cond_kwargs, **kwargs)
+
+    base.unet.forward = watched
+    try:
+        output = base("a red circle", seed=2, height=16, width=24, hires_fix=True, hires_steps=4, **FAST)
+    finally:
+        base.unet.forward = forward
+    assert output.images[0].size == (48, 32)
+    factor = base.vae_scale_factor
+    ids = {shape: ids for shape, ids in seen}
+    assert ids == {(16 // factor, 24 // factor): [16, 24, 0, 0, 16, 24],
+                   (32 // factor, 48 // factor): [32, 48, 0, 0, 32, 48]}
+    again = base.reproduce(output.recipes()[0], progress=False).images[0]
+    assert np.array_equal(np.asarray(again), np.asarray(output.images[0]))
+
+
 @pytest.mark.parametrize("arguments, message", [
     (dict(denoising_start=0.5), "`denoising_start`: goes on from latents"),
     (dict(denoising_end=0.001), "leaves no step to run"),
     (dict(clip_skip=5), "`clip_skip`"),
     (dict(prompt_2=["a", "b"]), "`prompt_2`"),
-    (dict(hires_fix=True), "`hires_fix`"),
+    (dict(hires_fix=True, denoising_end=0.5), "`denoising_end`: .* does not go with hires_fix"),
     (dict(prompt_embeds=torch.zeros(1, 77, 56)), "`pooled_prompt_embeds`"),
 ])
 def test_bad_sdxl_calls_are_refused_with_the_setting_named(base, arguments, message):
