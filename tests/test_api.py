@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from ldm_pipeline import LatentDiffusionPipeline, read_recipe  # noqa: E402
 from ldm_pipeline.apps import cli  # noqa: E402
-from ldm_pipeline.apps.api import build_api, make_app  # noqa: E402
+from ldm_pipeline.apps.api import build_api, make_app, serve_in_thread  # noqa: E402
 from ldm_pipeline.apps.api_config import ApiConfig, Limits, parse_auth  # noqa: E402
 from ldm_pipeline.apps.runner import Runner  # noqa: E402
 from ldm_pipeline.masks import soft  # noqa: E402
@@ -109,6 +109,18 @@ def test_txt2img_with_the_hires_fix_draws_the_pipelines_hires_pixels(shapes, cli
     np.testing.assert_array_equal(rgb(image), rgb(expected))
     info = json.loads(answer.json()["info"])["infotexts"][0]
     assert "Hires upscale: 1.5" in info and "Hires upscaler: Lanczos" in info and "Denoising strength: 0.5" in info
+
+
+def test_a_request_reads_each_batchs_recipes_once(client, monkeypatch):
+    """recipes() looks the model hash up at each call; the PNGs, info and its hash share one reading."""
+    from ldm_pipeline.output import PipelineOutput
+
+    calls, recipes = [], PipelineOutput.recipes
+    monkeypatch.setattr(PipelineOutput, "recipes", lambda self: calls.append(self) or recipes(self))
+    answer = client.post(TXT2IMG, json=dict(prompt="a red circle", seed=2, n_iter=2, **FAST))
+    assert answer.status_code == 200, answer.text
+    assert len(calls) == 2 and len({id(output) for output in calls}) == 2
+    assert json.loads(answer.json()["info"])["sd_model_hash"]
 
 
 def test_seed_minus_one_draws_a_random_seed_that_info_records(client):
@@ -471,21 +483,14 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def live(shapes):
     """The page and the API on one uvicorn server, on a free local port, in this process."""
-    uvicorn = pytest.importorskip("uvicorn")
+    pytest.importorskip("uvicorn")
     pytest.importorskip("gradio")
     config = ApiConfig(auth=[("user", "pass")], load_model=lambda: shapes, model_name="shapes")
     app = make_app(shapes, config, webui=True)
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive()
-        time.sleep(0.05)
+    server = serve_in_thread(app, port)
     yield port, app.state.ldm_api.runner
     server.should_exit = True
-    thread.join(30)
 
 
 def test_the_webuiapi_client_against_a_live_server(shapes, live, picture):

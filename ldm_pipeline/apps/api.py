@@ -142,14 +142,15 @@ class Api:
         finally:
             with self.waiting_lock:
                 self.waiting -= 1
-        images = [api_calls.png_base64(image, recipe) for result in results
-                  for image, recipe in zip(result.images, result.recipes())] if request.send_images else []
+        # once per batch: each recipes() looks the model hash up (3 looks: ~6 % of a 64x64 request, cProfile)
+        recipes = [result.recipes() for result in results]
+        images = [api_calls.png_base64(image, recipe) for result, drawn in zip(results, recipes)
+                  for image, recipe in zip(result.images, drawn)] if request.send_images else []
         parameters = request.model_dump()
         if img2img and not request.include_init_images:
             parameters.update(init_images=None, mask=None)
-        model_hash = results[0].recipes()[0].model_hash if results else None
         return ImageResponse(images=images, parameters=parameters,
-                             info=api_calls.info(request, results, job.model, model_hash))
+                             info=api_calls.info(request, results, recipes, job.model))
 
     def _draw(self, plan: api_calls.Plan, job: _Job, request) -> list:
         previous = self.use_model(plan.model) if plan.model is not None else None
@@ -382,6 +383,25 @@ def serve(pipe, host: str = "127.0.0.1", port: int = 7860, config: ApiConfig | N
         uvicorn.run(app, host=host, port=port)
     except KeyboardInterrupt:
         pass
+
+
+def serve_in_thread(app, port: int, host: str = "127.0.0.1", timeout: float = 60.0):
+    """Serve `app` with uvicorn on a daemon thread of this process, once it listens (tests, benchmarks).
+
+    Returns the `uvicorn.Server`; set its `should_exit = True` to stop it. Raises a RuntimeError when it
+    is not listening within `timeout` seconds.
+    """
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError(f"serve_in_thread: the server did not start on {host}:{port} within {timeout} s")
+        time.sleep(0.05)
+    return server
 
 
 def _interrupt(signum, frame):

@@ -332,10 +332,11 @@ def _preprocess(unit, picture, what: str):
         raise ValueError(f"{what}.threshold_a: {error}") from None
 
 
-def info(request, results: list, model_name: str, model_hash: str | None) -> str:
-    """A1111's `info` JSON string for the outputs of a request's batches."""
-    recipes = [recipe for result in results for recipe in result.recipes()]
+def info(request, results: list, recipes: list[list], model_name: str) -> str:
+    """A1111's `info` JSON string for the outputs of a request's batches (`recipes`: each output's `recipes()`)."""
+    recipes = [recipe for drawn in recipes for recipe in drawn]
     first = recipes[0] if recipes else None
+    model_hash = first.model_hash if first else None
     seeds = [r.seed for r in recipes]
     return json.dumps({
         "prompt": request.prompt, "all_prompts": [r.prompt for r in recipes],
