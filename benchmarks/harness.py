@@ -258,10 +258,14 @@ def plot(results: list[dict], path: Path) -> None:
     axes_spec = [("steps", dict(size=64, batch=1), "denoising steps (64x64, batch 1)"),
                  ("batch", dict(size=64, steps=50), "images per call (64x64, 50 steps)"),
                  ("size", dict(steps=50, batch=1), "image side in pixels (50 steps, batch 1)")]
-    figure = Figure(figsize=(13, 3.8))
+    def chosen_for(fixed):
+        return [r for r in bundled if all(r[k] == v for k, v in fixed.items())]
+
+    axes_spec = [spec for spec in axes_spec if len({r[spec[0]] for r in chosen_for(spec[1])}) > 1]  # axes with data
+    figure = Figure(figsize=(4.4 * len(axes_spec), 3.8))
     for index, (axis, fixed, label) in enumerate(axes_spec):
-        ax = figure.add_subplot(1, 3, index + 1)
-        chosen = [r for r in bundled if all(r[k] == v for k, v in fixed.items())]
+        ax = figure.add_subplot(1, len(axes_spec), index + 1)
+        chosen = chosen_for(fixed)
         for fast, marker in ((False, "o"), (True, "^")):
             rows = sorted((r for r in chosen if r.get("fast", False) == fast), key=lambda r: r[axis])
             if not rows:

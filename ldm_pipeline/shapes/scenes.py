@@ -291,11 +291,13 @@ def eval_prompts(kind: str, n: int, seed: int) -> list[str]:
 
 
 def new_shape_scenes(shape: str, n: int, seed: int = 0, two_objects_prob: float = 0.3) -> list[Scene]:
-    """Scenes that teach a shape of `EXTRA_SHAPES`: one object of that shape in any colour, sometimes
-    beside a training-split object in another corner; the same for the same arguments."""
-    if shape not in EXTRA_SHAPES:
-        raise ValueError(f"`shape`: got {shape!r}; expected one of {EXTRA_SHAPES}")
-    rng = np.random.default_rng([seed, 1 << 41, EXTRA_SHAPES.index(shape)])
+    """Scenes that teach a shape: one object of that shape in any colour, sometimes beside a training-split
+    object in another corner; the same for the same arguments. A shape of `EXTRA_SHAPES` is new to the
+    bundled model; one of `SHAPES` is a shape it draws, for a new word for it (textual inversion)."""
+    known = (*EXTRA_SHAPES, *SHAPES)
+    if shape not in known:
+        raise ValueError(f"`shape`: got {shape!r}; expected one of {known}")
+    rng = np.random.default_rng([seed, 1 << 41, known.index(shape)])
     scenes = []
     for _ in range(n):
         scene = sample_scene(rng, "train", two_objects_prob)
