@@ -115,12 +115,10 @@ class LatentDiffusionXLPipeline(LatentDiffusionPipeline):
         mode = mode or ("reduce-overhead" if self.device.type == "cuda" else "default")
         return super().compile(mode, cache_dir, height, width, batch, verbose)
 
-    def load_textual_inversion(self, *args, **kwargs):
-        raise NotImplementedError("textual inversion is not supported for SDXL models yet (their files hold one "
-                                  "embedding per tower, clip_l and clip_g)")
-
-    def load_lora_weights(self, *args, **kwargs):
-        raise NotImplementedError("LoRA is not supported for SDXL models yet (kohya's lora_te1_/lora_te2_ keys)")
+    def clear_embedding_caches(self) -> None:
+        super().clear_embedding_caches()
+        for cache in self.embedding_caches:
+            cache.clear()
 
     # -- loading and saving -----------------------------------------------------------------
 
