@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from .adapters import textual_inversion
 from .conditioning import sdxl
 from .loading import folders as loading, xl_folders
 from .pipeline import LatentDiffusionPipeline, default_dtype
@@ -186,6 +187,7 @@ class LatentDiffusionXLPipeline(LatentDiffusionPipeline):
         prompts = checks.prompts_of(prompt, None)
         seconds = [prompt_2] * len(prompts) if isinstance(prompt_2, str) else prompt_2 or [None] * len(prompts)
         sides = [prompts, [b or a for a, b in zip(prompts, seconds)]][-len(self.text_towers):]
+        sides = textual_inversion.expand_sides(self.text_towers, sides) if self.embeddings else sides
         chunks = towers.chunks_for(self.text_towers, sides, prompt_weighting)
         text = towers.encode_texts(self.text_towers, sides, chunks, prompt_weighting, clip_skip)
         return text.context, text.pooled
