@@ -4,10 +4,9 @@ Files in diffusers' format (what `StableDiffusionPipeline.save_lora_weights` wri
 `pytorch_lora_weights.safetensors`, keys under `unet.` and `text_encoder.`, for SDXL also
 `text_encoder_2.`) and in kohya's (`lora_unet_..._lora_down.weight`, `lora_up`, `alpha`, `lora_te_...`;
 for SDXL `lora_te1_...`, `lora_te2_...` and the original UNet's block names) are read with diffusers'
-conversion (`lora_state_dict` of `StableDiffusionPipeline`, or of `StableDiffusionXLPipeline` for an
-SDXL model) and injected with peft through diffusers' `load_lora_into_unet` /
-`load_lora_into_text_encoder`, so the same file gives the same layers as in diffusers. What this
-module adds:
+conversion (`lora_state_dict`, given an SDXL UNet's config as diffusers' SDXL pipelines give it) and
+injected with peft through diffusers' `load_lora_into_unet` / `load_lora_into_text_encoder` (once per
+text encoder), so the same file gives the same layers as in diffusers. What this module adds:
 
 - modules of the file that no layer of the model took are named in a warning (shared LoRAs often
   carry keys a converter drops, and then have less effect than their author's); a file that
@@ -100,14 +99,6 @@ def check_scale(name: str, scale) -> float:
     return float(scale)
 
 
-def _diffusers_loader(pipe):
-    """diffusers' pipeline class whose LoRA loader reads files for this model (SDXL's knows `lora_te2_` keys and
-    maps the original UNet's block names, `input_blocks.4.1`, onto diffusers')."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    return StableDiffusionXLPipeline if pipe.added_layout is not None else StableDiffusionPipeline
-
-
 def _check_adapter_name(pipe, adapter_name) -> str:
     if adapter_name is None:
         return f"default_{len(pipe.loras)}"
@@ -124,8 +115,11 @@ def _check_adapter_name(pipe, adapter_name) -> str:
 
 
 def _convert(pipe, state: dict, path: str | None) -> tuple[dict, dict | None, dict | None]:
-    """diffusers' reading of the file (its tensors, network alphas, metadata), kohya's keys converted."""
-    loader = _diffusers_loader(pipe)
+    """diffusers' reading of the file (its tensors, network alphas, metadata), kohya's keys converted; for SDXL
+    with the UNet's config, as diffusers' SDXL pipelines pass it, which maps the original UNet's block names
+    (`input_blocks.4.1`, kohya's SDXL files) onto diffusers'."""
+    from diffusers import StableDiffusionPipeline as loader  # its LoRA class methods are SDXL's too
+
     extra = dict(unet_config=pipe.unet.config) if pipe.added_layout is not None else {}
     try:
         if path is not None and path.endswith(".safetensors"):  # from the file: its header keeps lora_alpha
@@ -139,7 +133,7 @@ def _convert(pipe, state: dict, path: str | None) -> tuple[dict, dict | None, di
 
 def _inject(pipe, converted: dict, alphas, metadata, adapter_name: str) -> None:
     """diffusers' injection of the adapter into the UNet and each text encoder (keys under its component name)."""
-    loader = _diffusers_loader(pipe)
+    from diffusers import StableDiffusionPipeline as loader  # its class methods serve SDXL's towers too
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # reported by the caller, by module name
         for kind, model in _models(pipe):
