@@ -150,7 +150,8 @@ def test_sdxl_folders_round_trip_offline_and_load_as_diffusers_writes_them(base,
         assert loaded.model_hash() == ours.model_hash()
         reread = theirs_cls.from_pretrained(saved)  # diffusers reads our folder ...
         assert reread.config.get("requires_aesthetics_score", False) == (name == "refiner")
-        diffusers_pipe(theirs_cls, parts, **config).save_pretrained(tmp_path / f"diffusers-{name}")  # ... and we read its
+        # ... and we read its
+        diffusers_pipe(theirs_cls, parts, **config).save_pretrained(tmp_path / f"diffusers-{name}")
         from_diffusers = LatentDiffusionPipeline.from_pretrained(tmp_path / f"diffusers-{name}")
         assert from_diffusers.settings == ours.settings
         np.testing.assert_allclose(from_diffusers("a red circle", **call).images, drawn, atol=1e-5, rtol=0)

@@ -83,13 +83,8 @@ def diffusers_draw(parts, lora=None, weight=None, cls=StableDiffusionXLPipeline,
 
 @pytest.fixture
 def fresh(_xl_parts):
-    """A base's components that no test changed (`base` changes `base_parts` in place)."""
-    return copy.deepcopy(_xl_parts[0])
-
-
-@pytest.fixture
-def fresh_refiner(_xl_parts):
-    return copy.deepcopy(_xl_parts[1])
+    """(base, refiner) components that no test changed (`base` changes `base_parts` in place)."""
+    return copy.deepcopy(_xl_parts)
 
 
 def peft_layer_count(*models) -> int:
@@ -101,50 +96,50 @@ def peft_layer_count(*models) -> int:
 
 def test_a_diffusers_sdxl_lora_draws_diffusers_pixels_and_acts_on_both_towers(base, fresh, tmp_path):
     plain = draw(base)
-    lora = diffusers_file(lora_layers(fresh), tmp_path)
+    lora = diffusers_file(lora_layers(fresh[0]), tmp_path)
     base.load_lora_weights(lora, adapter_name="style")
     mine = draw(base)
-    reference, _ = diffusers_draw(fresh, lora)
+    reference, _ = diffusers_draw(fresh[0], lora)
     close(mine, reference)
     assert np.abs(mine - plain).max() > 0.01
     loaded = adapted_modules(base, "style")
     assert {kind: len(paths) for kind, paths in loaded.items()} == {"unet": 64, "text_encoder": 12,
                                                                    "text_encoder_2": 12}
     base.set_adapters("style", 0.5)
-    close(draw(base), diffusers_draw(fresh, lora, weight=0.5)[0])
+    close(draw(base), diffusers_draw(fresh[0], lora, weight=0.5)[0])
 
 
 def test_a_lora_on_the_second_tower_alone_changes_the_picture(base, fresh, tmp_path):
     plain = draw(base)
-    lora = diffusers_file(lora_layers(fresh, kinds=("text_encoder_2",), seed=2), tmp_path)
+    lora = diffusers_file(lora_layers(fresh[0], kinds=("text_encoder_2",), seed=2), tmp_path)
     base.load_lora_weights(lora)
     mine = draw(base)
     assert np.abs(mine - plain).max() > 0.01  # fails when text_encoder_2's layers are ignored
-    close(mine, diffusers_draw(fresh, lora)[0])
+    close(mine, diffusers_draw(fresh[0], lora)[0])
 
 
 def test_a_kohya_sdxl_lora_draws_diffusers_pixels_and_the_diffusers_files(base, fresh, tmp_path):
-    layers = lora_layers(fresh)
+    layers = lora_layers(fresh[0])
     kohya = kohya_file(layers, tmp_path / "style.safetensors", alpha=RANK / 2)  # alpha / rank: a scale of 0.5
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every module of the file is used: no warning
         base.load_lora_weights(kohya, adapter_name="style")
     modules = base.lora_info()[0]["modules"]
     mine = draw(base)
-    reference, their_pipe = diffusers_draw(fresh, kohya)
+    reference, their_pipe = diffusers_draw(fresh[0], kohya)
     close(mine, reference)
     assert modules == 88 == peft_layer_count(their_pipe.unet, their_pipe.text_encoder, their_pipe.text_encoder_2)
     assert len(adapted_modules(base, "style")["text_encoder_2"]) == 12
     # the same weights in diffusers' layout at scale 1: kohya's at weight 2 (alpha / rank = 0.5)
     base.set_adapters("style", 2.0)
-    other = LatentDiffusionXLPipeline(**copy.deepcopy(fresh))
+    other = LatentDiffusionXLPipeline(**copy.deepcopy(fresh[0]))
     other.load_lora_weights(diffusers_file(layers, tmp_path / "diffusers"))
     np.testing.assert_allclose(draw(base), draw(other), atol=1e-5)
 
 
 def test_fuse_unfuse_unload_and_the_recipe_on_sdxl(base, tmp_path, fresh):
     plain = draw(base)
-    lora = diffusers_file(lora_layers(fresh), tmp_path)
+    lora = diffusers_file(lora_layers(fresh[0]), tmp_path)
     base.load_lora_weights(lora, adapter_name="style")
     unfused = draw(base)
     second = base.text_encoder_2.text_model.encoder.layers[0].self_attn.q_proj
@@ -165,14 +160,14 @@ def test_fuse_unfuse_unload_and_the_recipe_on_sdxl(base, tmp_path, fresh):
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
-def test_a_refiner_takes_a_lora_on_its_unet_and_its_one_tower(refiner, fresh_refiner, tmp_path):
-    lora = diffusers_file(lora_layers(fresh_refiner, kinds=("unet", "text_encoder_2")), tmp_path)
+def test_a_refiner_takes_a_lora_on_its_unet_and_its_one_tower(refiner, fresh, tmp_path):
+    lora = diffusers_file(lora_layers(fresh[1], kinds=("unet", "text_encoder_2")), tmp_path)
     picture = PIL.Image.fromarray((np.random.RandomState(0).rand(16, 16, 3) * 255).astype(np.uint8))
     plain = draw(refiner, image=picture, strength=0.6)
     refiner.load_lora_weights(lora)
     mine = draw(refiner, image=picture, strength=0.6)
     assert np.abs(mine - plain).max() > 0.01
-    close(mine, diffusers_draw(fresh_refiner, lora, cls=StableDiffusionXLImg2ImgPipeline, config=REFINER,
+    close(mine, diffusers_draw(fresh[1], lora, cls=StableDiffusionXLImg2ImgPipeline, config=REFINER,
                                image=picture, strength=0.6)[0])
 
 
@@ -204,27 +199,27 @@ def test_an_sdxl_embedding_file_draws_diffusers_pixels_and_is_in_the_recipe(base
     base.load_textual_inversion(tmp_path / "shape.safetensors", token="<s>")
     assert "<s>_1" in base.tokenizer.get_vocab() and "<s>_1" in base.tokenizer_2.get_vocab()
     mine = draw(base, "a <s> circle")
-    close(mine, diffusers_ti_draw(fresh, state, "<s>"))
+    close(mine, diffusers_ti_draw(fresh[0], state, "<s>"))
     assert np.abs(mine - plain).max() > 0.01
     result = base("a <s> circle", seed=0, progress=False, **{**KW, "output_type": "pil"})
     recipe = read_recipe(result.save(tmp_path / "out.png")[0])
     assert recipe.embeddings[0]["token"] == "<s>" and len(recipe.embeddings[0]["sha256"]) == 64
     assert recipe.embeddings[0]["towers"] == ["text_encoder", "text_encoder_2"]
     with pytest.raises(ValueError, match=r"textual-inversion embeddings <s>"):
-        LatentDiffusionXLPipeline(**copy.deepcopy(fresh)).reproduce(tmp_path / "out.png", progress=False)
+        LatentDiffusionXLPipeline(**copy.deepcopy(fresh[0])).reproduce(tmp_path / "out.png", progress=False)
 
 
 def test_the_second_towers_vectors_change_the_picture(base, fresh, tmp_path):
     state = pair(vectors=1)
     save_file(state, tmp_path / "a.safetensors")
     save_file({**state, "clip_g": -state["clip_g"]}, tmp_path / "b.safetensors")
-    other = LatentDiffusionXLPipeline(**copy.deepcopy(fresh))
+    other = LatentDiffusionXLPipeline(**copy.deepcopy(fresh[0]))
     first = draw(base.load_textual_inversion(tmp_path / "a.safetensors", token="<s>"), "a <s> circle")
     second = draw(other.load_textual_inversion(tmp_path / "b.safetensors", token="<s>"), "a <s> circle")
     assert np.abs(first - second).max() > 0.01  # fails when clip_g is not loaded into text_encoder_2
 
 
-def test_diffusers_way_one_tower_at_a_time_and_a_refiner_takes_clip_g(base, refiner, fresh, fresh_refiner,
+def test_diffusers_way_one_tower_at_a_time_and_a_refiner_takes_clip_g(base, refiner, fresh,
                                                                      tmp_path):
     state = pair(vectors=1, seed=3)
     base.load_textual_inversion(state["clip_l"], token="<s>", text_encoder=base.text_encoder,
@@ -232,12 +227,12 @@ def test_diffusers_way_one_tower_at_a_time_and_a_refiner_takes_clip_g(base, refi
     base.load_textual_inversion(state["clip_g"], token="<s>", text_encoder=base.text_encoder_2,
                                 tokenizer=base.tokenizer_2)
     assert base.embeddings["<s>"]["towers"] == ["text_encoder", "text_encoder_2"]
-    close(draw(base, "a <s> circle"), diffusers_ti_draw(fresh, state, "<s>"))
+    close(draw(base, "a <s> circle"), diffusers_ti_draw(fresh[0], state, "<s>"))
     save_file(state, tmp_path / "shape.safetensors")
     refiner.load_textual_inversion(tmp_path / "shape.safetensors", token="<s>")
     picture = PIL.Image.fromarray((np.random.RandomState(0).rand(16, 16, 3) * 255).astype(np.uint8))
     mine = draw(refiner, "a <s> circle", image=picture, strength=0.6)
-    close(mine, diffusers_ti_draw(fresh_refiner, state, "<s>", cls=StableDiffusionXLImg2ImgPipeline, config=REFINER,
+    close(mine, diffusers_ti_draw(fresh[1], state, "<s>", cls=StableDiffusionXLImg2ImgPipeline, config=REFINER,
                                   image=picture, strength=0.6))
 
 

@@ -135,7 +135,8 @@ def _chosen_tower(pipe, tokenizer, text_encoder) -> str | None:
             raise ValueError(f"`{argument}`: got a {type(given).__name__} that is not this pipeline's; pass "
                              f"{accepted}, or leave it out")
         if chosen not in (None, names[0]):
-            raise ValueError(f"`text_encoder`: is pipe.{names[0]}, and `tokenizer` is {chosen}'s; pass one tower's pair")
+            raise ValueError(f"`text_encoder`: is pipe.{names[0]}, and `tokenizer` is {chosen}'s; pass one "
+                             "tower's pair")
         chosen = names[0]
     return chosen
 
