@@ -9,6 +9,9 @@ diffusers' `load_textual_inversion`'s. Negative embeddings ("EasyNegative" and t
 the same way and named in the negative prompt.
 
 Loading adds the tokens to the pipeline's tokenizer and rows to its text encoder's embedding table.
+SDXL files hold a set of vectors per tower (`clip_l` for `text_encoder`, `clip_g` for `text_encoder_2`):
+each tower takes its own, and expands prompts with its own tokenizer. diffusers' `text_encoder=` /
+`tokenizer=` put one set on the tower they name (diffusers loads an SDXL pair so, one call per tower).
 """
 
 from __future__ import annotations
