@@ -100,6 +100,10 @@ class LatentDiffusionPipeline(memory.MemoryMethods, fast_mode.FastMethods, adapt
     def vae_scale_factor(self) -> int:
         return latent_ops.vae_scale_factor(self.vae)
 
+    def clear_embedding_caches(self) -> None:
+        """Forget the cached prompt embeddings (a LoRA's scale changes them, and no weight shows it)."""
+        self.embedding_cache.clear()
+
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         """Move the models; with no dtype, fp16 on CUDA and fp32 elsewhere. Returns self."""
         device = torch.device(device) if device is not None else self.device

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .adapters import fast as fast_mode
+from .adapters import fast as fast_mode, textual_inversion
 from .conditioning import sdxl
 from .loading import folders as loading, xl_folders
 from .pipeline import LatentDiffusionPipeline, default_dtype
@@ -116,12 +116,10 @@ class LatentDiffusionXLPipeline(LatentDiffusionPipeline):
         mode = mode or ("reduce-overhead" if self.device.type == "cuda" else "default")
         return super().compile(mode, cache_dir, height, width, batch, verbose)
 
-    def load_textual_inversion(self, *args, **kwargs):
-        raise NotImplementedError("textual inversion is not supported for SDXL models yet (their files hold one "
-                                  "embedding per tower, clip_l and clip_g)")
-
-    def load_lora_weights(self, *args, **kwargs):
-        raise NotImplementedError("LoRA is not supported for SDXL models yet (kohya's lora_te1_/lora_te2_ keys)")
+    def clear_embedding_caches(self) -> None:
+        super().clear_embedding_caches()
+        for cache in self.embedding_caches:
+            cache.clear()
 
     # -- loading and saving -----------------------------------------------------------------
 
@@ -190,6 +188,7 @@ class LatentDiffusionXLPipeline(LatentDiffusionPipeline):
         prompts = checks.prompts_of(prompt, None)
         seconds = [prompt_2] * len(prompts) if isinstance(prompt_2, str) else prompt_2 or [None] * len(prompts)
         sides = [prompts, [b or a for a, b in zip(prompts, seconds)]][-len(self.text_towers):]
+        sides = textual_inversion.expand_sides(self.text_towers, sides) if self.embeddings else sides
         chunks = towers.chunks_for(self.text_towers, sides, prompt_weighting)
         text = towers.encode_texts(self.text_towers, sides, chunks, prompt_weighting, clip_skip)
         return text.context, text.pooled

@@ -165,7 +165,7 @@ def encode_text(pipe, call: Call) -> Contexts:
     """Stage 2: the contexts the UNet is conditioned on."""
     s = call.settings
     prompts, negatives = call.prompts, call.negatives
-    if pipe.embeddings:  # multi-vector textual-inversion tokens written out in full
+    if pipe.embeddings and pipe.added_layout is None:  # multi-vector tokens written out (SDXL: by each tower)
         prompts, negatives = ([textual_inversion.expand(p, pipe.tokenizer) for p in texts] if texts else texts
                               for texts in (prompts, negatives))
     slots, part_weights = composition.split_prompts(prompts) if s.prompt_composition else ([prompts], None)

@@ -13,6 +13,7 @@ from dataclasses import replace
 
 import torch
 
+from .adapters import textual_inversion
 from .conditioning import sdxl
 from .runtime import checks
 from .settings import GenerationSettings, default as default_of
@@ -106,7 +107,8 @@ def two_towers(pipe, call, prompts: list[str] | None, negatives: list[str] | Non
 
     def reads(texts, seconds):  # each tower's texts: the first reads `texts`, the second its own where given
         second = [b or a for a, b in zip(texts, seconds or [None] * len(texts))]
-        return [texts, second][-len(towers):]
+        sides = [texts, second][-len(towers):]
+        return textual_inversion.expand_sides(towers, sides) if pipe.embeddings else sides
 
     negative_sides = reads(negatives or [""] * rows, call.negatives_2)
     zeros = [pipe.force_zeros_for_empty_prompt and not any(side[i] for side in negative_sides) for i in range(rows)]

@@ -7,8 +7,9 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from ldm_pipeline import LatentDiffusionPipeline
+from ldm_pipeline import LatentDiffusionPipeline, LatentDiffusionXLPipeline
 from ldm_pipeline.shapes.tokenizer import build_clip_tokenizer
+from sdxl_components import REFINER, build_xl_parts
 
 torch.set_num_threads(1)
 
@@ -68,3 +69,32 @@ def pipe(components):
 def model(pipe, tmp_path):
     """The tiny pipeline saved as a model folder (tmp_path / "model"), for the CLI and anything that loads one."""
     return pipe.save_pretrained(tmp_path / "model")
+
+
+# -- SDXL (tests/sdxl_components.py builds them) -------------------------------------------------
+
+@pytest.fixture(scope="session")
+def _xl_parts(tokenizer, tmp_path_factory):
+    return build_xl_parts(tokenizer, tmp_path_factory.mktemp("tokenizer_2"))
+
+
+@pytest.fixture
+def base_parts(_xl_parts):
+    """A tiny SDXL base's components, a fresh copy each test."""
+    return copy.deepcopy(_xl_parts[0])
+
+
+@pytest.fixture
+def refiner_parts(_xl_parts):
+    """A tiny SDXL refiner's components (the second tower only), a fresh copy each test."""
+    return copy.deepcopy(_xl_parts[1])
+
+
+@pytest.fixture
+def base(base_parts):
+    return LatentDiffusionXLPipeline(**base_parts)
+
+
+@pytest.fixture
+def refiner(refiner_parts):
+    return LatentDiffusionXLPipeline(**refiner_parts, **REFINER)

@@ -1,107 +1,29 @@
 """SDXL: tiny random SDXL-shaped components (a base and a refiner) draw diffusers' SDXL pixels."""
 
-import copy
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
-from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline,
-                       StableDiffusionXLPipeline, UNet2DConditionModel)
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+from sdxl_components import close, seeds, theirs as diffusers_pipe
 
 from ldm_pipeline import LatentDiffusionPipeline, LatentDiffusionXLPipeline
 
 FAST = dict(num_inference_steps=4, progress=False)
-SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
-                 timestep_spacing="leading", num_train_timesteps=1000)
-TIME_DIM, PROJECTION = 8, 16  # the UNet's per-id time embedding, the second tower's projection
-
-
-def _text_config(tokenizer, hidden, **extra):
-    return CLIPTextConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                          pad_token_id=tokenizer.pad_token_id, hidden_size=hidden, intermediate_size=37,
-                          num_attention_heads=4, num_hidden_layers=3, vocab_size=len(tokenizer),
-                          max_position_embeddings=77, hidden_act="gelu", **extra)
-
-
-def _unet(cross_attention_dim: int, time_ids: int):
-    return UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=TIME_DIM, transformer_layers_per_block=(1, 2), norm_num_groups=16,
-        projection_class_embeddings_input_dim=TIME_DIM * time_ids + PROJECTION, cross_attention_dim=cross_attention_dim)
-
-
-@pytest.fixture(scope="session")
-def _xl_parts(tokenizer, tmp_path_factory):
-    """A base (two towers, 6 time ids) and a refiner (second tower only, 5 time ids with the aesthetic score)."""
-    folder = tmp_path_factory.mktemp("tokenizer_2")
-    tokenizer.save_pretrained(folder)
-    tokenizer_2 = CLIPTokenizer.from_pretrained(folder, pad_token="!")  # SDXL's second tokenizer pads with "!"
-    torch.manual_seed(0)
-    text_encoder = CLIPTextModel(_text_config(tokenizer, 32))
-    text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer_2, 24, projection_dim=PROJECTION))
-    vae = AutoencoderKL(block_out_channels=[16, 32], in_channels=3, out_channels=3, latent_channels=4,
-                        norm_num_groups=16, down_block_types=["DownEncoderBlock2D"] * 2,
-                        up_block_types=["UpDecoderBlock2D"] * 2, sample_size=16, force_upcast=True)
-    base = dict(tokenizer=tokenizer, text_encoder=text_encoder, tokenizer_2=tokenizer_2,
-                text_encoder_2=text_encoder_2, vae=vae, unet=_unet(32 + 24, 6),
-                scheduler=EulerDiscreteScheduler(**SCHEDULER))
-    refiner = dict(tokenizer=None, text_encoder=None, tokenizer_2=tokenizer_2, text_encoder_2=text_encoder_2,
-                   vae=vae, unet=_unet(24, 5), scheduler=EulerDiscreteScheduler(**SCHEDULER))
-    for model in (text_encoder, text_encoder_2, vae, base["unet"], refiner["unet"]):
-        model.eval()
-    return base, refiner
-
-
-@pytest.fixture
-def base_parts(_xl_parts):
-    return copy.deepcopy(_xl_parts[0])
-
-
-@pytest.fixture
-def refiner_parts(_xl_parts):
-    return copy.deepcopy(_xl_parts[1])
-
-
-@pytest.fixture
-def base(base_parts):
-    return LatentDiffusionXLPipeline(**base_parts)
-
-
-@pytest.fixture
-def refiner(refiner_parts):
-    return LatentDiffusionXLPipeline(**refiner_parts, requires_aesthetics_score=True,
-                                     force_zeros_for_empty_prompt=False)
-
-
-def _theirs(cls, parts, **config):
-    pipe = cls(**parts, **config)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def _seeds(first: int, count: int):
-    return [torch.Generator().manual_seed(first + i) for i in range(count)]
-
-
-def _close(mine, reference):
-    assert np.abs(np.asarray(mine, dtype=np.float64) - np.asarray(reference, dtype=np.float64)).max() <= 1 / 255
 
 
 # -- text-to-image -------------------------------------------------------------------------------
 
 
 def test_text_to_image_draws_diffusers_pixels(base, base_parts):
-    theirs = _theirs(StableDiffusionXLPipeline, base_parts)
+    theirs = diffusers_pipe(StableDiffusionXLPipeline, base_parts)
     kwargs = dict(num_inference_steps=4, guidance_scale=5.0, height=16, width=24, output_type="np")
     prompts = ["a red circle in the top left", "a photo of a cat"]
     mine = base(prompts, seed=3, progress=False, **kwargs).images
-    reference = theirs(prompts, generator=_seeds(3, 2), **kwargs).images
-    _close(mine, reference)
+    reference = theirs(prompts, generator=seeds(3, 2), **kwargs).images
+    close(mine, reference)
 
 
 def test_a_different_seed_or_prompt_2_draws_other_pixels(base):
@@ -115,7 +37,7 @@ def test_a_different_seed_or_prompt_2_draws_other_pixels(base):
 def test_text_to_image_settings_draw_diffusers_pixels(base_parts, case):
     config = dict(force_zeros_for_empty_prompt=case != "no_force_zeros")
     ours = LatentDiffusionXLPipeline(**base_parts, **config)
-    theirs = _theirs(StableDiffusionXLPipeline, base_parts, **config)
+    theirs = diffusers_pipe(StableDiffusionXLPipeline, base_parts, **config)
     kwargs = dict(num_inference_steps=4, guidance_scale=4.0, height=16, width=16, output_type="np")
     prompts = ["a red circle in the top left", "a small blue square in the center"]
     extra = {
@@ -137,17 +59,17 @@ def test_text_to_image_settings_draw_diffusers_pixels(base_parts, case):
         reference = theirs(prompts, generator=torch.Generator().manual_seed(5), **kwargs, **extra).images
     else:
         mine = ours(prompts, seed=5, progress=False, **kwargs, **extra).images
-        reference = theirs(prompts, generator=_seeds(5, len(prompts)), **kwargs, **extra).images
-    _close(mine, reference)
+        reference = theirs(prompts, generator=seeds(5, len(prompts)), **kwargs, **extra).images
+    close(mine, reference)
 
 
 def test_clip_skip_reads_an_earlier_layer_on_both_sides(base, base_parts):
-    theirs = _theirs(StableDiffusionXLPipeline, base_parts)
+    theirs = diffusers_pipe(StableDiffusionXLPipeline, base_parts)
     kwargs = dict(num_inference_steps=4, guidance_scale=5.0, height=16, width=16, output_type="np")
     plain = base("a red circle", seed=2, progress=False, **kwargs).images
     mine = base("a red circle", seed=2, clip_skip=1, progress=False, **kwargs).images
-    reference = theirs("a red circle", generator=_seeds(2, 1), clip_skip=1, **kwargs).images
-    _close(mine, reference)  # the empty negative prompt is zeros, so both sides agree with diffusers
+    reference = theirs("a red circle", generator=seeds(2, 1), clip_skip=1, **kwargs).images
+    close(mine, reference)  # the empty negative prompt is zeros, so both sides agree with diffusers
     assert np.abs(mine - plain).max() > 0.01
     # a negative prompt is read from the same earlier layer (diffusers reads it from the penultimate one)
     context, pooled = base.encode_prompt("blurry", clip_skip=1)
@@ -158,7 +80,7 @@ def test_clip_skip_reads_an_earlier_layer_on_both_sides(base, base_parts):
                  pooled_prompt_embeds=base.encode_prompt("a red circle", clip_skip=1)[1],
                  negative_prompt_embeds=context, negative_pooled_prompt_embeds=pooled, seed=2, progress=False,
                  **kwargs).images
-    _close(negative, given)
+    close(negative, given)
 
 
 # -- image-to-image and the refiner ----------------------------------------------------------------
@@ -174,33 +96,33 @@ def test_image_to_image_draws_diffusers_pixels(base_parts, refiner_parts, model)
     parts, config = (base_parts, {}) if model == "base" else (
         refiner_parts, dict(requires_aesthetics_score=True, force_zeros_for_empty_prompt=False))
     ours = LatentDiffusionXLPipeline(**parts, **config)
-    theirs = _theirs(StableDiffusionXLImg2ImgPipeline, parts, **config)
+    theirs = diffusers_pipe(StableDiffusionXLImg2ImgPipeline, parts, **config)
     kwargs = dict(image=_picture(), strength=0.6, num_inference_steps=6, guidance_scale=4.0, output_type="np",
                   num_images_per_prompt=2, aesthetic_score=7.0, negative_aesthetic_score=2.0)
     prompt = "a red circle in the top left"
     mine = ours(prompt, negative_prompt="blurry", seed=9, progress=False, **kwargs).images
-    reference = theirs(prompt, negative_prompt="blurry", generator=_seeds(9, 2), **kwargs).images
-    _close(mine, reference)
+    reference = theirs(prompt, negative_prompt="blurry", generator=seeds(9, 2), **kwargs).images
+    close(mine, reference)
 
 
 def test_base_hands_off_to_the_refiner_as_diffusers_does(base, refiner, base_parts, refiner_parts):
-    their_base = _theirs(StableDiffusionXLPipeline, base_parts)
-    their_refiner = _theirs(StableDiffusionXLImg2ImgPipeline, refiner_parts, requires_aesthetics_score=True,
+    their_base = diffusers_pipe(StableDiffusionXLPipeline, base_parts)
+    their_refiner = diffusers_pipe(StableDiffusionXLImg2ImgPipeline, refiner_parts, requires_aesthetics_score=True,
                             force_zeros_for_empty_prompt=False)
     prompts = ["a red circle in the top left", "a photo of a cat"]
     shared = dict(num_inference_steps=10, guidance_scale=5.0)
     latents = base(prompts, seed=4, denoising_end=0.7, output_type="latent", height=16, width=16, progress=False,
                    **shared).images
-    their_latents = their_base(prompts, generator=_seeds(4, 2), denoising_end=0.7, output_type="latent", height=16,
+    their_latents = their_base(prompts, generator=seeds(4, 2), denoising_end=0.7, output_type="latent", height=16,
                                width=16, **shared).images
     assert torch.allclose(latents, their_latents, atol=1e-5)
     assert base(prompts, seed=4, denoising_end=0.7, output_type="latent", height=16, width=16, progress=False,
                 **shared).steps_run == 7
     mine = refiner(prompts, seed=4, image=latents, denoising_start=0.7, output_type="np", progress=False,
                    **shared).images
-    reference = their_refiner(prompts, generator=_seeds(4, 2), image=their_latents, denoising_start=0.7,
+    reference = their_refiner(prompts, generator=seeds(4, 2), image=their_latents, denoising_start=0.7,
                               output_type="np", **shared).images
-    _close(mine, reference)
+    close(mine, reference)
     output = refiner(prompts, seed=4, image=latents, denoising_start=0.7, progress=False, **shared)
     assert output.steps_run == 3 and output.recipes()[0].not_reproducible  # latents are not in the recipe
 
@@ -228,7 +150,8 @@ def test_sdxl_folders_round_trip_offline_and_load_as_diffusers_writes_them(base,
         assert loaded.model_hash() == ours.model_hash()
         reread = theirs_cls.from_pretrained(saved)  # diffusers reads our folder ...
         assert reread.config.get("requires_aesthetics_score", False) == (name == "refiner")
-        _theirs(theirs_cls, parts, **config).save_pretrained(tmp_path / f"diffusers-{name}")  # ... and we read its
+        # ... and we read its
+        diffusers_pipe(theirs_cls, parts, **config).save_pretrained(tmp_path / f"diffusers-{name}")
         from_diffusers = LatentDiffusionPipeline.from_pretrained(tmp_path / f"diffusers-{name}")
         assert from_diffusers.settings == ours.settings
         np.testing.assert_allclose(from_diffusers("a red circle", **call).images, drawn, atol=1e-5, rtol=0)

@@ -21,6 +21,7 @@ gr = pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
 
 from ldm_pipeline import LatentDiffusionPipeline, read_recipe  # noqa: E402
+from ldm_pipeline.adapters.fast import lora_settings  # noqa: E402
 from ldm_pipeline.apps.web import build_app, guidance_after_regions  # noqa: E402
 from ldm_pipeline.apps.web_inpaint import picture_and_mask  # noqa: E402
 from ldm_pipeline.conditioning.controlnet import digest  # noqa: E402
@@ -803,3 +804,38 @@ def test_browser_regions_move_the_guidance_slider_and_draw_with_it(pipe, server,
     boxes.clear()
     boxes.send_keys(" ")  # an edit the page sees; the box holds no boxes now
     wait.until(lambda b: slider() == plain)
+
+
+def test_generate_fast_draws_with_the_models_lcm_lora_for_that_call_only(pipe, server, tmp_path):
+    client = gradio_client.Client(server[0], verbose=False, download_files=str(tmp_path))
+    gallery, _ = client.predict("a red circle in the top left", steps=1, guidance=1.0, seed=3, fast=True,
+                                api_name="/generate")
+    assert not pipe.fast  # the server's pipeline is as it was
+    recipe = read_recipe(_file(gallery[0]))
+    assert recipe.fast and recipe.scheduler == "lcm" and recipe.num_inference_steps == 1
+    pipe.enable_fast()
+    try:
+        expected = pipe("a red circle in the top left", seed=3, progress=False).images[0]
+    finally:
+        pipe.disable_fast()
+    np.testing.assert_array_equal(_pixels(_file(gallery[0])), np.asarray(expected))
+    gallery, _ = client.predict("a red circle in the top left", steps=STEPS, seed=3, api_name="/generate")
+    assert not read_recipe(_file(gallery[0])).fast
+
+
+def test_browser_fast_box_moves_the_sliders_and_back(pipe, server, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 60)
+    browser.get(server[0])
+    box = wait.until(lambda b: b.find_element(By.CSS_SELECTOR, "#fast input"))
+    value = lambda name: float(browser.find_element(By.CSS_SELECTOR, f"#{name} input[type=number]")  # noqa: E731
+                               .get_attribute("value"))
+    plain = (pipe.defaults["num_inference_steps"], pipe.defaults["guidance_scale"])
+    assert (value("steps"), value("guidance")) == plain
+    fast = lora_settings(pipe.defaults["fast_lora"])  # the shipped LoRA folder's own settings
+    box.click()
+    wait.until(lambda b: (value("steps"), value("guidance")) == (fast["num_inference_steps"], fast["guidance_scale"]))
+    box.click()
+    wait.until(lambda b: (value("steps"), value("guidance")) == plain)

@@ -1,17 +1,18 @@
-"""LoRA adapters (Hu et al. 2021) on the UNet and the text encoder: load, weigh, fuse, unload.
+"""LoRA adapters (Hu et al. 2021) on the UNet and the text encoders: load, weigh, fuse, unload.
 
 Files in diffusers' format (what `StableDiffusionPipeline.save_lora_weights` writes: a folder with
-`pytorch_lora_weights.safetensors`, keys under `unet.` and `text_encoder.`) and in kohya's
-(`lora_unet_..._lora_down.weight`, `lora_up`, `alpha`, `lora_te_...`, what most shared LoRAs use)
-are read with diffusers' conversion (`lora_state_dict`) and injected with peft through diffusers'
-`load_lora_into_unet` / `load_lora_into_text_encoder`, so the same file gives the same layers as in
-diffusers. What this module adds:
+`pytorch_lora_weights.safetensors`, keys under `unet.` and `text_encoder.`, for SDXL also
+`text_encoder_2.`) and in kohya's (`lora_unet_..._lora_down.weight`, `lora_up`, `alpha`, `lora_te_...`;
+for SDXL `lora_te1_...`, `lora_te2_...` and the original UNet's block names) are read with diffusers'
+conversion (`lora_state_dict`, given an SDXL UNet's config as diffusers' SDXL pipelines give it) and
+injected with peft through diffusers' `load_lora_into_unet` / `load_lora_into_text_encoder` (once per
+text encoder), so the same file gives the same layers as in diffusers. What this module adds:
 
 - modules of the file that no layer of the model took are named in a warning (shared LoRAs often
   carry keys a converter drops, and then have less effect than their author's); a file that
   adapts nothing is refused;
 - a failed load leaves the models exactly as they were (every replaced submodule is put back);
-- every change clears the pipeline's prompt-embedding cache (a text-encoder LoRA changes the
+- every change clears the pipeline's prompt-embedding caches (a text-encoder LoRA changes the
   embeddings), and `unfused(pipe)` tells the compiled path to run the UNet eagerly while unfused
   adapters act (a package holds plain weights; fusing changes the weights, which it notices);
 - the pipeline keeps a ledger of what is loaded (name, scale, file, SHA-256) for recipes.
@@ -26,7 +27,9 @@ from pathlib import Path
 
 import torch
 
+from . import kohya_names
 from .files import file_modules, read_state_dict
+
 
 @dataclass
 class Lora:
@@ -50,8 +53,11 @@ def _tuner_layers(model):
     return [(name, module) for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
 
 
-def _models(pipe):
-    return (("unet", pipe.unet), ("text_encoder", pipe.text_encoder))
+def _models(pipe) -> list[tuple[str, torch.nn.Module]]:
+    """The models LoRA layers go on, by component name: the UNet and each text encoder (SDXL: two; a
+    refiner: the second only)."""
+    return [("unet", pipe.unet), *((name, model) for name, model in pipe.named_models
+                                   if name.startswith("text_encoder"))]
 
 
 def adapted_modules(pipe, adapter: str) -> dict[str, list[str]]:
@@ -60,20 +66,10 @@ def adapted_modules(pipe, adapter: str) -> dict[str, list[str]]:
             for kind, model in _models(pipe)}
 
 
-def _kohya_names(kind: str, paths: list[str]) -> set[str]:
-    if kind == "unet":
-        return {"lora_unet_" + p.replace(".", "_") for p in paths}
-    return {"lora_te_" + ("" if p.startswith("text_model") else "text_model_") + p.replace(".", "_") for p in paths}
-
-
-def unused_modules(names: list[str], loaded: dict[str, list[str]]) -> list[str]:
+def unused_modules(names: list[str], loaded: dict[str, list[str]], layers_per_block: int) -> list[str]:
     """The file's module names that no loaded layer answers to (kohya and diffusers spellings)."""
-    taken = _kohya_names("unet", loaded["unet"]) | _kohya_names("text_encoder", loaded["text_encoder"])
-    for kind in ("unet", "text_encoder"):
-        for path in loaded[kind]:
-            taken |= {f"{kind}.{path}", f"{kind}.{path.removeprefix('text_model.')}"}
-    return [name for name in names if name not in taken
-            and not (name.startswith("lora_te1_") and "lora_te_" + name[len("lora_te1_"):] in taken)]
+    taken = set().union(*(kohya_names.file_names(kind, paths, layers_per_block) for kind, paths in loaded.items()))
+    return [name for name in names if name not in taken]
 
 
 def _snapshot(model) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
@@ -103,69 +99,97 @@ def check_scale(name: str, scale) -> float:
     return float(scale)
 
 
-def load(pipe, source, adapter_name: str | None, scale: float, weight_name: str | None,
-         allow_pickle: bool) -> Lora:
-    """`LatentDiffusionPipeline.load_lora_weights`: read, check, inject, weigh, record."""
-    from diffusers import StableDiffusionPipeline
-
-    scale = check_scale("scale", scale)
-    if adapter_name is not None and (not isinstance(adapter_name, str) or not adapter_name):
+def _check_adapter_name(pipe, adapter_name) -> str:
+    if adapter_name is None:
+        return f"default_{len(pipe.loras)}"
+    if not isinstance(adapter_name, str) or not adapter_name:
         raise ValueError(f"`adapter_name`: got {adapter_name!r}; expected a non-empty string")
-    if adapter_name is not None and ("." in adapter_name or hasattr(torch.nn.ModuleDict(), adapter_name)):
+    if "." in adapter_name or hasattr(torch.nn.ModuleDict(), adapter_name):
         # peft keeps each adapter's layers in a ModuleDict under its name: "half", "cuda", "a.b" fail there
         raise ValueError(f"`adapter_name`: {adapter_name!r} cannot name a submodule (a '.' or the name of a "
                          "torch.nn.Module attribute such as 'half' or 'float'); pick another name")
-    state, path, sha = read_state_dict(source, weight_name, allow_pickle)
-    if adapter_name is None:
-        adapter_name = f"default_{len(pipe.loras)}"
     if adapter_name in pipe.loras:
         raise ValueError(f"`adapter_name`: {adapter_name!r} is already loaded; pick another name, or "
                          "unload_lora_weights() first")
-    names = file_modules(state)
+    return adapter_name
+
+
+def _convert(pipe, state: dict, path: str | None) -> tuple[dict, dict | None, dict | None]:
+    """diffusers' reading of the file (its tensors, network alphas, metadata), kohya's keys converted; for SDXL
+    with the UNet's config, as diffusers' SDXL pipelines pass it, which maps the original UNet's block names
+    (`input_blocks.4.1`, kohya's SDXL files) onto diffusers'."""
+    from diffusers import StableDiffusionPipeline as loader  # its LoRA class methods are SDXL's too
+
+    extra = dict(unet_config=pipe.unet.config) if pipe.added_layout is not None else {}
     try:
         if path is not None and path.endswith(".safetensors"):  # from the file: its header keeps lora_alpha
-            converted, alphas, metadata = StableDiffusionPipeline.lora_state_dict(
-                str(Path(path).parent), weight_name=Path(path).name, return_lora_metadata=True)
-        else:
-            converted, alphas, metadata = StableDiffusionPipeline.lora_state_dict(dict(state),
-                                                                                   return_lora_metadata=True)
+            return loader.lora_state_dict(str(Path(path).parent), weight_name=Path(path).name,
+                                          return_lora_metadata=True, **extra)
+        return loader.lora_state_dict(dict(state), return_lora_metadata=True, **extra)
     except Exception as error:
         raise ValueError(f"`path_or_folder`: {path or 'the state dict'} is not a LoRA diffusers can read "
                          f"({type(error).__name__}: {error})") from None
+
+
+def _inject(pipe, converted: dict, alphas, metadata, adapter_name: str) -> None:
+    """diffusers' injection of the adapter into the UNet and each text encoder (keys under its component name)."""
+    from diffusers import StableDiffusionPipeline as loader  # its class methods serve SDXL's towers too
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # reported by the caller, by module name
+        for kind, model in _models(pipe):
+            if kind == "unet":
+                loader.load_lora_into_unet(converted, alphas, model, adapter_name=adapter_name, metadata=metadata)
+            else:
+                loader.load_lora_into_text_encoder(converted, alphas, model, prefix=kind, adapter_name=adapter_name,
+                                                   metadata=metadata)
+
+
+def _take_out(pipe, adapter_name: str, snapshots: dict) -> None:
+    """Undo a failed load: the adapter's layers deleted, every replaced submodule put back."""
+    for kind, model in _models(pipe):
+        for _, layer in _tuner_layers(model):
+            if adapter_name in layer.lora_A:  # layers that were adapters' before: the ModuleDicts stay
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # peft: "Adapter ... was active which is now deleted"
+                    layer.delete_adapter(adapter_name)
+        getattr(model, "peft_config", {}).pop(adapter_name, None)
+        _restore(model, *snapshots[kind])
+    _apply(pipe, pipe.active_loras, {name: entry.scale for name, entry in pipe.loras.items()})
+
+
+def _failure(error: Exception, path: str | None) -> Exception:
+    if isinstance(error, (ValueError, TypeError)) and str(error).startswith("`"):
+        return error
+    lines = str(error).strip().splitlines() or [""]
+    more = f" (and {len(lines) - 2} more lines)" if len(lines) > 2 else ""
+    reason = " ".join(line.strip() for line in lines[:2]) + more
+    return ValueError(f"`path_or_folder`: {path or 'the state dict'} does not fit this model; nothing was "
+                      f"changed ({type(error).__name__}: {reason})")
+
+
+def load(pipe, source, adapter_name: str | None, scale: float, weight_name: str | None,
+         allow_pickle: bool) -> Lora:
+    """`LatentDiffusionPipeline.load_lora_weights`: read, check, inject, weigh, record."""
+    scale = check_scale("scale", scale)
+    adapter_name = _check_adapter_name(pipe, adapter_name)
+    state, path, sha = read_state_dict(source, weight_name, allow_pickle)
+    names = file_modules(state)
+    converted, alphas, metadata = _convert(pipe, state, path)
     snapshots = {kind: (_snapshot(model), {a: model.__dict__.get(a) for a in _PEFT_ATTRIBUTES})
                  for kind, model in _models(pipe)}
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # reported below, by module name
-            StableDiffusionPipeline.load_lora_into_unet(converted, alphas, pipe.unet, adapter_name=adapter_name,
-                                                        metadata=metadata)
-            StableDiffusionPipeline.load_lora_into_text_encoder(converted, alphas, pipe.text_encoder,
-                                                                prefix="text_encoder", adapter_name=adapter_name,
-                                                                metadata=metadata)
+        _inject(pipe, converted, alphas, metadata, adapter_name)
         loaded = adapted_modules(pipe, adapter_name)
-        count = len(loaded["unet"]) + len(loaded["text_encoder"])
+        count = sum(len(paths) for paths in loaded.values())
         if count == 0:
+            models = " or ".join(kind for kind, _ in _models(pipe))
             raise ValueError(f"`path_or_folder`: {path or 'the state dict'} adapts no layer of this model "
-                             f"(its {len(names)} modules, e.g. {names[:3]}, match none of the UNet's or text "
-                             "encoder's); is it a LoRA for another architecture?")
+                             f"(its {len(names)} modules, e.g. {names[:3]}, match none of the {models}'s); is it "
+                             "a LoRA for another architecture?")
     except Exception as error:
-        for kind, model in _models(pipe):
-            for _, layer in _tuner_layers(model):
-                if adapter_name in layer.lora_A:  # layers that were adapters' before: the ModuleDicts stay
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")  # peft: "Adapter ... was active which is now deleted"
-                        layer.delete_adapter(adapter_name)
-            getattr(model, "peft_config", {}).pop(adapter_name, None)
-            _restore(model, *snapshots[kind])
-        _apply(pipe, pipe.active_loras, {name: entry.scale for name, entry in pipe.loras.items()})
-        if isinstance(error, (ValueError, TypeError)) and str(error).startswith("`"):
-            raise
-        lines = str(error).strip().splitlines() or [""]
-        more = f" (and {len(lines) - 2} more lines)" if len(lines) > 2 else ""
-        reason = " ".join(line.strip() for line in lines[:2]) + more
-        raise ValueError(f"`path_or_folder`: {path or 'the state dict'} does not fit this model; nothing was "
-                         f"changed ({type(error).__name__}: {reason})") from None
-    unused = unused_modules(names, loaded)
+        _take_out(pipe, adapter_name, snapshots)
+        raise _failure(error, path) from None
+    unused = unused_modules(names, loaded, pipe.unet.config.layers_per_block)
     if unused:
         warnings.warn(f"LoRA {adapter_name!r}: {len(unused)} of its {len(names)} modules adapt nothing in this "
                       f"model and were not used: {', '.join(unused[:8])}{' ...' if len(unused) > 8 else ''}",
@@ -187,7 +211,7 @@ def _apply(pipe, active: list[str], scales: dict[str, float]) -> None:
                 for parameter in (*layer.lora_A[name].parameters(), *layer.lora_B[name].parameters()):
                     parameter.requires_grad_(False)
     pipe.active_loras = list(active)
-    pipe.embedding_cache.clear()
+    pipe.clear_embedding_caches()
 
 
 def set_adapters(pipe, names, weights=None) -> None:
@@ -237,7 +261,7 @@ def fuse(pipe, lora_scale: float = 1.0, adapter_names: list[str] | None = None) 
     for name in names:
         pipe.loras[name].fused = True
     pipe.fused_scale = lora_scale
-    pipe.embedding_cache.clear()
+    pipe.clear_embedding_caches()
 
 
 def _changed(layer) -> None:
@@ -279,7 +303,7 @@ def unload(pipe) -> None:
     pipe.loras.clear()
     pipe.active_loras = []
     pipe.fused_scale = 1.0
-    pipe.embedding_cache.clear()
+    pipe.clear_embedding_caches()
 
 
 def unfused(pipe) -> bool:
@@ -305,7 +329,7 @@ class AdapterMethods:
     def load_lora_weights(self, path_or_folder, adapter_name: str | None = None, scale: float = 1.0,
                           weight_name: str | None = None, allow_pickle: bool = False):
         """Load a LoRA (diffusers or kohya keys; a file, a folder or a state dict) onto the UNet and
-        text encoder; it acts at `scale` together with those loaded before. Returns self."""
+        text encoder(s); it acts at `scale` together with those loaded before. Returns self."""
         load(self, path_or_folder, adapter_name, scale, weight_name, allow_pickle)
         return self
 

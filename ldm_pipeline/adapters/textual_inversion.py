@@ -9,6 +9,9 @@ diffusers' `load_textual_inversion`'s. Negative embeddings ("EasyNegative" and t
 the same way and named in the negative prompt.
 
 Loading adds the tokens to the pipeline's tokenizer and rows to its text encoder's embedding table.
+SDXL files hold a set of vectors per tower (`clip_l` for `text_encoder`, `clip_g` for `text_encoder_2`):
+each tower takes its own, and expands prompts with its own tokenizer. diffusers' `text_encoder=` /
+`tokenizer=` put one set on the tower they name (diffusers loads an SDXL pair so, one call per tower).
 """
 
 from __future__ import annotations
@@ -23,11 +26,19 @@ from ..loading.folders import is_hub_id
 from .files import PICKLED, from_hub
 
 
+SDXL_SETS = ("clip_l", "clip_g")  # an SDXL file's vectors: the first tower's (CLIP ViT-L), the second's (bigG)
+TOWER_SETS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}  # which set each text encoder takes
+
+
 def read_embedding(source, token: str | None, weight_name: str | None, allow_pickle: bool
-                   ) -> tuple[str, torch.Tensor, str | None, str | None]:
-    """(token, (n, dim) embedding, file, file SHA-256) of an embedding file, a folder, a Hub id or a state dict."""
+                   ) -> tuple[str, dict[str, torch.Tensor], str | None, str | None]:
+    """(token, vectors, file, file SHA-256) of an embedding file, a folder, a Hub id, a state dict or a tensor.
+
+    vectors: {"clip_l": (n, 768), "clip_g": (n, 1280)} for an SDXL file; {"": (n, dim)} for one set."""
     path = sha = None
-    if isinstance(source, dict):
+    if isinstance(source, torch.Tensor):  # one tower's vectors, as diffusers takes them (token= names it)
+        state = {"": source}
+    elif isinstance(source, dict):
         state = source
     elif isinstance(source, (str, os.PathLike)):
         path = _file(source, weight_name)
@@ -36,15 +47,24 @@ def read_embedding(source, token: str | None, weight_name: str | None, allow_pic
         state = _read(path, data, allow_pickle)
     else:
         raise TypeError(f"`pretrained_model_name_or_path`: got {type(source).__name__}; expected an embedding file, "
-                        "a folder, a Hub id or a state dict")
-    found, embedding = _token_and_tensor(state, path)
+                        "a folder, a Hub id, a state dict or a tensor")
+    if set(state) == set(SDXL_SETS):
+        found, sets = (path.stem if path else None), {name: state[name] for name in SDXL_SETS}
+    else:
+        found, embedding = _token_and_tensor(state, path)
+        sets = {"": embedding}
     token = token or found
     if not token:
         raise ValueError("`token`: the file names no token; pass token=")
+    return token, {name: _vectors(embedding) for name, embedding in sets.items()}, \
+        str(path.resolve()) if path else None, sha
+
+
+def _vectors(embedding) -> torch.Tensor:
     if not isinstance(embedding, torch.Tensor) or embedding.ndim not in (1, 2) or not embedding.is_floating_point():
         raise ValueError(f"`pretrained_model_name_or_path`: the embedding is not a (dim,) or (vectors, dim) float "
                          f"tensor (got {getattr(embedding, 'shape', type(embedding).__name__)})")
-    return token, embedding.reshape(-1, embedding.shape[-1]), str(path.resolve()) if path else None, sha
+    return embedding.reshape(-1, embedding.shape[-1])
 
 
 def _file(source, weight_name: str | None) -> Path:
@@ -100,26 +120,84 @@ def tokens_for(token: str, vectors: int) -> list[str]:
     return [token] + [f"{token}_{i}" for i in range(1, vectors)]
 
 
-def load(pipe, source, token: str | None = None, weight_name: str | None = None, allow_pickle: bool = False) -> str:
-    """Add an embedding's tokens to the pipeline's tokenizer and text encoder; returns the token."""
-    token, embedding, path, sha = read_embedding(source, token, weight_name, allow_pickle)
-    tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
-    tokens = tokens_for(token, embedding.shape[0])
+def _towers(pipe) -> dict[str, tuple]:
+    """Each text tower by its encoder's component name ("text_encoder", "text_encoder_2"): (tokenizer, encoder)."""
+    return {name: (getattr(pipe, name.replace("text_encoder", "tokenizer")), model)
+            for name, model in pipe.named_models if name.startswith("text_encoder")}
+
+
+def _chosen_tower(pipe, tokenizer, text_encoder) -> str | None:
+    """The tower that `tokenizer` and/or `text_encoder` (diffusers' arguments) are part of; None for neither."""
+    towers, chosen = _towers(pipe), None
+    for argument, given, part in (("tokenizer", tokenizer, 0), ("text_encoder", text_encoder, 1)):
+        if given is None:
+            continue
+        names = [name for name, pair in towers.items() if pair[part] is given]
+        if not names:
+            accepted = ", ".join(f"pipe.{name.replace('text_encoder', argument)}" for name in towers)
+            raise ValueError(f"`{argument}`: got a {type(given).__name__} that is not this pipeline's; pass "
+                             f"{accepted}, or leave it out")
+        if chosen not in (None, names[0]):
+            raise ValueError(f"`text_encoder`: is pipe.{names[0]}, and `tokenizer` is {chosen}'s; pass one "
+                             "tower's pair")
+        chosen = names[0]
+    return chosen
+
+
+def _placements(pipe, sets: dict[str, torch.Tensor], tower: str | None) -> list[tuple[str, torch.Tensor]]:
+    """Which tower takes which vectors: an SDXL file's clip_l and clip_g go to their towers (a chosen tower
+    takes its own); one set goes to the chosen tower, or to the model's only one."""
+    names = [tower] if tower else list(_towers(pipe))
+    if "" in sets:
+        if len(names) > 1:
+            shapes = ", ".join(f"pipe.{n} ({_towers(pipe)[n][1].get_input_embeddings().weight.shape[-1]} wide)"
+                               for n in names)
+            raise ValueError(f"`text_encoder`: got none, with an embedding of one set of vectors "
+                             f"({tuple(sets[''].shape)}) for a model with two text encoders; say which tower takes it "
+                             f"with text_encoder= and tokenizer= ({shapes}), or load an SDXL file holding clip_l "
+                             "and clip_g")
+        return [(names[0], sets[""])]
+    if pipe.added_layout is None and tower is None:
+        raise ValueError("`pretrained_model_name_or_path`: an SDXL embedding (clip_l and clip_g, one set per tower) "
+                         "for a model with one text encoder; load a one-set embedding ({token: tensor}), or pass "
+                         "one set: load_textual_inversion(state['clip_l'], token=...)")
+    return [(name, sets[TOWER_SETS[name]]) for name in names]
+
+
+def _check_fits(tokenizer, encoder, tokens: list[str], vectors: torch.Tensor) -> None:
     taken = [t for t in tokens if t in tokenizer.get_vocab()]
     if taken:
         raise ValueError(f"`token`: {taken[0]!r} is already in the tokenizer's vocabulary; choose another token=")
-    table = encoder.get_input_embeddings().weight
-    if embedding.shape[-1] != table.shape[-1]:
-        raise ValueError(f"`pretrained_model_name_or_path`: the embedding has {embedding.shape[-1]} features per "
-                         f"vector; this text encoder takes {table.shape[-1]} (is it for another model?)")
+    width = encoder.get_input_embeddings().weight.shape[-1]
+    if vectors.shape[-1] != width:
+        raise ValueError(f"`pretrained_model_name_or_path`: the embedding has {vectors.shape[-1]} features per "
+                         f"vector; this text encoder takes {width} (is it for another model?)")
+
+
+def _add_tokens(tokenizer, encoder, tokens: list[str], vectors: torch.Tensor) -> None:
+    """The tokens added to the tokenizer and their vectors as new rows of the encoder's embedding table."""
     encoder.resize_token_embeddings(len(tokenizer) + len(tokens))
     table = encoder.get_input_embeddings().weight
     with torch.no_grad():
-        for name, vector in zip(tokens, embedding):
+        for name, vector in zip(tokens, vectors):
             tokenizer.add_tokens(name)
             table[tokenizer.convert_tokens_to_ids(name)] = vector.to(table.device, table.dtype)
-    pipe.embeddings[token] = dict(token=token, vectors=len(tokens), path=path, sha256=sha)
-    pipe.embedding_cache.clear()
+
+
+def load(pipe, source, token: str | None = None, weight_name: str | None = None, allow_pickle: bool = False,
+         tokenizer=None, text_encoder=None) -> str:
+    """Add an embedding's tokens to the pipeline's tokenizers and text encoders; returns the token."""
+    tower = _chosen_tower(pipe, tokenizer, text_encoder)
+    token, sets, path, sha = read_embedding(source, token, weight_name, allow_pickle)
+    placements, towers = _placements(pipe, sets, tower), _towers(pipe)
+    for name, vectors in placements:  # every check before any change
+        _check_fits(*towers[name], tokens_for(token, vectors.shape[0]), vectors)
+    for name, vectors in placements:
+        _add_tokens(*towers[name], tokens_for(token, vectors.shape[0]), vectors)
+    earlier = pipe.embeddings.get(token, {}).get("towers", [])  # diffusers' way: one call per tower
+    pipe.embeddings[token] = dict(token=token, vectors=placements[0][1].shape[0], path=path, sha256=sha,
+                                  towers=[*earlier, *(name for name, _ in placements)])
+    pipe.clear_embedding_caches()
     return token
 
 
@@ -136,6 +214,12 @@ def expand(prompt: str, tokenizer) -> str:
     return prompt
 
 
+def expand_sides(towers: list[tuple], sides: list[list[str]]) -> list[list[str]]:
+    """Each tower's texts with its multi-vector tokens written out by its own tokenizer (towers may differ in
+    the tokens they were given)."""
+    return [[expand(text, tokenizer) for text in side] for (tokenizer, _), side in zip(towers, sides)]
+
+
 def recipe_of(pipe) -> dict:
     """The `Recipe` field for the loaded embeddings (none: {})."""
     return {"embeddings": list(pipe.embeddings.values())} if pipe.embeddings else {}
@@ -145,8 +229,14 @@ class TextualInversionMethods:
     """`load_textual_inversion` for the pipeline class (diffusers' name and arguments)."""
 
     def load_textual_inversion(self, pretrained_model_name_or_path, token: str | None = None,
-                               weight_name: str | None = None, allow_pickle: bool = False):
+                               weight_name: str | None = None, allow_pickle: bool = False, tokenizer=None,
+                               text_encoder=None):
         """Load a textual-inversion embedding (diffusers' or A1111's file; safetensors, or a pickle with
-        `allow_pickle`) as `token` (default: the file's own). Returns self."""
-        load(self, pretrained_model_name_or_path, token, weight_name, allow_pickle)
+        `allow_pickle`; a state dict or one tensor) as `token` (default: the file's own). Returns self.
+
+        An SDXL file holds a set of vectors per tower (`clip_l`, `clip_g`): each tower takes its own (a
+        refiner the `clip_g`). `text_encoder` and `tokenizer` (diffusers' arguments, e.g. `pipe.text_encoder_2`
+        and `pipe.tokenizer_2`) say which tower takes an embedding; an SDXL model needs them for a file of
+        one set."""
+        load(self, pretrained_model_name_or_path, token, weight_name, allow_pickle, tokenizer, text_encoder)
         return self
