@@ -258,3 +258,15 @@ def test_files_of_the_other_kind_are_refused_naming_what_is_accepted(base, pipe,
     with pytest.raises(ValueError, match=r"this text encoder takes 24"):  # widths swapped: nothing changes
         base.load_textual_inversion({"clip_l": torch.zeros(1, 32), "clip_g": torch.zeros(1, 32)}, token="<w>")
     assert "<w>" not in base.tokenizer.get_vocab() and "<w>" not in base.tokenizer_2.get_vocab()
+
+
+def test_the_api_embeddings_folder_loads_sdxl_pairs_with_both_towers_widths(base, refiner, tmp_path):
+    from ldm_pipeline.apps.api_config import load_embeddings
+
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    save_file({"clip_l": torch.randn(2, 32), "clip_g": torch.randn(2, 24)}, folder / "pair.safetensors")
+    loaded, skipped = load_embeddings(base, folder, allow_pickle=False)
+    assert skipped == {} and (loaded["pair"]["shape"], loaded["pair"]["vectors"]) == (32 + 24, 2)
+    loaded, skipped = load_embeddings(refiner, folder, allow_pickle=False)  # the refiner takes clip_g
+    assert skipped == {} and loaded["pair"]["shape"] == 24

@@ -287,7 +287,8 @@ def load_embeddings(pipe, folder: Path | None, allow_pickle: bool) -> tuple[dict
         except (ValueError, TypeError, OSError, KeyError) as error:
             skipped[file.stem] = {"error": str(error).splitlines()[0][:200]}
             continue
-        width = pipe.text_encoder.get_input_embeddings().weight.shape[-1]
+        # one width, as A1111 reports it: the towers' together (768 + 1280 for an SDXL pair)
+        width = sum(encoder.get_input_embeddings().weight.shape[-1] for _, encoder in pipe.text_towers)
         loaded[file.stem] = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": width,
                              "vectors": token["vectors"]}
     return loaded, skipped
