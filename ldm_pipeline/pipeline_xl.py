@@ -2,10 +2,10 @@
 
 It is `LatentDiffusionPipeline` with two differences, both in the stages (`stages_xl`):
 - the text stage reads two CLIP towers and joins their contexts (`text.towers`);
-- the model wrapper gives the UNet its added conditions, the pooled projection and the size (or, for a
-  refiner, aesthetic) ids, one set per guidance copy (`conditioning.sdxl`).
+- the model wrapper gives the UNet (and each ControlNet) its added conditions, the pooled projection and
+  the size (or, for a refiner, aesthetic) ids, one set per guidance copy (`conditioning.sdxl`).
 Everything else, the call's settings, image-to-image, inpainting with a 4- or 9-channel UNet, guidance,
-previews, recipes and `reproduce`, is the shared code. The call takes diffusers' SDXL arguments
+ControlNets, previews, recipes and `reproduce`, is the shared code. The call takes diffusers' SDXL arguments
 (`prompt_2`, `negative_prompt_2`, `pooled_prompt_embeds`, `original_size`, `crops_coords_top_left`,
 `target_size` and their negatives, `aesthetic_score`, `negative_aesthetic_score`, `denoising_end`,
 `denoising_start`, `clip_skip`) and draws diffusers' `StableDiffusionXLPipeline` pixels (with `image=`,
@@ -50,6 +50,8 @@ class LatentDiffusionXLPipeline(LatentDiffusionPipeline):
         requires_aesthetics_score: the UNet's time ids end with an aesthetic score instead of the target
             size (SDXL refiner).
         defaults: generation defaults the folder may carry; unspecified ones are diffusers' (5.0 and 50).
+        controlnet: an SDXL `ControlNetModel` (or a list) that calls use unless they pass their own; the nets
+            take the added conditions too.
     """
 
     FALLBACK_DEFAULTS = XL_DEFAULTS
@@ -62,8 +64,6 @@ class LatentDiffusionXLPipeline(LatentDiffusionPipeline):
         xl_folders.check_components(components)
         (self.tokenizer, self.text_encoder, self.tokenizer_2, self.text_encoder_2, self.vae, self.unet,
          self.scheduler) = components.values()
-        if controlnet is not None:
-            raise ValueError("`controlnet`: SDXL ControlNets are not supported yet")
         self.force_zeros_for_empty_prompt = bool(force_zeros_for_empty_prompt)
         self.requires_aesthetics_score = bool(requires_aesthetics_score)
         sdxl.layout_of(unet, self.requires_aesthetics_score)  # refuse a UNet without the added conditions now

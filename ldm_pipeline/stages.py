@@ -5,7 +5,8 @@
    both towers', each row carrying its added conditions: `stages_xl`)
 3. `starting_latents`: noise, or the reference image noised to `strength` (inpainting: the picture
    and what is kept of it; a refiner: a base's latents), and the timesteps (cut at `denoising_end`)
-4. `model_for`: the UNet, or its compiled runner (a 9-channel inpainting UNet, an SDXL UNet: wrapped)
+4. `model_for`: the UNet, or its compiled runner (a 9-channel inpainting UNet, an SDXL UNet, ControlNets:
+   wrapped)
 5. `guidances_for`, `hooks_for`: classifier-free or composed guidance, CLIP guidance; after each step
    the known region put back (4-channel inpainting), the non-finite watch and previews
 6. the loop itself is `sampling.loop.denoise`
@@ -17,7 +18,7 @@ Each stage reads the `Call` that `resolve` returns; none changes the pipeline's 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import PIL.Image
@@ -82,7 +83,7 @@ def resolve(pipe, settings: GenerationSettings) -> Call:
     image_latents = stages_xl.image_latents(pipe, s, batch)
     reference = images.load_image(s.image) if s.image is not None and image_latents is None else None
     mask = _mask_of(pipe, s, reference)
-    controls = controlnet.controls_of(s, pipe.controlnet)
+    controls = controlnet.controls_of(s, pipe.controlnet, pipe.unet)
     _check_hires(s, pipe, reference is not None)
     reference_size = None
     if reference is not None and not (mask is not None and s.padding_mask_crop is not None):
@@ -254,6 +255,8 @@ def model_for(pipe, call: Call, start: Start, cond: torch.Tensor):
         c, s = call.controls, call.settings
         units = controlnet.units(c.nets, c.pictures, c.scales, c.starts, c.ends, call.batch, s.height, s.width,
                                  pipe.device)
+        if layout is not None:  # an SDXL net takes the added conditions off the packed contexts, as the UNet does
+            units = [replace(unit, net=sdxl.AddedConditionsUNet(unit.net, layout)) for unit in units]
         unet = controlnet.ControlledUNet(unet, units, len(start.timesteps), c.guess_mode)
     return unet
 

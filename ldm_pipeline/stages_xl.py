@@ -31,7 +31,7 @@ def _plain(value):
 
 def xl_settings(pipe, s: GenerationSettings, prompts, count: int) -> GenerationSettings:
     """The SDXL settings made plain: the second tower's prompts and negative prompts as one per prompt (None where
-    the first's are read), sizes as tuples; refused on a one-tower model, as is what SDXL models do not take yet."""
+    the first's are read), sizes as tuples; refused on a one-tower model."""
     xl = pipe.added_layout is not None
     if s.clip_skip:  # SDXL counts from the penultimate layer, one-tower models from the last
         layers = min(encoder.config.num_hidden_layers for _, encoder in pipe.text_towers) - (1 if xl else 0)
@@ -46,8 +46,6 @@ def xl_settings(pipe, s: GenerationSettings, prompts, count: int) -> GenerationS
             raise ValueError(f"`{given[0]}`: this model has one text encoder and no added conditions; the SDXL "
                              "settings (prompt_2, pooled embeddings, sizes, aesthetic scores) need an SDXL model")
         return s.replace(crops_coords_top_left=default_of("crops_coords_top_left"))  # a recipe's list: the tuple
-    if s.controlnet or pipe.controlnet is not None:
-        raise ValueError("`controlnet`: SDXL ControlNets are not supported yet")
     if s.prompt_embeds is not None and s.pooled_prompt_embeds is None:
         raise ValueError("`pooled_prompt_embeds`: an SDXL model needs them with `prompt_embeds` (the second text "
                          "encoder's pooled projection)")

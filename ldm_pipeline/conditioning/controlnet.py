@@ -5,7 +5,9 @@ to the UNet's skip connections. `ControlledUNet` wraps the UNet so the loop keep
 `unet(x, t, encoder_hidden_states=context)`: at each call it runs every net on the same batch (with
 guess mode, on the prompt's copy only, the others getting zeros), weights each net by its scale while
 the step lies within its [start, end] share of the schedule, sums their residuals and calls the UNet.
-This is what diffusers' `StableDiffusionControlNetPipeline` does, so the pixels are the same.
+This is what diffusers' `StableDiffusionControlNetPipeline` does, so the pixels are the same. On SDXL the
+nets are wrapped like the UNet (`sdxl.AddedConditionsUNet`): they take the pooled projection and time ids
+of the rows they run on, as in `StableDiffusionXLControlNetPipeline`.
 """
 
 from __future__ import annotations
@@ -64,6 +66,21 @@ def check(nets, images_given, scales, starts, ends, guess_mode) -> None:
         raise TypeError(f"`guess_mode`: got {guess_mode!r}; expected True or False")
 
 
+# what a net shares with the UNet it was made for: its context width and its added conditions (SDXL's)
+MATCHED = ("cross_attention_dim", "addition_embed_type", "addition_time_embed_dim",
+           "projection_class_embeddings_input_dim")
+
+
+def check_matches(nets, unet) -> None:
+    """Refuse a net made for another kind of UNet (an SD 1.x net on an SDXL model, an SDXL net on SD 1.x)."""
+    for i, net in enumerate(nets):
+        for key in MATCHED:
+            theirs, ours = net.config.get(key), unet.config.get(key)
+            if theirs != ours:
+                raise ValueError(f"`controlnet`: net {i} has {key}={theirs!r} and this model's UNet {ours!r}; expected "
+                                 "a ControlNet made for this kind of model (SD 1.x, SD 2.x or SDXL)")
+
+
 @dataclass
 class Controls:
     """A call's ControlNets as given, checked: one entry per net."""
@@ -76,8 +93,9 @@ class Controls:
     guess_mode: bool
 
 
-def controls_of(settings, own) -> Controls | None:
-    """The call's ControlNets (its `controlnet=`, else the pipeline's `own`), checked; None without any."""
+def controls_of(settings, own, unet) -> Controls | None:
+    """The call's ControlNets (its `controlnet=`, else the pipeline's `own`), checked, also against the model's
+    `unet`; None without any."""
     nets = settings.controlnet if settings.controlnet is not None else own
     if nets is None:
         if settings.control_image is not None:
@@ -91,6 +109,7 @@ def controls_of(settings, own) -> Controls | None:
     starts = as_list(settings.control_guidance_start, count, "control_guidance_start")
     ends = as_list(settings.control_guidance_end, count, "control_guidance_end")
     check(nets, pictures, scales, starts, ends, settings.guess_mode)
+    check_matches(nets, unet)
     # nets trained with pooled conditions (shuffle) take the prompt's copy only, as diffusers runs them
     guess = settings.guess_mode or any(net.config.get("global_pool_conditions", False) for net in nets)
     return Controls(nets, pictures, scales, starts, ends, guess)

@@ -10,9 +10,9 @@ So that every copy the loop batches (`[guidance contexts..., cond]`, `sampling.l
 own conditions, whatever the guidance, they ride on the context itself: `pack` appends them to each row as
 extra token rows (the P + T numbers laid out over ceil((P + T) / D) rows of width D, zero-padded), and
 `AddedConditionsUNet`, a wrapper with the UNet's signature `unet(x, t, encoder_hidden_states=context)`,
-takes them off again before the UNet's cross-attention sees the context. The numbers are kept in the
-context's dtype, as diffusers makes them (sizes are integers, exact in fp16 up to 2048 and for multiples
-of 8 far beyond).
+takes them off again before the UNet's cross-attention sees the context; an SDXL ControlNet is wrapped
+alike. The numbers are kept in the context's dtype, as diffusers makes them (sizes are integers, exact in
+fp16 up to 2048 and for multiples of 8 far beyond).
 """
 
 from __future__ import annotations
@@ -103,7 +103,11 @@ def check_pooled(pooled_dim: int, given: torch.Tensor | None, name: str, rows: i
 
 class AddedConditionsUNet:
     """An SDXL UNet with the plain signature `unet(x, t, encoder_hidden_states=packed)`: it takes the pooled
-    projection and time ids off each row of the packed context and passes them as `added_cond_kwargs`."""
+    projection and time ids off each row of the packed context and passes them as `added_cond_kwargs`.
+
+    An SDXL ControlNet (`addition_embed_type="text_time"`) takes them the same way, so it is wrapped alike:
+    `ControlledUNet` hands it the packed rows of the copies it runs on, and the other keyword arguments
+    (`controlnet_cond`, `conditioning_scale`, ...) pass through."""
 
     def __init__(self, unet, layout: Layout):
         self.unet, self.layout = unet, layout
