@@ -839,3 +839,26 @@ def test_browser_fast_box_moves_the_sliders_and_back(pipe, server, browser):
     wait.until(lambda b: (value("steps"), value("guidance")) == (fast["num_inference_steps"], fast["guidance_scale"]))
     box.click()
     wait.until(lambda b: (value("steps"), value("guidance")) == plain)
+
+
+def test_the_page_serves_an_sdxl_model(base, tmp_path):
+    """A tiny SDXL base behind the page: /generate and /transform draw its pixels, with an SDXL recipe."""
+    url, demo = _launch(base)
+    try:
+        client = gradio_client.Client(url, verbose=False, download_files=str(tmp_path))
+        gallery, _ = client.predict("a red circle", steps=STEPS, guidance=5.0, width=16, height=24, seed=7,
+                                    api_name="/generate")
+        path = _file(gallery[0])
+        expected = base("a red circle", num_inference_steps=STEPS, guidance_scale=5.0, width=16, height=24, seed=7,
+                        progress=False).images[0]
+        np.testing.assert_array_equal(_pixels(path), np.asarray(expected))
+        assert read_recipe(path).original_size is None and read_recipe(path).guidance_scale == 5.0
+        reference = tmp_path / "reference.png"
+        PIL.Image.fromarray(np.asarray(expected)).save(reference)
+        gallery, _ = client.predict(gradio_client.handle_file(str(reference)), 0.6, "a blue square", "", STEPS, 5.0,
+                                    "model default", 16, 24, 8, 1, api_name="/transform")
+        expected = base("a blue square", image=str(reference), strength=0.6, num_inference_steps=STEPS,
+                        guidance_scale=5.0, seed=8, progress=False).images[0]
+        np.testing.assert_array_equal(_pixels(_file(gallery[0])), np.asarray(expected))
+    finally:
+        demo.close()
