@@ -142,7 +142,9 @@ class LatentDiffusionPipeline(memory.MemoryMethods, fast_mode.FastMethods, adapt
             raise ValueError(f"`batch`: got {batch!r}; expected an integer >= 1 (the UNet's batch) or None")
         self.compiled = fast.compile_unet(self.unet, mode or fast.default_mode(self.device), cache_dir, verbose,
                                           batch, height, width, self.vae_scale_factor,
-                                          self.text_towers[0][0].model_max_length)
+                                          self.text_towers[0][0].model_max_length,
+                                          (self.added_layout.pooled_dim, self.added_layout.time_dim)
+                                          if self.added_layout is not None else None)
         return self
 
     def model_hash(self) -> str:

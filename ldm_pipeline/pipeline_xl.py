@@ -106,16 +106,6 @@ class LatentDiffusionXLPipeline(LatentDiffusionPipeline):
         return {"force_zeros_for_empty_prompt": self.force_zeros_for_empty_prompt,
                 "requires_aesthetics_score": self.requires_aesthetics_score}
 
-    def compile(self, mode: str | None = None, cache_dir: str | os.PathLike | None = None, height: int | None = None,
-                width: int | None = None, batch: int | None = 2, verbose: bool = True):
-        """Run the UNet through `torch.compile` (default on a GPU "reduce-overhead", CUDA graphs; on the CPU
-        "default"); same pixels. An AOTInductor package ("aot") takes no added conditions, so it is refused."""
-        if mode == "aot":
-            raise ValueError("`mode`: an AOTInductor package takes no SDXL added conditions; use a torch.compile "
-                             "mode (\"default\", \"reduce-overhead\", \"max-autotune\")")
-        mode = mode or ("reduce-overhead" if self.device.type == "cuda" else "default")
-        return super().compile(mode, cache_dir, height, width, batch, verbose)
-
     def clear_embedding_caches(self) -> None:
         super().clear_embedding_caches()
         for cache in self.embedding_caches:

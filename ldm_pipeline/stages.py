@@ -246,7 +246,8 @@ def model_for(pipe, call: Call, start: Start, cond: torch.Tensor):
     sample_shape = (pipe.unet.config.in_channels, *start.latents.shape[2:])
     layout = pipe.added_layout  # SDXL: the contexts carry the added conditions (conditioning.sdxl)
     context_shape = layout.context_shape(cond.shape[1:]) if layout is not None else cond.shape[1:]
-    unet = pipe.compiled.runner_for(pipe.unet, sample_shape, context_shape) if compiled else pipe.unet
+    added = (layout.pooled_dim, layout.time_dim) if layout is not None else None
+    unet = pipe.compiled.runner_for(pipe.unet, sample_shape, context_shape, added) if compiled else pipe.unet
     if layout is not None:
         unet = sdxl.AddedConditionsUNet(unet, layout)
     if start.known is not None and start.known.masked_latents is not None:

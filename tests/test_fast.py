@@ -132,3 +132,17 @@ def test_the_default_mode_is_a_package_on_the_cpu_and_cuda_graphs_on_a_gpu(pipe,
     assert fast.default_mode(torch.device("cpu")) == "aot"
     assert fast.default_mode(torch.device("cuda:0")) == "reduce-overhead"
     assert pipe.compile(cache_dir=tmp_path, batch=None).compiled.mode == "aot"
+
+
+def test_an_sdxl_unet_compiles_with_its_added_conditions(base, cache):
+    """AOT on SDXL: the package takes the pooled text and size ids as inputs; eager pixels, no eager UNet call."""
+    kwargs = dict(seed=3, num_inference_steps=3, height=16, width=24, progress=False, output_type="np")
+    expected = base("a red circle", **kwargs).images
+    base.compile(cache_dir=cache, verbose=False, height=16, width=24)
+    calls, handle = forward_calls(base.unet)
+    got = base("a red circle", **kwargs).images
+    other = base("a red circle", **{**kwargs, "original_size": (64, 64)}).images  # other ids: the same package
+    handle.remove()
+    assert not calls
+    assert_same_pixels(got, expected)
+    assert np.abs(other - got).max() > 1e-3

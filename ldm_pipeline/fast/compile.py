@@ -55,13 +55,15 @@ def weights_digest(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def package_key(unet, digest: str, sample_shape: tuple, context_shape: tuple, batch: int) -> str:
+def package_key(unet, digest: str, sample_shape: tuple, context_shape: tuple, batch: int,
+                added: tuple | None = None) -> str:
     """The name of the package for this UNet and these inputs.
 
     Args:
         digest: `weights_digest(unet)`.
         sample_shape: (C, h, w) of the latents; context_shape: (L, D) of the text embeddings.
         batch: the UNet's batch size (twice the images with classifier-free guidance).
+        added: SDXL: (P, T), the widths of the pooled text embeds and time ids the UNet also takes.
     """
     # diffusers' private config entries ("_use_default_values", "_name_or_path") say nothing of the
     # network, and one of them is a list in set order, which changes from process to process.
@@ -69,6 +71,7 @@ def package_key(unet, digest: str, sample_shape: tuple, context_shape: tuple, ba
     weight = next(unet.parameters())  # diffusers' `unet.dtype` and `unet.device` walk every module
     parts = dict(format=FORMAT, weights=digest, config=config, sample=list(sample_shape),
                  context=list(context_shape), text="keys" if text_attentions(unet) else "context", batch=batch,
+                 added=list(added) if added else None,
                  dtype=str(weight.dtype), device=weight.device.type,
                  torch=torch.__version__, cpu=torch.backends.cpu.get_cpu_capability())
     text = json.dumps(parts, sort_keys=True, default=str)
@@ -76,17 +79,24 @@ def package_key(unet, digest: str, sample_shape: tuple, context_shape: tuple, ba
 
 
 class _Positional(torch.nn.Module):
-    """The UNet as `(sample, timestep, context) -> noise`, the form torch.export takes."""
+    """The UNet as `(sample, timestep, context[, text_embeds, time_ids]) -> noise`, the form torch.export takes."""
 
     def __init__(self, unet):
         super().__init__()
         self.unet = unet
 
-    def forward(self, sample, timestep, context):
-        return self.unet(sample, timestep, encoder_hidden_states=context, return_dict=False)[0]
+    def forward(self, sample, timestep, context, *added):
+        return self.unet(sample, timestep, encoder_hidden_states=context, return_dict=False,
+                         added_cond_kwargs=added_conditions(added))[0]
 
 
-def build_package(unet, path: Path, sample_shape: tuple, context_shape: tuple, batch: int) -> Path:
+def added_conditions(added: tuple) -> dict | None:
+    """SDXL's `added_cond_kwargs` from the (text_embeds, time_ids) inputs of a package (none: None)."""
+    return {"text_embeds": added[0], "time_ids": added[1]} if added else None
+
+
+def build_package(unet, path: Path, sample_shape: tuple, context_shape: tuple, batch: int,
+                  added: tuple | None = None) -> Path:
     """Export the UNet for these shapes and compile it with AOTInductor into `path` (atomically).
 
     Shapes are static: on the bundled model a package with a symbolic batch size ran at 18 ms
@@ -95,14 +105,16 @@ def build_package(unet, path: Path, sample_shape: tuple, context_shape: tuple, b
     options = dict(device=unet.device, dtype=unet.dtype)
     sample, timestep = torch.randn(batch, *sample_shape, **options), torch.tensor(500.0, device=unet.device)
     context = torch.randn(batch, *context_shape, **options)
+    extra = tuple(torch.randn(batch, width, **options) for width in added) if added else ()
     layers = text_attentions(unet)
     with torch.no_grad():
         if layers is None:
-            exported = torch.export.export(_Positional(unet).eval(), (sample, timestep, context))
+            exported = torch.export.export(_Positional(unet).eval(), (sample, timestep, context, *extra))
         else:
-            given = GivenText(unet, layers)
+            given = GivenText(unet, layers, added=bool(added))
             try:
-                exported = torch.export.export(given.eval(), (sample, timestep, *keys_values(layers, context)))
+                exported = torch.export.export(given.eval(), (sample, timestep, *keys_values(layers, context),
+                                                              *extra))
             finally:
                 given.restore()
     with atomic_path(path) as partial:
@@ -133,23 +145,27 @@ class AotUNet:
     Made by `CompiledUNet.runner_for`, once per pipeline call, after the weights were checked.
     """
 
-    def __init__(self, owner: "CompiledUNet", unet, sample_shape: tuple, context_shape: tuple):
-        self.owner, self.unet = owner, unet
+    def __init__(self, owner: "CompiledUNet", unet, sample_shape: tuple, context_shape: tuple,
+                 added: tuple | None = None):
+        self.owner, self.unet, self.added = owner, unet, added
         self.sample_shape, self.context_shape = tuple(sample_shape), tuple(context_shape)
         self._runs = {}  # batch -> package; the key is worth computing once per call, not per step
         self.layers = text_attentions(unet)  # None: the packages take the context itself
         self._text = None  # (context, its version, its keys and values): the same tensor at every step
 
-    def __call__(self, sample, timestep, encoder_hidden_states=None, return_dict=False, **kwargs):
+    def __call__(self, sample, timestep, encoder_hidden_states=None, return_dict=False, added_cond_kwargs=None,
+                 **kwargs):
         # Extra UNet inputs are not what was compiled; a package that could not be built is None.
-        extra = any(value is not None for value in kwargs.values())
+        extra = any(value is not None for value in kwargs.values()) or (added_cond_kwargs is None) != (not self.added)
         run = None if extra else self._package(sample.shape[0])
         if run is None:
             return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
-                             return_dict=return_dict, **kwargs)
+                             return_dict=return_dict, added_cond_kwargs=added_cond_kwargs, **kwargs)
         # The UNet casts the timestep to float32 for its embedding; casting here is the same number.
         t = torch.as_tensor(timestep, device=sample.device).to(torch.float32).reshape(())
-        return (run([sample.contiguous(), t, *self._text_inputs(encoder_hidden_states)])[0],)
+        added = [added_cond_kwargs["text_embeds"].contiguous(), added_cond_kwargs["time_ids"].contiguous()] \
+            if self.added else []
+        return (run([sample.contiguous(), t, *self._text_inputs(encoder_hidden_states), *added])[0],)
 
     def _text_inputs(self, context) -> list:
         """The package's text inputs: the context, or its keys and values, computed on the first step."""
@@ -162,7 +178,8 @@ class AotUNet:
     def _package(self, batch: int):
         """The package's flat entry point (a list of input tensors -> a list of outputs), or None."""
         if batch not in self._runs:
-            package = self.owner.package(self.unet, self.sample_shape, self.context_shape, batch, fall_back=True)
+            package = self.owner.package(self.unet, self.sample_shape, self.context_shape, batch, fall_back=True,
+                                         added=self.added)
             self._runs[batch] = None if package is None else flat_runner(package)
         return self._runs[batch]
 
@@ -186,8 +203,9 @@ class CompiledUNet:
         self._packages: dict[str, object] = {}  # key -> loaded AOTInductor runner
         self._in_process = None  # (unet, torch.compile'd unet) for the other modes
 
-    def runner_for(self, unet, sample_shape: tuple, context_shape: tuple):
-        """A callable with the UNet's signature for latents (C, h, w) and contexts (L, D).
+    def runner_for(self, unet, sample_shape: tuple, context_shape: tuple, added: tuple | None = None):
+        """A callable with the UNet's signature for latents (C, h, w) and contexts (L, D) (and, for SDXL,
+        added conditions of widths `added`: (P, T)).
 
         Called before each pipeline call: it notices new weights, a new device or dtype.
         """
@@ -196,12 +214,12 @@ class CompiledUNet:
                 self._in_process = (unet, torch.compile(unet, mode=self.mode, fullgraph=True))
             return self._in_process[1]
         self._refresh(unet)
-        return AotUNet(self, unet, sample_shape, context_shape)
+        return AotUNet(self, unet, sample_shape, context_shape, added)
 
-    def build(self, unet, sample_shape: tuple, context_shape: tuple, batch: int) -> None:
+    def build(self, unet, sample_shape: tuple, context_shape: tuple, batch: int, added: tuple | None = None) -> None:
         """Load or build the package for these inputs now ("aot" mode), so the first call does not wait."""
         self._refresh(unet)
-        self.package(unet, sample_shape, context_shape, batch)
+        self.package(unet, sample_shape, context_shape, batch, added=added)
 
     def _refresh(self, unet) -> None:
         """Digest the weights again when the cheap fingerprint says they changed."""
@@ -209,16 +227,17 @@ class CompiledUNet:
         if state != self._state:
             self._digest, self._state = weights_digest(unet), state
 
-    def package(self, unet, sample_shape: tuple, context_shape: tuple, batch: int, fall_back: bool = False):
+    def package(self, unet, sample_shape: tuple, context_shape: tuple, batch: int, fall_back: bool = False,
+                added: tuple | None = None):
         """The loaded package for these inputs: from memory, from the disk cache, or built now.
 
         With `fall_back`, a package that cannot be built (no C++ compiler, a UNet that torch.export
         does not take, a full disk) gives a warning and None, once: the caller runs the UNet eagerly.
         """
-        key = package_key(unet, self._digest, sample_shape, context_shape, batch)  # 0.05 ms, once per call
+        key = package_key(unet, self._digest, sample_shape, context_shape, batch, added)  # 0.05 ms, once per call
         if key not in self._packages:
             try:
-                self._packages[key] = self._load_or_build(unet, key, sample_shape, context_shape, batch)
+                self._packages[key] = self._load_or_build(unet, key, sample_shape, context_shape, batch, added)
             except Exception as error:
                 if not fall_back:
                     raise
@@ -227,13 +246,14 @@ class CompiledUNet:
                 self._packages[key] = None
         return self._packages[key]
 
-    def _load_or_build(self, unet, key: str, sample_shape: tuple, context_shape: tuple, batch: int):
+    def _load_or_build(self, unet, key: str, sample_shape: tuple, context_shape: tuple, batch: int,
+                       added: tuple | None):
         path = self.cache_dir / f"unet-{key}.pt2"
         if not path.is_file():
             self._say(f"compiling the UNet for latents {sample_shape}, batch {batch} "
                       f"(once per model, shape and machine; about a minute for small models) into {path}")
             start = time.perf_counter()
-            build_package(unet, path, sample_shape, context_shape, batch)
+            build_package(unet, path, sample_shape, context_shape, batch, added)
             self._say(f"compiled in {time.perf_counter() - start:.0f} s")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -251,12 +271,12 @@ def default_mode(device: torch.device) -> str:
 
 
 def compile_unet(unet, mode: str, cache_dir, verbose: bool, batch: int | None, height: int | None,
-                 width: int | None, factor: int, text_length: int) -> "CompiledUNet":
+                 width: int | None, factor: int, text_length: int, added: tuple | None = None) -> "CompiledUNet":
     """`LatentDiffusionPipeline.compile`'s work: a `CompiledUNet`, with the "aot" package for
     (height, width, batch) built now unless `batch` is None (the model's own size by default)."""
     compiled = CompiledUNet(mode, cache_dir, verbose)
     if mode == "aot" and batch is not None:
         side = unet.config.sample_size
         size = (unet.config.in_channels, height // factor if height else side, width // factor if width else side)
-        compiled.build(unet, size, (text_length, unet.config.cross_attention_dim), batch)
+        compiled.build(unet, size, (text_length, unet.config.cross_attention_dim), batch, added)
     return compiled

@@ -63,29 +63,33 @@ class GivenKeysValues:
 
 
 class GivenText(torch.nn.Module):
-    """The UNet as `(sample, timestep, key_1, value_1, key_2, ...) -> noise`, the form torch.export
-    takes when the text's keys and values come from outside.
+    """The UNet as `(sample, timestep, key_1, value_1, key_2, ...[, text_embeds, time_ids]) -> noise`, the
+    form torch.export takes when the text's keys and values come from outside (and, with `added`, SDXL's
+    added conditions).
 
     While it runs, its cross-attention layers use `GivenKeysValues` processors; `restore()` puts the
     UNet's own processors back (call it once the module has been exported).
     """
 
-    def __init__(self, unet, layers):
+    def __init__(self, unet, layers, added: bool = False):
         super().__init__()
-        self.unet, self.layers = unet, layers
+        self.unet, self.layers, self.added = unet, layers, added  # added: the last two inputs are SDXL's
         self.originals = [attn.processor for attn in layers]
         self.given = [GivenKeysValues() for _ in layers]
         for attn, processor in zip(layers, self.given):
             attn.set_processor(processor)
 
-    def forward(self, sample, timestep, *keys_values):
+    def forward(self, sample, timestep, *inputs):
+        keys_values, added = (inputs[:-2], inputs[-2:]) if self.added else (inputs, ())
         for index, processor in enumerate(self.given):
             processor.key, processor.value = keys_values[2 * index], keys_values[2 * index + 1]
         # The blocks hand the context to cross-attention only, which takes the given keys instead;
         # an empty one keeps the UNet's signature without carrying the text.
         batch = sample.shape[0]
         context = sample.new_zeros(batch, 0, self.layers[0].to_k.in_features)
-        return self.unet(sample, timestep, encoder_hidden_states=context, return_dict=False)[0]
+        added_cond_kwargs = {"text_embeds": added[0], "time_ids": added[1]} if added else None
+        return self.unet(sample, timestep, encoder_hidden_states=context, return_dict=False,
+                         added_cond_kwargs=added_cond_kwargs)[0]
 
     def restore(self) -> None:
         for attn, processor in zip(self.layers, self.originals):
