@@ -80,3 +80,33 @@ def test_bundled_model_draws_the_frozen_pixels():
 
 if __name__ == "__main__":  # regenerate FROZEN_SLICES (see above)
     print(np.array2string(bundled_slices(), precision=4, separator=", ", floatmode="fixed"))
+
+
+def test_the_shipped_lcm_lora_draws_in_one_step_and_diffusers_draws_the_same_pixels():
+    """Fast mode on the bundled model: its LCM-LoRA at 1 step, guidance 1, draws the prompts, and diffusers'
+    own LCM path (LCMScheduler + load_lora_weights of the shipped folder) draws the same pixels."""
+    import copy
+
+    import torch
+    from diffusers import LCMScheduler
+
+    pipe = LatentDiffusionPipeline.from_pretrained()
+    components = copy.deepcopy(pipe.components)
+    pipe.enable_fast()
+    assert (pipe.defaults["num_inference_steps"], pipe.defaults["guidance_scale"]) == (1, 1.0)
+    prompts = ["a red circle in the top left", "a small blue square in the center",
+               "a yellow triangle in the bottom right and a green circle in the top left"]
+    result = pipe(prompts, seed=0, progress=False)
+    assert result.steps_run == 1 and result.scheduler == "lcm" and result.recipes()[0].fast
+    verdicts = [judge(image, prompt) for image, prompt in zip(result.images, prompts)]
+    assert all(v.correct for v in verdicts), verdicts
+
+    theirs = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
+                                     requires_safety_checker=False)
+    theirs.scheduler = LCMScheduler.from_config(theirs.scheduler.config)
+    theirs.load_lora_weights(pipe.defaults["fast_lora"])
+    theirs.set_progress_bar_config(disable=True)
+    reference = theirs(prompts, generator=[torch.Generator().manual_seed(i) for i in range(3)],
+                       num_inference_steps=1, guidance_scale=1.0).images
+    for mine, their in zip(result.images, reference):
+        assert np.abs(np.asarray(mine, dtype=int) - np.asarray(their, dtype=int)).max() <= 1
