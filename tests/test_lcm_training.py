@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+from safetensors.torch import load_file
 import torch
 from diffusers import DDPMScheduler
 
@@ -65,6 +66,9 @@ def test_a_few_steps_give_a_lora_the_lcm_scheduler_draws_with(model, tmp_path):
     out = run_stage(path, tmp_path / "run", progress=False)
     assert (out / "pytorch_lora_weights.safetensors").is_file()
     assert json.loads((out / "training.json").read_text())["scheduler"] == "lcm"
+    keys = load_file(out / "pytorch_lora_weights.safetensors").keys()
+    for layer in ("attn2.to_k", "resnets.0.conv1", "resnets.0.time_emb_proj"):  # convolutions too: sharp 1-step
+        assert any(f".{layer}.lora" in key for key in keys), layer
     pipe = LatentDiffusionPipeline.from_pretrained(str(model)).set_scheduler("lcm")
     plain = pipe("a red circle", seed=0, num_inference_steps=2, guidance_scale=1.0, progress=False).images[0]
     pipe.load_lora_weights(out, adapter_name="lcm")

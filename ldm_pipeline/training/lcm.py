@@ -26,11 +26,16 @@ import torch
 from diffusers import DDPMScheduler
 
 from . import data
-from .lora import UNET_TARGETS, _adapter_config, check_targets, save_lora
+from .lora import _adapter_config, check_targets, save_lora
 from .loop import LoopConfig, train
 from .unet import denoising_batch, encode_captions, encode_dataset
 
 SIGMA_DATA = 0.5  # the boundary conditions' data scale
+# The layers the LoRA adapts: attention, feed-forward, every convolution and the time embedding's
+# projections (as LCM-LoRA does). Attention alone cannot sharpen a one-step image: the UNet's
+# full-resolution blocks have none (measured on the bundled model: 1-step shapes came out rounded).
+LCM_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+               "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
 TIMESTEP_SCALING = 10.0  # LCM's scaling of t in the boundary conditions, so that they switch near t = 0
 
 
@@ -44,6 +49,7 @@ class LcmConfig:
     image_size: int | None = None  # default: the UNet's sample size times the VAE factor
     rank: int = 16
     alpha: float | None = None
+    targets: list[str] | None = None  # the UNet layers the LoRA adapts (default LCM_TARGETS: those the UNet has)
     solver_steps: int = 50  # the DDIM grid (LCMScheduler's original_inference_steps)
     w_min: float = 1.0  # guidance scales the teacher is distilled at (w = 1: no guidance)
     w_max: float = 4.0
@@ -119,6 +125,13 @@ def lcm_loss(unet, scheduler: DDPMScheduler, latents, context, uncond, config: L
     return ((prediction.float() - target.float()) ** 2 + config.huber_c ** 2).sqrt().mean() - config.huber_c
 
 
+def present_targets(unet, targets: list[str]) -> list[str]:
+    """The targets that name some linear or convolution layer of `unet` (a UNet without, say, shortcut
+    convolutions adapts the rest)."""
+    names = [name for name, module in unet.named_modules() if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))]
+    return [t for t in targets if any(name == t or name.endswith("." + t) for name in names)]
+
+
 def train_lcm(config: LcmConfig, resume: bool = False, progress: bool = True) -> Path:
     """Distil, write the LoRA to `output_dir/lcm-lora`, and return that folder."""
     from ..pipeline import LatentDiffusionPipeline
@@ -126,7 +139,8 @@ def train_lcm(config: LcmConfig, resume: bool = False, progress: bool = True) ->
     dataset = data.open_dataset(config.data, length=config.dataset_size, seed=config.loop.seed)
     pipe = LatentDiffusionPipeline.from_pretrained(config.model, torch_dtype=torch.float32)
     unet, text_encoder, vae = pipe.unet, pipe.text_encoder, pipe.vae
-    check_targets(unet, UNET_TARGETS, "unet_targets")
+    targets = config.targets or present_targets(unet, LCM_TARGETS)
+    check_targets(unet, targets, "targets")
     for model in (unet, text_encoder, vae):
         model.requires_grad_(False).eval()
     size = config.image_size or unet.config.sample_size * pipe.vae_scale_factor
@@ -135,7 +149,7 @@ def train_lcm(config: LcmConfig, resume: bool = False, progress: bool = True) ->
     uncond = table[0][0:1]
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     torch.manual_seed(config.loop.seed)
-    unet.add_adapter(_adapter_config(config.rank, config.alpha, UNET_TARGETS))
+    unet.add_adapter(_adapter_config(config.rank, config.alpha, targets))
 
     def loss_fn(models, step, generator, rank, world):
         latents, context = denoising_batch(means, stds, vae.config.scaling_factor, captions, table, None,
@@ -147,5 +161,6 @@ def train_lcm(config: LcmConfig, resume: bool = False, progress: bool = True) ->
     out = save_lora(trained["unet"], None, Path(config.loop.output_dir) / "lcm-lora")
     (out / "training.json").write_text(json.dumps({
         "teacher": config.model or "bundled", "data": config.data, "rank": config.rank, "steps": config.loop.steps,
-        "solver_steps": config.solver_steps, "w": [config.w_min, config.w_max], "scheduler": "lcm"}, indent=2))
+        "solver_steps": config.solver_steps, "targets": targets, "w": [config.w_min, config.w_max],
+        "scheduler": "lcm"}, indent=2))
     return out
