@@ -75,14 +75,13 @@ def enable(pipe, lora=None) -> None:
     from ..sampling import schedulers
 
     source = _source(pipe, lora)
-    if pipe.fast_mode is not None:
-        if pipe.fast_mode.source == source:
-            return
-        disable(pipe)
+    if pipe.fast_mode is not None and pipe.fast_mode.source == source:
+        return
+    if ADAPTER in pipe.loras and pipe.fast_loaded != source:  # refused before anything changes
+        raise ValueError(f"`lora`: another fast LoRA ({pipe.fast_loaded}) is loaded; unload_lora_weights() first")
+    disable(pipe)
     if any(entry.fused for entry in pipe.loras.values()):
         raise ValueError("enable_fast: LoRA adapters are fused into the weights; unfuse_lora() first")
-    if ADAPTER in pipe.loras and pipe.fast_loaded != source:
-        raise ValueError(f"`lora`: another fast LoRA ({pipe.fast_loaded}) is loaded; unload_lora_weights() first")
     settings = lora_settings(source)
     scheduler = schedulers.make_scheduler(settings["scheduler"], pipe.scheduler.config)  # checks the name first
     acting = [name for name in pipe.active_loras if name != ADAPTER]
