@@ -101,6 +101,8 @@ class Runner:
                     self.pipe.controlnet = None
                 result = self.pipe(callback=callback, progress=False, preview=preview,
                                    preview_every=max(1, steps // PREVIEWS), **arguments)
+                if (self.pipe.fast_mode is None) != (mode is None):
+                    result.recipes()  # hashes these weights now: switching back changes them
             finally:
                 if mode is None:
                     self.pipe.disable_fast()
