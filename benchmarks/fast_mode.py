@@ -1,10 +1,10 @@
-"""Fast mode on the bundled model: what one image costs at 1 step with the LCM-LoRA, against 50 steps and the
-stored default, in one process, eager both; and the shipped LoRA's pixels against diffusers' LCM path.
+"""Fast mode on the bundled model: what one image costs at 1 and 2 steps with the LCM-LoRA, against 50 steps
+and the stored default, in one process, eager all; and the shipped LoRA's pixels against diffusers' LCM path.
 
     python benchmarks/fast_mode.py                 # 64x64, one image per call, 15 rounds
     python benchmarks/fast_mode.py --batch 16      # the README's first command's batch
 
-Rounds alternate the three calls (50 steps at the model's guidance, the stored default, fast mode), so
+Rounds alternate the calls (50 steps at the model's guidance, the stored default, fast mode at 1 and 2), so
 that drift of the machine hits all alike; medians and their ratios are printed. Target (issue 41): fast /
 50 steps <= 0.05.
 """
@@ -55,7 +55,8 @@ def main() -> None:
     calls = {
         "50 steps": lambda: base(prompts, seed=0, num_inference_steps=50, progress=False),
         f"default ({base.defaults['num_inference_steps']} steps)": lambda: base(prompts, seed=0, progress=False),
-        f"fast ({fast.defaults['num_inference_steps']} step)": lambda: fast(prompts, seed=0, progress=False),
+        "fast (1 step)": lambda: fast(prompts, seed=0, num_inference_steps=1, progress=False),
+        "fast (2 steps)": lambda: fast(prompts, seed=0, num_inference_steps=2, progress=False),
     }
     times = {name: [] for name in calls}
     for call in calls.values():
@@ -70,13 +71,15 @@ def main() -> None:
     report = {"batch": args.batch, "rounds": args.rounds, "threads": torch.get_num_threads(),
               "median_s": {k: round(v, 4) for k, v in medians.items()},
               "ratio_to_50_steps": {k: round(v / reference, 4) for k, v in medians.items()}}
-    for seed in (0, 1, 2):
-        ours = np.asarray(fast(PROMPT, seed=seed, progress=False).images[0], dtype=int)
-        theirs = diffusers_pixels(components, PROMPT, seed, fast.defaults["num_inference_steps"])
-        report.setdefault("max_uint8_diff_vs_diffusers", []).append(int(np.abs(ours - theirs).max()))
+    for steps in (1, 2):
+        for seed in (0, 1, 2):
+            ours = np.asarray(fast(PROMPT, seed=seed, num_inference_steps=steps, progress=False).images[0], dtype=int)
+            theirs = diffusers_pixels(components, PROMPT, seed, steps)
+            report.setdefault("max_uint8_diff_vs_diffusers", []).append(int(np.abs(ours - theirs).max()))
     for name in calls:
         print(f"{name:>24}: {medians[name] * 1000:8.1f} ms  ({medians[name] / reference:.4f} of 50 steps)")
-    print(f"fast mode vs diffusers' LCMScheduler + load_lora_weights, largest uint8 difference per seed: "
+    print(f"fast mode vs diffusers' LCMScheduler + load_lora_weights, largest uint8 difference (1 then 2 steps, "
+          f"seeds 0-2): "
           f"{report['max_uint8_diff_vs_diffusers']}")
     if args.out:
         args.out.write_text(json.dumps(report, indent=1) + "\n")
