@@ -262,7 +262,7 @@ def plot(results: list[dict], path: Path) -> None:
         return [r for r in bundled if all(r[k] == v for k, v in fixed.items())]
 
     axes_spec = [spec for spec in axes_spec if len({r[spec[0]] for r in chosen_for(spec[1])}) > 1]  # axes with data
-    figure = Figure(figsize=(4.4 * len(axes_spec), 3.8))
+    figure = Figure(figsize=(max(6.5, 4.4 * len(axes_spec)), 4.2))
     for index, (axis, fixed, label) in enumerate(axes_spec):
         ax = figure.add_subplot(1, len(axes_spec), index + 1)
         chosen = chosen_for(fixed)
@@ -270,10 +270,9 @@ def plot(results: list[dict], path: Path) -> None:
             rows = sorted((r for r in chosen if r.get("fast", False) == fast), key=lambda r: r[axis])
             if not rows:
                 continue
-            for key, style in (("diffusers", "s-"), ("ours_eager", "--"), ("ours_compiled", "-")):
+            for key, line in (("diffusers", ":"), ("ours_eager", "--"), ("ours_compiled", "-")):
                 what = key.replace("_", " ") + (", LCM-LoRA (guidance 1)" if fast else "")
-                ax.plot([r[axis] for r in rows], [r["median_s"][key] for r in rows],
-                        style if key == "diffusers" and not fast else marker + style, label=what)
+                ax.plot([r[axis] for r in rows], [r["median_s"][key] for r in rows], marker + line, label=what)
         if axis == "steps":
             ax.set_xscale("log")
             ax.set_yscale("log")
@@ -281,7 +280,7 @@ def plot(results: list[dict], path: Path) -> None:
         ax.set_ylabel("seconds per call")
         ax.grid(alpha=0.3)
     figure.axes[0].legend(fontsize=7)
-    figure.suptitle("bundled model, CPU: ldm_pipeline (eager and pipe.compile()) against diffusers")
+    figure.suptitle("bundled model, CPU: ldm_pipeline (eager and pipe.compile()) against diffusers", fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 
