@@ -83,7 +83,7 @@ def test_the_compiled_unet_is_asked_for_the_long_context(pipe):
     seen = []
 
     class Recorder:
-        def runner_for(self, unet, sample_shape, context_shape):
+        def runner_for(self, unet, sample_shape, context_shape, added=None):
             seen.append((tuple(sample_shape), tuple(context_shape)))
             return unet
 
