@@ -33,7 +33,7 @@ import torch
 
 from ..provenance.hashes import hash_state, weights_state
 from ..files import atomic_path
-from ..text.keys import GivenText, keys_values, text_attentions
+from ..text.keys import GivenText, cross_attentions, keys_values, text_attentions
 
 FORMAT = 3  # bump when the way packages are built changes, so that old ones are not reused
 MODES = ("aot", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -56,7 +56,7 @@ def weights_digest(module: torch.nn.Module) -> str:
 
 
 def package_key(unet, digest: str, sample_shape: tuple, context_shape: tuple, batch: int,
-                added: tuple | None = None) -> str:
+                added: tuple | None = None, keys: bool | None = None) -> str:
     """The name of the package for this UNet and these inputs.
 
     Args:
@@ -64,13 +64,15 @@ def package_key(unet, digest: str, sample_shape: tuple, context_shape: tuple, ba
         sample_shape: (C, h, w) of the latents; context_shape: (L, D) of the text embeddings.
         batch: the UNet's batch size (twice the images with classifier-free guidance).
         added: SDXL: (P, T), the widths of the pooled text embeds and time ids the UNet also takes.
+        keys: whether the package takes the text's keys and values (`text_attentions`; None: find out).
     """
+    keys = text_attentions(unet) is not None if keys is None else keys
     # diffusers' private config entries ("_use_default_values", "_name_or_path") say nothing of the
     # network, and one of them is a list in set order, which changes from process to process.
     config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_") or k == "_class_name"}
     weight = next(unet.parameters())  # diffusers' `unet.dtype` and `unet.device` walk every module
     parts = dict(format=FORMAT, weights=digest, config=config, sample=list(sample_shape),
-                 context=list(context_shape), text="keys" if text_attentions(unet) else "context", batch=batch,
+                 context=list(context_shape), text="keys" if keys else "context", batch=batch,
                  added=list(added) if added else None,
                  dtype=str(weight.dtype), device=weight.device.type,
                  torch=torch.__version__, cpu=torch.backends.cpu.get_cpu_capability())
@@ -150,7 +152,7 @@ class AotUNet:
         self.owner, self.unet, self.added = owner, unet, added
         self.sample_shape, self.context_shape = tuple(sample_shape), tuple(context_shape)
         self._runs = {}  # batch -> package; the key is worth computing once per call, not per step
-        self.layers = text_attentions(unet)  # None: the packages take the context itself
+        self.layers = owner.text_layers(unet)  # None: the packages take the context itself
         self._text = None  # (context, its version, its keys and values): the same tensor at every step
 
     def __call__(self, sample, timestep, encoder_hidden_states=None, return_dict=False, added_cond_kwargs=None,
@@ -202,6 +204,7 @@ class CompiledUNet:
         self._digest = None
         self._packages: dict[str, object] = {}  # key -> loaded AOTInductor runner
         self._in_process = None  # (unet, torch.compile'd unet) for the other modes
+        self._cross = None  # (weights_state, the UNet's cross-attention layers): one module walk per weights
 
     def runner_for(self, unet, sample_shape: tuple, context_shape: tuple, added: tuple | None = None):
         """A callable with the UNet's signature for latents (C, h, w) and contexts (L, D) (and, for SDXL,
@@ -221,6 +224,13 @@ class CompiledUNet:
         self._refresh(unet)
         self.package(unet, sample_shape, context_shape, batch, added=added)
 
+    def text_layers(self, unet) -> list | None:
+        """`text_attentions(unet)`, walking the modules again only when the weights' state changed (an
+        adapter's layers add weights); the layers' processors are checked every time (a cheap look)."""
+        if self._cross is None or self._cross[0] != self._state:
+            self._cross = (self._state, cross_attentions(unet))
+        return text_attentions(unet, self._cross[1])
+
     def _refresh(self, unet) -> None:
         """Digest the weights again when the cheap fingerprint says they changed."""
         state = weights_state(unet)
@@ -234,7 +244,8 @@ class CompiledUNet:
         With `fall_back`, a package that cannot be built (no C++ compiler, a UNet that torch.export
         does not take, a full disk) gives a warning and None, once: the caller runs the UNet eagerly.
         """
-        key = package_key(unet, self._digest, sample_shape, context_shape, batch, added)  # 0.05 ms, once per call
+        key = package_key(unet, self._digest, sample_shape, context_shape, batch, added,
+                          self.text_layers(unet) is not None)  # 0.05 ms, once per call
         if key not in self._packages:
             try:
                 self._packages[key] = self._load_or_build(unet, key, sample_shape, context_shape, batch, added)

@@ -28,11 +28,16 @@ def _plain(attn) -> bool:
             and type(attn.processor) in (AttnProcessor, AttnProcessor2_0))
 
 
-def text_attentions(unet) -> list | None:
-    """The UNet's cross-attention layers in module order, or None when one of them is not of the
-    plain form this module computes (or there are none)."""
+def cross_attentions(unet) -> list:
+    """The UNet's cross-attention layers in module order (a walk over every module)."""
     from diffusers.models.attention_processor import Attention
-    layers = [module for module in unet.modules() if isinstance(module, Attention) and module.is_cross_attention]
+    return [module for module in unet.modules() if isinstance(module, Attention) and module.is_cross_attention]
+
+
+def text_attentions(unet, layers: list | None = None) -> list | None:
+    """The UNet's cross-attention layers (`layers`, when already found), or None when one of them is not
+    of the plain form this module computes (or there are none)."""
+    layers = cross_attentions(unet) if layers is None else layers
     return layers if layers and all(_plain(attn) for attn in layers) else None
 
 
