@@ -12,6 +12,9 @@ one run's memory cannot leak into the next. What is measured:
 Configurations:
   vae-decode-1024[-tiled]         one 1024x1024 decode, untiled / pipe.enable_vae_tiling()
   vae-encode-1024[-tiled]         one 1024x1024 encode (image-to-image's first step)
+  sdxl-vae-decode-1024[-tiled[-512]]  the SDXL VAE's shape (configs/sdxl: the same decoder, sample_size 1024):
+                                  untiled / pipe.enable_vae_tiling() (tiles of sample_size, 1024 px: a
+                                  1024x1024 decode is one tile) / enable_vae_tiling(512); not in the default run
   vae-decode-512x4[-sliced]       a batch of four 512x512 decodes / pipe.enable_vae_slicing()
   unet-512x2[-attention-sliced]   one UNet call at 512x512 with guidance / enable_attention_slicing("max")
   call-64[-offload]               a whole one-step call (text encoder, UNet, VAE) with and without
@@ -23,6 +26,8 @@ Configurations:
     OMP_NUM_THREADS=1 python benchmarks/memory.py                 # all, CPU, into docs/benchmarks/memory.json
     python benchmarks/memory.py --only vae-decode-1024 vae-decode-1024-tiled
     python benchmarks/memory.py --device cuda --out docs/benchmarks/memory-cuda.json
+    OMP_NUM_THREADS=1 python benchmarks/memory.py --only sdxl-vae-decode-1024 sdxl-vae-decode-1024-tiled-512 \
+        --out docs/benchmarks/memory-sdxl.json
 """
 
 from __future__ import annotations
@@ -44,20 +49,28 @@ CONFIGS = ["vae-decode-1024", "vae-decode-1024-tiled", "vae-encode-1024", "vae-e
 PAIRS = [("vae-decode-1024", "vae-decode-1024-tiled"), ("vae-encode-1024", "vae-encode-1024-tiled"),
          ("vae-decode-512x4", "vae-decode-512x4-sliced"), ("unet-512x2", "unet-512x2-attention-sliced"),
          ("call-64", "call-64-offload")]
+SDXL_CONFIGS = ["sdxl-vae-decode-1024", "sdxl-vae-decode-1024-tiled", "sdxl-vae-decode-1024-tiled-512"]
+PAIRS += [("sdxl-vae-decode-1024", tiled) for tiled in SDXL_CONFIGS[1:]]
 
 
 def _kib(field: str) -> int:
     return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
 
 
-def _vae(device, dtype):
+def _vae(device, dtype, shape="sd15"):
     import torch
     from diffusers import AutoencoderKL
 
     from ldm_pipeline.loading.single_file import config_dir
 
     torch.manual_seed(0)
-    return AutoencoderKL.from_config(AutoencoderKL.load_config(config_dir("sd15") / "vae")).to(device, dtype).eval()
+    return AutoencoderKL.from_config(AutoencoderKL.load_config(config_dir(shape) / "vae")).to(device, dtype).eval()
+
+
+def _tiling(name: str) -> tuple[bool, int | None]:
+    """Whether a configuration tiles, and its tile size in pixels (None: the VAE's sample_size)."""
+    _, tiled, size = name.partition("-tiled")
+    return bool(tiled), int(size[1:]) if size else None
 
 
 def child(name: str, device: str, save: str | None) -> dict:
@@ -71,10 +84,12 @@ def child(name: str, device: str, save: str | None) -> dict:
     dtype = torch.float16 if device == "cuda" else torch.float32
     generator = torch.Generator().manual_seed(0)
     extra = {}
-    if name.startswith("vae-"):
-        vae = _vae(device, dtype)
-        if name.endswith("-tiled"):
-            memory.enable_vae_tiling(vae, None, 8)
+    if name.startswith(("vae-", "sdxl-vae-")):
+        vae = _vae(device, dtype, "sdxl" if name.startswith("sdxl-") else "sd15")
+        tiled, tile_size = _tiling(name)
+        if tiled:
+            memory.enable_vae_tiling(vae, tile_size, 8)
+            extra["tile_size"] = vae.tile_sample_min_size
         if name.endswith("-sliced"):
             memory.enable_vae_slicing(vae)
         if "encode" in name:
@@ -143,6 +158,8 @@ def child(name: str, device: str, save: str | None) -> dict:
     if device == "cuda":
         result.update(cuda_before_bytes=before_device, cuda_peak_bytes=torch.cuda.max_memory_allocated(),
                       work_peak_bytes=torch.cuda.max_memory_allocated() - before_device)
+    if "tile_size" in extra:
+        result["tile_size"] = extra["tile_size"]
     if "held" in extra:
         result["weights_on_device_peak_bytes"] = extra["held"]["peak"]
         result["model_bytes"] = extra["model_bytes"]
@@ -163,7 +180,7 @@ def run(name: str, device: str, save: str | None) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--only", nargs="+", choices=CONFIGS, default=CONFIGS)
+    parser.add_argument("--only", nargs="+", choices=CONFIGS + SDXL_CONFIGS, default=CONFIGS)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "memory.json")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--save", default=None, help=argparse.SUPPRESS)
