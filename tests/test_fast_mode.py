@@ -86,6 +86,10 @@ def test_a_lora_without_settings_gets_lcm_advice_and_a_model_without_one_is_a_cl
     assert not pipe.fast and pipe.lora_info() == [] and pipe.defaults["num_inference_steps"] == 50
     with pytest.raises(TypeError, match="`lora`: got int"):
         pipe.enable_fast(3)
+    pipe.load_lora_weights(lora, adapter_name="fast")  # a name fast mode uses, taken by hand
+    with pytest.raises(ValueError, match="`lora`: an adapter named 'fast' is loaded .by load_lora_weights."):
+        pipe.enable_fast(lora)
+    assert not pipe.fast and pipe.get_active_adapters() == ["fast"]  # nothing changed
 
 
 def test_enable_fast_keeps_other_adapters_acting(pipe, components, tmp_path):

@@ -78,7 +78,8 @@ def enable(pipe, lora=None) -> None:
     if pipe.fast_mode is not None and pipe.fast_mode.source == source:
         return
     if ADAPTER in pipe.loras and pipe.fast_loaded != source:  # refused before anything changes
-        raise ValueError(f"`lora`: another fast LoRA ({pipe.fast_loaded}) is loaded; unload_lora_weights() first")
+        raise ValueError(f"`lora`: an adapter named {ADAPTER!r} is loaded ({pipe.fast_loaded or 'by load_lora_weights'}),"
+                         f" not {source!r}; unload_lora_weights() first")
     disable(pipe)
     if any(entry.fused for entry in pipe.loras.values()):
         raise ValueError("enable_fast: LoRA adapters are fused into the weights; unfuse_lora() first")
