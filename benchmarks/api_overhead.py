@@ -63,7 +63,8 @@ def start_server(pipe):
 
     Returns (url, server); set `server.should_exit = True` to stop it.
     """
-    from ldm_pipeline.apps.api import build_api, serve_in_thread
+    from ldm_pipeline.apps.api import build_api
+    from ldm_pipeline.apps.api_serve import serve_in_thread
     from ldm_pipeline.apps.api_config import ApiConfig
     from ldm_pipeline.apps.runner import Runner
 

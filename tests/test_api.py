@@ -21,7 +21,8 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from ldm_pipeline import LatentDiffusionPipeline, read_recipe  # noqa: E402
 from ldm_pipeline.apps import cli  # noqa: E402
-from ldm_pipeline.apps.api import build_api, make_app, serve_in_thread  # noqa: E402
+from ldm_pipeline.apps.api import build_api  # noqa: E402
+from ldm_pipeline.apps.api_serve import make_app, serve_in_thread  # noqa: E402
 from ldm_pipeline.apps.api_config import ApiConfig, Limits, parse_auth  # noqa: E402
 from ldm_pipeline.apps.runner import Runner  # noqa: E402
 from ldm_pipeline.masks import soft  # noqa: E402
@@ -418,7 +419,7 @@ def test_lists_of_samplers_schedulers_and_embeddings(client):
 
 
 def test_ldm_serve_flags(model, monkeypatch, tmp_path):
-    import ldm_pipeline.apps.api as api
+    import ldm_pipeline.apps.api_serve as api
 
     served = {}
     monkeypatch.setattr(api, "serve", lambda pipe, **kwargs: served.update(kwargs, pipe=pipe))

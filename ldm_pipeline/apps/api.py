@@ -17,7 +17,6 @@ import collections
 import dataclasses
 import re
 import secrets
-import signal
 import threading
 import time
 import uuid
@@ -354,55 +353,3 @@ def build_api(runner: Runner, config: ApiConfig | None = None, app: FastAPI | No
         return {"module_list": list(api_calls.CONTROL_MODULES)}
 
     return app
-
-
-def make_app(pipe, config: ApiConfig | None = None, webui: bool = True) -> FastAPI:
-    """The API over `pipe`, with the web page mounted at / (webui=True: needs gradio) sharing its runner."""
-    if not webui:
-        return build_api(Runner(pipe), config)
-    import gradio as gr
-
-    from .web import build_app
-
-    demo = build_app(pipe)
-    return gr.mount_gradio_app(build_api(demo.ldm_runner, config), demo, path="/")
-
-
-def serve(pipe, host: str = "127.0.0.1", port: int = 7860, config: ApiConfig | None = None,
-          webui: bool = True) -> None:
-    """Serve `make_app(pipe, config, webui)` with uvicorn until interrupted (what `ldm serve --api` runs).
-
-    A plain `kill` (SIGTERM) stops it as Ctrl-C does: uvicorn shuts down, then the process ends normally
-    and removes the page's temporary folders.
-    """
-    import uvicorn
-
-    app = make_app(pipe, config, webui)
-    signal.signal(signal.SIGTERM, _interrupt)  # uvicorn raises the signal again once it has shut down
-    try:
-        uvicorn.run(app, host=host, port=port)
-    except KeyboardInterrupt:
-        pass
-
-
-def serve_in_thread(app, port: int, host: str = "127.0.0.1", timeout: float = 60.0):
-    """Serve `app` with uvicorn on a daemon thread of this process, once it listens (tests, benchmarks).
-
-    Returns the `uvicorn.Server`; set its `should_exit = True` to stop it. Raises a RuntimeError when it
-    is not listening within `timeout` seconds.
-    """
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + timeout
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError(f"serve_in_thread: the server did not start on {host}:{port} within {timeout} s")
-        time.sleep(0.05)
-    return server
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt

@@ -182,7 +182,7 @@ def serve(args: argparse.Namespace) -> None:
     if config is None:
         return serve_page(load(), host=host, port=args.port)
     try:
-        from .api import serve as serve_api
+        from .api_serve import serve as serve_api
     except ImportError as error:
         raise ValueError(f"serve --api: needs FastAPI and uvicorn ({error}); pip install 'ldm-pipeline[api]'") from None
     if host != "127.0.0.1" and not config.auth:

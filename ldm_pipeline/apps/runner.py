@@ -7,6 +7,7 @@ Imports neither gradio nor fastapi.
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -120,3 +121,13 @@ class Runner:
         with self.lock:
             self.pipe = load()
             return self.pipe
+
+
+def stop_on_sigterm() -> None:
+    """Make a plain `kill` (SIGTERM) stop a server as Ctrl-C does, so that it shuts down and the process
+    removes its temporary folders (`ldm serve`, with or without the API)."""
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt

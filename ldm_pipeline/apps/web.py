@@ -12,7 +12,6 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
-import signal
 import sys
 import tempfile
 from collections import deque
@@ -40,7 +39,7 @@ from ..sampling.schedulers import SCHEDULERS  # noqa: E402
 from ..settings import default  # noqa: E402
 from .web_control import (NO_CONTROLNET, control_arguments, control_controls, followed_picture,  # noqa: E402
                           drawn as _drawn, hires_arguments, hires_controls, whole as _whole)
-from .runner import Runner  # noqa: E402
+from .runner import Runner, stop_on_sigterm  # noqa: E402
 from .web_inpaint import inpaint_controls, picture_and_mask  # noqa: E402
 
 MODEL_SCHEDULER = "model default"  # the scheduler the pipeline already has
@@ -350,10 +349,5 @@ def build_app(pipe, title: str = "ldm-pipeline") -> gr.Blocks:
 
 def serve(pipe, host: str = "127.0.0.1", port: int = 7860, **launch) -> None:
     """Serve `build_app(pipe)` until interrupted (what `ldm serve` runs)."""
-    # a plain `kill` (SIGTERM) stops the server as Ctrl-C does, so the temporary folders are removed
-    signal.signal(signal.SIGTERM, _interrupt)
+    stop_on_sigterm()
     build_app(pipe).launch(server_name=host, server_port=port, show_error=True, **launch)
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
