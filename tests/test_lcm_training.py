@@ -10,7 +10,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from ldm_pipeline import LatentDiffusionPipeline
-from ldm_pipeline.training.lcm import LcmConfig, boundary, lcm_loss, x0_and_noise
+from ldm_pipeline.training.lcm import LcmConfig, boundary, lcm_loss, teacher_solve, x0_and_noise
 from ldm_pipeline.training.loop import LoopConfig
 from ldm_pipeline.training.plan import read_stage, run_stage
 
@@ -55,6 +55,57 @@ def test_the_teacher_is_the_frozen_model_and_only_the_lora_learns(pipe):
     assert all(torch.equal(base[k], v) for k, v in before.items())
 
 
+def test_the_one_step_target_is_the_teachers_own_ddim_image(pipe):
+    """teacher_solve is guided DDIM on the grid 999, 749, 499, 249 down to x_0: the pipeline with DDIM's
+    trailing spacing draws the same latents from the same noise."""
+    from diffusers import DDIMScheduler
+
+    alpha_bars = DDPMScheduler.from_config(pipe.scheduler.config).alphas_cumprod
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    prompts = ["a red circle", "a blue square"]
+    context, uncond = pipe.encode_prompt(prompts), pipe.encode_prompt([""])
+    got = teacher_solve(pipe.unet, noise, context, uncond, torch.tensor(2.5), alpha_bars, "epsilon", 4)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing",
+                                               set_alpha_to_one=True)
+    want = pipe(prompts, latents=noise, num_inference_steps=4, guidance_scale=2.5, output_type="latent",
+                progress=False).images
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_the_one_step_term_pulls_the_one_step_estimate_to_the_teachers_image(pipe):
+    from ldm_pipeline.training.lora import _adapter_config
+
+    unet = pipe.unet
+    unet.add_adapter(_adapter_config(4, 4, ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]))
+    unet.requires_grad_(False)
+    params = [p for n, p in unet.named_parameters() if "lora_" in n]
+    for parameter in params:
+        parameter.requires_grad_(True)
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    loop = LoopConfig(output_dir="unused", steps=1, batch_size=2)
+    latents, context = torch.zeros(2, 4, 8, 8), torch.randn(2, 77, 32)
+    uncond = torch.zeros(1, 77, 32)
+    plain, both = (LcmConfig(loop=loop, solver_steps=4, one_step_weight=weight, one_step_batch=2)
+                   for weight in (0.0, 1.0))
+    loss = {}
+    for name, config in (("plain", plain), ("both", both)):
+        loss[name] = lcm_loss(unet, scheduler, latents, context, uncond, config, torch.Generator().manual_seed(0))
+    assert loss["both"] > loss["plain"]  # the same consistency draw, plus a positive one-step distance
+
+    def gap():  # the one-step term alone, on the noise that seed 1 draws
+        with torch.no_grad():
+            return (lcm_loss(unet, scheduler, latents, context, uncond, both, torch.Generator().manual_seed(1))
+                    - lcm_loss(unet, scheduler, latents, context, uncond, plain, torch.Generator().manual_seed(1)))
+
+    before = gap()
+    optimizer = torch.optim.Adam(params, lr=3e-3)
+    for _ in range(30):
+        optimizer.zero_grad()
+        lcm_loss(unet, scheduler, latents, context, uncond, both, torch.Generator().manual_seed(1)).backward()
+        optimizer.step()
+    assert gap() < 0.7 * before
+
+
 def test_a_few_steps_give_a_lora_the_lcm_scheduler_draws_with(model, tmp_path):
     config = {"stage": "lcm", "model": str(model), "data": "shapes", "rank": 4, "solver_steps": 10,
               "dataset_size": 16, "loop": {"output_dir": "{run}/lcm", "steps": 3, "batch_size": 4,
@@ -82,3 +133,7 @@ def test_bad_settings_are_named():
         LcmConfig(loop=loop, w_min=3, w_max=2)
     with pytest.raises(ValueError, match=r"`solver_steps`: got 0"):
         LcmConfig(loop=loop, solver_steps=0)
+    with pytest.raises(ValueError, match=r"`one_step_weight`: got -1"):
+        LcmConfig(loop=loop, one_step_weight=-1)
+    with pytest.raises(ValueError, match=r"`one_step_batch`: got 0"):
+        LcmConfig(loop=loop, one_step_batch=0)

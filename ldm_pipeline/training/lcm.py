@@ -12,6 +12,13 @@ train. Each step, for clean latents x_0 of a captioned image:
    (x_{t-k}, t-k): the target (a stop-gradient target network, as in LCM-LoRA);
 4. the loss is the pseudo-Huber distance between the two.
 
+Optionally (`one_step_weight` > 0), a one-step term: for `one_step_batch` of the captions, pure noise at
+the last grid point is taken by the teacher's own DDIM solve along the whole grid (`solver_steps` guided
+steps, deterministic) to an image, and the student's single estimate f(noise, T) learns that image. The
+consistency loss alone reaches the one-step estimate only through every grid point, and its errors
+add up there (the bundled model's 1-step shapes came out with soft edges); this term asks for the
+image the 1-step sampler must draw.
+
 The result is a LoRA folder in diffusers' format that `pipe.load_lora_weights` and diffusers read;
 it draws with the `lcm` scheduler in 1 to 8 steps at guidance 1.
 """
@@ -54,6 +61,8 @@ class LcmConfig:
     w_min: float = 1.0  # guidance scales the teacher is distilled at (w = 1: no guidance)
     w_max: float = 4.0
     huber_c: float = 0.001
+    one_step_weight: float = 0.0  # weight of the one-step term (0: consistency distillation alone)
+    one_step_batch: int = 8  # captions per step that train the one-step term
     dataset_size: int = 20_000  # shapes scenes encoded once (ignored for a folder)
 
     def __post_init__(self):
@@ -66,6 +75,10 @@ class LcmConfig:
             raise ValueError(f"`rank`: got {self.rank!r}; expected an integer >= 1")
         if not isinstance(self.huber_c, (int, float)) or self.huber_c <= 0:
             raise ValueError(f"`huber_c`: got {self.huber_c!r}; expected a number > 0")
+        if not isinstance(self.one_step_weight, (int, float)) or self.one_step_weight < 0:
+            raise ValueError(f"`one_step_weight`: got {self.one_step_weight!r}; expected a number >= 0")
+        if not isinstance(self.one_step_batch, int) or isinstance(self.one_step_batch, bool) or self.one_step_batch < 1:
+            raise ValueError(f"`one_step_batch`: got {self.one_step_batch!r}; expected an integer >= 1")
 
 
 def boundary(timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,9 +108,51 @@ def consistency(unet, sample, timesteps, context, alpha_bars, kind):
     return c_skip * sample + c_out * x0
 
 
+def guided(unet, sample, t, context, uncond, w, alpha_bars, kind):
+    """The teacher's (adapters off) x_0 and noise at (sample, t) with classifier-free guidance at scale w."""
+    batch = sample.shape[0]
+    adapted = bool(getattr(unet, "peft_config", None))
+    if adapted:
+        unet.disable_adapters()  # the teacher: the frozen model itself
+    try:
+        outputs = unet(torch.cat([sample, sample]), torch.cat([t, t]),
+                       encoder_hidden_states=torch.cat([uncond.expand_as(context), context])).sample
+    finally:
+        if adapted:
+            unet.enable_adapters()
+    a_t = alpha_bars[t].view(-1, 1, 1, 1)
+    x0_u, eps_u = x0_and_noise(outputs[:batch], sample, a_t, kind)
+    x0_c, eps_c = x0_and_noise(outputs[batch:], sample, a_t, kind)
+    return x0_u + w * (x0_c - x0_u), eps_u + w * (eps_c - eps_u)
+
+
+def ddim_step(x0, eps, alpha_bar_prev):
+    """One DDIM step to the timestep whose cumulative alpha is `alpha_bar_prev`."""
+    return alpha_bar_prev.sqrt() * x0 + (1 - alpha_bar_prev).sqrt() * eps
+
+
+@torch.no_grad()
+def teacher_solve(unet, noise, context, uncond, w, alpha_bars, kind, solver_steps: int) -> torch.Tensor:
+    """The teacher's deterministic DDIM image from `noise` at the last grid point, down the whole grid
+    (t = T, T - k, ..., k - 1): the x_0 estimate at the grid's first point."""
+    k = len(alpha_bars) // solver_steps
+    sample = noise
+    for n in reversed(range(solver_steps)):
+        t = torch.full((noise.shape[0],), (n + 1) * k - 1, dtype=torch.long)
+        x0, eps = guided(unet, sample, t, context, uncond, w, alpha_bars, kind)
+        if n:
+            sample = ddim_step(x0, eps, alpha_bars[t - k].view(-1, 1, 1, 1))
+    return x0
+
+
+def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
+    return ((a.float() - b.float()) ** 2 + c ** 2).sqrt().mean() - c
+
+
 def lcm_loss(unet, scheduler: DDPMScheduler, latents, context, uncond, config: LcmConfig,
              generator: torch.Generator) -> torch.Tensor:
-    """One latent-consistency-distillation loss on (B, C, h, w) latents and their (B, L, D) contexts."""
+    """One latent-consistency-distillation loss on (B, C, h, w) latents and their (B, L, D) contexts
+    (plus the one-step term when `config.one_step_weight` > 0)."""
     batch = latents.shape[0]
     k = scheduler.config.num_train_timesteps // config.solver_steps
     index = torch.randint(0, config.solver_steps, (batch,), generator=generator)
@@ -110,19 +165,18 @@ def lcm_loss(unet, scheduler: DDPMScheduler, latents, context, uncond, config: L
     w = config.w_min + (config.w_max - config.w_min) * torch.rand(batch, generator=generator).view(-1, 1, 1, 1)
     prediction = consistency(unet, noisy, t, context, alpha_bars, kind)
     with torch.no_grad():
-        unet.disable_adapters()  # the teacher: the frozen model itself
-        outputs = unet(torch.cat([noisy, noisy]), torch.cat([t, t]),
-                       encoder_hidden_states=torch.cat([uncond.expand_as(context), context])).sample
-        unet.enable_adapters()
-        a_t = alpha_bars[t].view(-1, 1, 1, 1)
-        x0_u, eps_u = x0_and_noise(outputs[:batch], noisy, a_t, kind)
-        x0_c, eps_c = x0_and_noise(outputs[batch:], noisy, a_t, kind)
-        x0 = x0_u + w * (x0_c - x0_u)
-        eps = eps_u + w * (eps_c - eps_u)
-        a_prev = alpha_bars[t_prev].view(-1, 1, 1, 1)
-        previous = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps  # one DDIM step, t -> t - k
+        x0, eps = guided(unet, noisy, t, context, uncond, w, alpha_bars, kind)
+        previous = ddim_step(x0, eps, alpha_bars[t_prev].view(-1, 1, 1, 1))  # the skipping step, t -> t - k
         target = consistency(unet, previous, t_prev, context, alpha_bars, kind)
-    return ((prediction.float() - target.float()) ** 2 + config.huber_c ** 2).sqrt().mean() - config.huber_c
+    loss = pseudo_huber(prediction, target, config.huber_c)
+    if config.one_step_weight > 0:
+        m = min(config.one_step_batch, batch)
+        start = torch.randn((m, *latents.shape[1:]), generator=generator)
+        last = torch.full((m,), config.solver_steps * k - 1, dtype=torch.long)
+        image = teacher_solve(unet, start, context[:m], uncond, w[:m], alpha_bars, kind, config.solver_steps)
+        one_step = consistency(unet, start, last, context[:m], alpha_bars, kind)
+        loss = loss + config.one_step_weight * pseudo_huber(one_step, image, config.huber_c)
+    return loss
 
 
 def present_targets(unet, targets: list[str]) -> list[str]:
@@ -161,6 +215,7 @@ def train_lcm(config: LcmConfig, resume: bool = False, progress: bool = True) ->
     out = save_lora(trained["unet"], None, Path(config.loop.output_dir) / "lcm-lora")
     (out / "training.json").write_text(json.dumps({
         "teacher": config.model or "bundled", "data": config.data, "rank": config.rank, "steps": config.loop.steps,
-        "solver_steps": config.solver_steps, "targets": targets, "w": [config.w_min, config.w_max],
+        "solver_steps": config.solver_steps, "one_step_weight": config.one_step_weight, "targets": targets,
+        "w": [config.w_min, config.w_max],
         "scheduler": "lcm"}, indent=2))
     return out
