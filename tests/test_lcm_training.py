@@ -127,6 +127,30 @@ def test_a_few_steps_give_a_lora_the_lcm_scheduler_draws_with(model, tmp_path):
     assert fast.size == plain.size and not np.array_equal(np.asarray(fast), np.asarray(plain))
 
 
+def test_a_distillation_can_start_from_a_lora_it_wrote(pipe, tmp_path):
+    from ldm_pipeline.training.lcm import start_from
+    from ldm_pipeline.training.lora import _adapter_config, save_lora
+
+    targets = ["to_q", "to_k", "conv1"]
+    pipe.unet.add_adapter(_adapter_config(4, 4, targets))
+    for name, parameter in pipe.unet.named_parameters():
+        if "lora_" in name:
+            parameter.data.normal_()
+    written = {k: v.clone() for k, v in pipe.unet.state_dict().items() if "lora_" in k}
+    save_lora(pipe.unet, None, tmp_path / "first")
+    fresh = type(pipe.unet).from_config(pipe.unet.config)
+    fresh.add_adapter(_adapter_config(4, 4, targets))
+    start_from(fresh, tmp_path / "first")
+    loaded = {k: v for k, v in fresh.state_dict().items() if "lora_" in k}
+    assert loaded.keys() == written.keys() and all(torch.equal(loaded[k], written[k]) for k in written)
+    other = type(pipe.unet).from_config(pipe.unet.config)
+    other.add_adapter(_adapter_config(8, 8, targets))
+    with pytest.raises(ValueError, match="`init_lora`: .* does not fit this adapter"):
+        start_from(other, tmp_path / "first")
+    with pytest.raises(FileNotFoundError, match="`init_lora`"):
+        start_from(other, tmp_path / "none")
+
+
 def test_bad_settings_are_named():
     loop = LoopConfig(output_dir="unused", steps=1)
     with pytest.raises(ValueError, match=r"`w_min`, `w_max`: got 3, 2"):

@@ -63,6 +63,7 @@ class LcmConfig:
     huber_c: float = 0.001
     one_step_weight: float = 0.0  # weight of the one-step term (0: consistency distillation alone)
     one_step_batch: int = 8  # captions per step that train the one-step term
+    init_lora: str | None = None  # start from this LoRA (a folder or .safetensors written by this stage)
     dataset_size: int = 20_000  # shapes scenes encoded once (ignored for a folder)
 
     def __post_init__(self):
@@ -186,6 +187,29 @@ def present_targets(unet, targets: list[str]) -> list[str]:
     return [t for t in targets if any(name == t or name.endswith("." + t) for name in names)]
 
 
+def start_from(unet, lora: str | Path) -> None:
+    """Load a LoRA this stage wrote (same rank and targets) into `unet`'s adapter, before training on."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = Path(lora)
+    if path.is_dir():
+        path = path / "pytorch_lora_weights.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"`init_lora`: {str(lora)!r} has no pytorch_lora_weights.safetensors; expected a "
+                                "LoRA folder or file written by the lcm stage")
+    state = {k.removeprefix("unet."): v for k, v in load_file(path).items() if k.startswith("unet.")}
+    adapter = sum(1 for name, _ in unet.named_parameters() if "lora_" in name)
+    try:
+        result = set_peft_model_state_dict(unet, state, adapter_name="default")
+    except RuntimeError as error:  # shapes that differ: another rank
+        raise ValueError(f"`init_lora`: {str(lora)!r} does not fit this adapter ({error}); expected the "
+                         "same rank and targets") from None
+    if result.unexpected_keys or len(state) != adapter:
+        raise ValueError(f"`init_lora`: {str(lora)!r} has {len(state)} LoRA tensors for an adapter of {adapter} "
+                         f"(unexpected: {list(result.unexpected_keys)[:3]}); expected the same rank and targets")
+
+
 def train_lcm(config: LcmConfig, resume: bool = False, progress: bool = True) -> Path:
     """Distil, write the LoRA to `output_dir/lcm-lora`, and return that folder."""
     from ..pipeline import LatentDiffusionPipeline
@@ -204,6 +228,8 @@ def train_lcm(config: LcmConfig, resume: bool = False, progress: bool = True) ->
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     torch.manual_seed(config.loop.seed)
     unet.add_adapter(_adapter_config(config.rank, config.alpha, targets))
+    if config.init_lora:
+        start_from(unet, config.init_lora)
 
     def loss_fn(models, step, generator, rank, world):
         latents, context = denoising_batch(means, stds, vae.config.scaling_factor, captions, table, None,
