@@ -127,6 +127,26 @@ def test_a_few_steps_give_a_lora_the_lcm_scheduler_draws_with(model, tmp_path):
     assert fast.size == plain.size and not np.array_equal(np.asarray(fast), np.asarray(plain))
 
 
+def test_the_one_step_distance_can_be_taken_after_decoding(pipe):
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    loop = LoopConfig(output_dir="unused", steps=1, batch_size=2)
+    latents, context, uncond = torch.zeros(2, 4, 8, 8), torch.randn(2, 77, 32), torch.zeros(1, 77, 32)
+    plain, both = (LcmConfig(loop=loop, solver_steps=4, one_step_weight=weight) for weight in (0.0, 1.0))
+
+    def term(decode):
+        run = (lcm_loss(pipe.unet, scheduler, latents, context, uncond, config, torch.Generator().manual_seed(0),
+                        decode) for config in (both, plain))
+        return next(run) - next(run)
+
+    latent = term(None)
+    assert torch.allclose(term(lambda z: 3 * z), 3 * latent, rtol=1e-3)  # the distance of what decode gives
+    decoded = []
+    term(lambda z: decoded.append(z.requires_grad) or pipe.vae.decode(z).sample)
+    assert decoded == [False, True]  # the teacher's image without gradient, the student's with
+    with pytest.raises(ValueError, match="`one_step_space`: got 'rgb'"):
+        LcmConfig(loop=loop, one_step_space="rgb")
+
+
 def test_a_distillation_can_start_from_a_lora_it_wrote(pipe, tmp_path):
     from ldm_pipeline.training.lcm import start_from
     from ldm_pipeline.training.lora import _adapter_config, save_lora

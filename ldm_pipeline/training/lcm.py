@@ -63,6 +63,7 @@ class LcmConfig:
     huber_c: float = 0.001
     one_step_weight: float = 0.0  # weight of the one-step term (0: consistency distillation alone)
     one_step_batch: int = 8  # captions per step that train the one-step term
+    one_step_space: str = "latent"  # where the one-step distance is taken: "latent" or "pixel" (VAE-decoded)
     init_lora: str | None = None  # start from this LoRA (a folder or .safetensors written by this stage)
     dataset_size: int = 20_000  # shapes scenes encoded once (ignored for a folder)
 
@@ -80,6 +81,8 @@ class LcmConfig:
             raise ValueError(f"`one_step_weight`: got {self.one_step_weight!r}; expected a number >= 0")
         if not isinstance(self.one_step_batch, int) or isinstance(self.one_step_batch, bool) or self.one_step_batch < 1:
             raise ValueError(f"`one_step_batch`: got {self.one_step_batch!r}; expected an integer >= 1")
+        if self.one_step_space not in ("latent", "pixel"):
+            raise ValueError(f"`one_step_space`: got {self.one_step_space!r}; expected 'latent' or 'pixel'")
 
 
 def boundary(timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,9 +154,10 @@ def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
 
 
 def lcm_loss(unet, scheduler: DDPMScheduler, latents, context, uncond, config: LcmConfig,
-             generator: torch.Generator) -> torch.Tensor:
+             generator: torch.Generator, decode=None) -> torch.Tensor:
     """One latent-consistency-distillation loss on (B, C, h, w) latents and their (B, L, D) contexts
-    (plus the one-step term when `config.one_step_weight` > 0)."""
+    (plus the one-step term when `config.one_step_weight` > 0; `decode`, latents -> pixels, takes its
+    distance in pixels)."""
     batch = latents.shape[0]
     k = scheduler.config.num_train_timesteps // config.solver_steps
     index = torch.randint(0, config.solver_steps, (batch,), generator=generator)
@@ -176,6 +180,10 @@ def lcm_loss(unet, scheduler: DDPMScheduler, latents, context, uncond, config: L
         last = torch.full((m,), config.solver_steps * k - 1, dtype=torch.long)
         image = teacher_solve(unet, start, context[:m], uncond, w[:m], alpha_bars, kind, config.solver_steps)
         one_step = consistency(unet, start, last, context[:m], alpha_bars, kind)
+        if decode is not None:
+            with torch.no_grad():
+                image = decode(image)
+            one_step = decode(one_step)
         loss = loss + config.one_step_weight * pseudo_huber(one_step, image, config.huber_c)
     return loss
 
@@ -231,10 +239,15 @@ def train_lcm(config: LcmConfig, resume: bool = False, progress: bool = True) ->
     if config.init_lora:
         start_from(unet, config.init_lora)
 
+    def decode(latents):  # the frozen decoder; gradients flow to the student's latents
+        return vae.decode(latents / vae.config.scaling_factor).sample
+
+    decode = decode if config.one_step_space == "pixel" else None
+
     def loss_fn(models, step, generator, rank, world):
         latents, context = denoising_batch(means, stds, vae.config.scaling_factor, captions, table, None,
                                            config.loop, 0.0, step, generator, rank, world)
-        return lcm_loss(models["unet"], scheduler, latents, context, uncond, config, generator), {}
+        return lcm_loss(models["unet"], scheduler, latents, context, uncond, config, generator, decode), {}
 
     trained = train(config.loop, {"unet": unet}, loss_fn, resume=resume, progress=progress, name="lcm",
                     trainable_only=True)
