@@ -20,7 +20,6 @@ Run it on a quiet machine: the compile takes minutes on 2 cores (cached afterwar
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -32,29 +31,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 PROMPT = "a photograph of an astronaut riding a horse on the moon, detailed, 8k"
-
-
-def components(channels: list[int], seed: int = 0) -> dict:
-    """SDXL 1.0's components (configs/sdxl) with random weights, the UNet's levels `channels` wide."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    from ldm_pipeline.loading.single_file import bundled_clip_tokenizer
-
-    folder = ROOT / "configs" / "sdxl"
-    config = UNet2DConditionModel.load_config(folder / "unet")
-    config.update(block_out_channels=list(channels), attention_head_dim=[c // 64 for c in channels])
-    torch.manual_seed(seed)
-    models = dict(unet=UNet2DConditionModel.from_config(config),
-                  vae=AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae")),
-                  text_encoder=CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder")),
-                  text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder / "text_encoder_2")))
-    for model in models.values():
-        model.eval()
-    return dict(**models, tokenizer=bundled_clip_tokenizer(folder, "tokenizer"),
-                tokenizer_2=bundled_clip_tokenizer(folder, "tokenizer_2"),
-                scheduler=EulerDiscreteScheduler.from_pretrained(folder / "scheduler"))
 
 
 def timed(call) -> tuple[float, np.ndarray]:
@@ -77,9 +55,10 @@ def main(argv: list[str] | None = None) -> dict:
     from diffusers import StableDiffusionXLPipeline
 
     from ldm_pipeline import LatentDiffusionXLPipeline
+    from sdxl_gpu import against_diffusers, random_sdxl, write_json
 
     start = time.perf_counter()
-    parts = components(args.channels)
+    parts = random_sdxl(torch.device("cpu"), torch.float32, channels=args.channels)
     params = sum(p.numel() for p in parts["unet"].parameters())
     print(f"built random SDXL components (UNet {params / 1e6:.0f} M parameters) in "
           f"{time.perf_counter() - start:.1f} s", flush=True)
@@ -109,16 +88,12 @@ def main(argv: list[str] | None = None) -> dict:
         unet_parameters_m=round(params / 1e6), size=args.size, steps=args.steps, repeats=args.repeats,
         compile_first_call_s=round(compile_s, 1),
         seconds={key: [round(v, 3) for v in values] for key, values in seconds.items()},
-        median_s={key: round(value, 3) for key, value in median.items()},
-        ratio_to_diffusers={key: round(value / median["diffusers"], 3) for key, value in median.items()},
-        max_uint8_diff={key: float(np.abs(pixels[key] - pixels["diffusers"]).max()) for key in runs},
+        **against_diffusers(median, pixels),
     )
     for key in runs:
         print(f"{key:14s} {median[key]:7.3f} s/call  ratio {result['ratio_to_diffusers'][key]:.3f}  "
               f"max uint8 diff {result['max_uint8_diff'][key]:.0f}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(result, args.out)
     return result
 
 

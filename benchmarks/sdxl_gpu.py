@@ -32,8 +32,9 @@ sys.path.insert(0, str(ROOT))
 PROMPT = "a photograph of an astronaut riding a horse on the moon, detailed, 8k"
 
 
-def random_sdxl(device: torch.device, dtype: torch.dtype, seed: int = 0) -> dict:
-    """SDXL 1.0's components (configs/sdxl) with random weights, built on `device` and cast to `dtype`."""
+def random_sdxl(device: torch.device, dtype: torch.dtype, seed: int = 0, channels: list[int] | None = None) -> dict:
+    """SDXL 1.0's components (configs/sdxl) with random weights, built on `device` and cast to `dtype`;
+    `channels` narrows the UNet's three levels (heads of 64 channels, as SDXL's)."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -41,8 +42,11 @@ def random_sdxl(device: torch.device, dtype: torch.dtype, seed: int = 0) -> dict
 
     folder = ROOT / "configs" / "sdxl"  # this checkout's configs, whatever an editable install maps
     torch.manual_seed(seed)
+    config = UNet2DConditionModel.load_config(folder / "unet")
+    if channels:
+        config.update(block_out_channels=list(channels), attention_head_dim=[c // 64 for c in channels])
     with torch.device(device):  # random init on the GPU: minutes faster than 3.5 B parameters on the CPU
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
+        unet = UNet2DConditionModel.from_config(config)
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
         text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))
         text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder / "text_encoder_2"))
@@ -52,6 +56,19 @@ def random_sdxl(device: torch.device, dtype: torch.dtype, seed: int = 0) -> dict
     return dict(**models, tokenizer=bundled_clip_tokenizer(folder, "tokenizer"),
                 tokenizer_2=bundled_clip_tokenizer(folder, "tokenizer_2"),
                 scheduler=EulerDiscreteScheduler.from_pretrained(folder / "scheduler"))
+
+
+def against_diffusers(median: dict, pixels: dict) -> dict:
+    """Median seconds, their ratio to diffusers' and the largest uint8 difference from its pixels."""
+    return dict(median_s={key: round(value, 3) for key, value in median.items()},
+                ratio_to_diffusers={key: round(value / median["diffusers"], 3) for key, value in median.items()},
+                max_uint8_diff={key: float(np.abs(pixels[key] - pixels["diffusers"]).max()) for key in median})
+
+
+def write_json(result: dict, out: Path | None) -> None:
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 def timed(call) -> tuple[float, float, np.ndarray]:
@@ -113,18 +130,13 @@ def main(argv: list[str] | None = None) -> dict:
         gpu=torch.cuda.get_device_name(), torch=torch.__version__, size=args.size, steps=args.steps,
         dtype=str(dtype), compile_mode=None if args.skip_compiled else args.mode,
         compile_first_call_s=round(compile_s, 1) if compile_s else None,
-        median_s={key: round(value, 3) for key, value in median.items()},
         it_per_s={key: round(args.steps / value, 2) for key, value in median.items()},
-        peak_gib={key: round(value, 2) for key, value in peaks.items()},
-        ratio_to_diffusers={key: round(value / median["diffusers"], 3) for key, value in median.items()},
-        max_uint8_diff={key: float(np.abs(pixels[key] - pixels["diffusers"]).max()) for key in runs},
+        peak_gib={key: round(value, 2) for key, value in peaks.items()}, **against_diffusers(median, pixels),
     )
     for key in runs:
         print(f"{key:14s} {median[key]:7.3f} s/call  {result['it_per_s'][key]:6.2f} it/s  "
               f"peak {result['peak_gib'][key]:5.2f} GiB  max uint8 diff {result['max_uint8_diff'][key]:.0f}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(result, args.out)
     return result
 
 
