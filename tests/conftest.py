@@ -66,6 +66,21 @@ def pipe(components):
 
 
 @pytest.fixture
+def loaded_pipelines(monkeypatch):
+    """Every pipeline `LatentDiffusionPipeline.from_pretrained` returns during the test, in order (a
+    training stage's in-memory models, to compare with what it wrote)."""
+    loaded = []
+    real = LatentDiffusionPipeline.from_pretrained.__func__
+
+    def watched(cls, *args, **kwargs):
+        loaded.append(real(cls, *args, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(LatentDiffusionPipeline, "from_pretrained", classmethod(watched))
+    return loaded
+
+
+@pytest.fixture
 def model(pipe, tmp_path):
     """The tiny pipeline saved as a model folder (tmp_path / "model"), for the CLI and anything that loads one."""
     return pipe.save_pretrained(tmp_path / "model")

@@ -111,17 +111,10 @@ def test_shapes_data_command(tmp_path):
     assert main(["shapes-data", "hexagon", "--out", str(tmp_path / "e")]) == 2
 
 
-def test_only_the_adapters_change_in_memory_too(tmp_path, model, stars, monkeypatch):
-    loaded = []
-    real = LatentDiffusionPipeline.from_pretrained.__func__
-
-    def watched(cls, *args, **kwargs):
-        loaded.append(real(cls, *args, **kwargs))
-        return loaded[-1]
-
-    monkeypatch.setattr(LatentDiffusionPipeline, "from_pretrained", classmethod(watched))
+def test_only_the_adapters_change_in_memory_too(tmp_path, model, stars, loaded_pipelines):
+    loaded = loaded_pipelines
     run_stage(config(tmp_path, model), tmp_path / "run", overrides={"data": str(stars)}, progress=False)
-    fresh = real(LatentDiffusionPipeline, model)
+    fresh = LatentDiffusionPipeline.from_pretrained(model)
     for name in ("unet", "text_encoder", "vae"):
         before = getattr(fresh, name).state_dict()
         adapters = 0
