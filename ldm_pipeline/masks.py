@@ -22,16 +22,20 @@ from .images import ImageInput, array_to_unit_float, load_image
 MASKED_CONTENT = ("original", "fill", "latent_noise", "latent_nothing")  # AUTOMATIC1111's "masked content"
 
 
-def load_mask(mask: ImageInput, size: tuple[int, int]) -> PIL.Image.Image:
+def load_mask(mask: ImageInput, size: tuple[int, int] | None, image: str = "image") -> PIL.Image.Image:
     """Any supported mask input -> a binary "L" image (255 = repaint) of `size` (width, height), checked.
+
+    Args:
+        size: the picture's size, which the mask must have; None: any size.
+        image: the picture's argument name, for the message.
 
     Raises:
         ValueError: naming `mask_image`, when its size differs from the image's or nothing is white.
     """
     grey = _grey(mask)
-    if grey.size != size:
-        raise ValueError(f"`mask_image`: {grey.width}x{grey.height}, but `image` is {size[0]}x{size[1]}; expected "
-                         "a mask of the image's size")
+    if size is not None and grey.size != size:
+        raise ValueError(f"`mask_image`: {grey.width}x{grey.height}, but `{image}` is {size[0]}x{size[1]}; expected "
+                         f"a mask of the {image}'s size")
     binary = grey.point(lambda v: 255 if v >= 128 else 0)
     if binary.getextrema()[1] == 0:
         raise ValueError("`mask_image`: no pixel is white (>= 50 % grey), so nothing would be repainted; white marks "

@@ -280,6 +280,7 @@ class LatentDiffusionPipeline(memory.MemoryMethods, fast_mode.FastMethods, adapt
         mask_blur: int = 4,
         padding_mask_crop: int | None = None,
         masked_content: str = "original",
+        original_image: images.ImageInput | None = None,
         controlnet=None,
         control_image: images.ImageInput | list | None = None,
         controlnet_conditioning_scale: float | list[float] = 1.0,
@@ -337,8 +338,10 @@ class LatentDiffusionPipeline(memory.MemoryMethods, fast_mode.FastMethods, adapt
         refines with `hires_strength` of `hires_steps` (see `hires`). `clip_skip=N` reads the prompt N layers
         before the text encoder's last. `denoising_end` stops at that share of the schedule (with
         `output_type="latent"`, the latents a refiner goes on from); `denoising_start` goes on from there, `image`
-        being those latents. The SDXL settings (`prompt_2`, `negative_prompt_2`, pooled embeddings, the size and
-        aesthetic conditions) are `LatentDiffusionXLPipeline`'s; a one-tower model refuses them.
+        being those latents; inpainting hands off the same way, the second call taking `mask_image` again and the
+        picture as `original_image` to give it back outside the mask. The SDXL settings (`prompt_2`,
+        `negative_prompt_2`, pooled embeddings, the size and aesthetic conditions) are `LatentDiffusionXLPipeline`'s;
+        a one-tower model refuses them.
 
         Returns:
             `PipelineOutput` with `.images` (PIL list, np (B, H, W, 3), pt (B, 3, H, W) or
@@ -354,8 +357,9 @@ class LatentDiffusionPipeline(memory.MemoryMethods, fast_mode.FastMethods, adapt
             prompt_composition=prompt_composition, regions=regions, clip_guidance_scale=clip_guidance_scale,
             clip_model=clip_model, clip_guidance_every=clip_guidance_every, preview=preview,
             preview_every=preview_every, mask_image=mask_image, mask_blur=mask_blur,
-            padding_mask_crop=padding_mask_crop, masked_content=masked_content, controlnet=controlnet,
-            control_image=control_image, controlnet_conditioning_scale=controlnet_conditioning_scale,
+            padding_mask_crop=padding_mask_crop, masked_content=masked_content, original_image=original_image,
+            controlnet=controlnet, control_image=control_image,
+            controlnet_conditioning_scale=controlnet_conditioning_scale,
             control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end,
             guess_mode=guess_mode, hires_fix=hires_fix, hires_scale=hires_scale, hires_width=hires_width,
             hires_height=hires_height, hires_upscaler=hires_upscaler, hires_steps=hires_steps,

@@ -16,6 +16,9 @@ A base hands off to a refiner as in diffusers:
     latents = base(prompt, seed=1, denoising_end=0.8, output_type="latent").images
     image = refiner(prompt, seed=1, image=latents, denoising_start=0.8).images[0]
 
+Inpainting hands off the same way: the refiner takes the base's latents, `mask_image` again and the picture as
+`original_image`, which it gives back outside the mask (`conditioning.inpaint.resume`).
+
 SDXL's VAE overflows in fp16: with `force_upcast` in its config, an fp16 VAE encodes and decodes in fp32.
 """
 

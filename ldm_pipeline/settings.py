@@ -204,6 +204,9 @@ class GenerationSettings:
         flag="--masked-content", flag_options=dict(choices=MASKED_CONTENT, help=(
             "inpainting: what the masked area starts from: the picture (original), the colours around it "
             "(fill), noise or nothing in latent space (A1111's 'masked content'; default original)")))
+    # inpainting that goes on from a base's latents (`image=` latents, `denoising_start`): the picture the base
+    # repainted, given back outside the mask (diffusers' IF pipelines' name for "the image `image` was varied from")
+    original_image: Any = setting(recorded=None)
     # ControlNet (conditioning/controlnet.py): nets steer by pictures; recorded as `Recipe.controlnets`
     controlnet: Any = setting(  # a ControlNetModel or a list; default: the pipeline's own
         recorded=None, flag="--controlnet", flag_options=dict(action="append", metavar="PATH", help=(

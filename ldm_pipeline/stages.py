@@ -4,7 +4,8 @@
 2. `encode_text`: the prompts' contexts (and each composed part's) and the negative prompts' (SDXL:
    both towers', each row carrying its added conditions: `stages_xl`)
 3. `starting_latents`: noise, or the reference image noised to `strength` (inpainting: the picture
-   and what is kept of it; a refiner: a base's latents), and the timesteps (cut at `denoising_end`)
+   and what is kept of it; a refiner: a base's latents, and inpainting what it keeps of them), and the
+   timesteps (cut at `denoising_end`)
 4. `model_for`: the UNet, or its compiled runner (a 9-channel inpainting UNet, an SDXL UNet, ControlNets:
    wrapped)
 5. `guidances_for`, `hooks_for`: classifier-free or composed guidance, CLIP guidance; after each step
@@ -82,7 +83,9 @@ def resolve(pipe, settings: GenerationSettings) -> Call:
     s = stages_xl.xl_settings(pipe, s, prompts, num_prompts)
     image_latents = stages_xl.image_latents(pipe, s, batch)
     reference = images.load_image(s.image) if s.image is not None and image_latents is None else None
-    mask = _mask_of(pipe, s, reference)
+    original = stages_xl.inpaint_hand_off(pipe, s, image_latents is not None)  # the refiner's picture
+    picture = reference if reference is not None else original
+    mask = _mask_of(pipe, s, picture, image_latents is not None)
     controls = controlnet.controls_of(s, pipe.controlnet, pipe.unet)
     _check_hires(s, pipe, reference is not None)
     reference_size = None
@@ -98,7 +101,7 @@ def resolve(pipe, settings: GenerationSettings) -> Call:
     if generator is None:
         seeds = latent_ops.seeds_for(s.seed, batch)
         generator = latent_ops.generators_for(seeds)
-    work = inpaint.region(reference, mask, height, width, s.padding_mask_crop) if mask is not None else None
+    work = inpaint.region(picture, mask, height, width, s.padding_mask_crop) if mask is not None else None
     return Call(settings=s, prompts=prompts, negatives=negatives, batch=batch, reference=reference, seeds=seeds,
                 generator=generator, region=work, controls=controls, prompts_2=s.prompt_2,
                 negatives_2=s.negative_prompt_2, image_latents=image_latents)
@@ -136,20 +139,23 @@ def _most_steps(scheduler) -> int | None:
     return min((limit for limit in limits if limit), default=None)
 
 
-def _mask_of(pipe, s: GenerationSettings, reference) -> PIL.Image.Image | None:
-    """The binary mask of an inpaint call (None otherwise), checked against the image and the UNet."""
+def _mask_of(pipe, s: GenerationSettings, picture, from_latents: bool) -> PIL.Image.Image | None:
+    """The binary mask of an inpaint call (None otherwise), checked against the picture and the UNet. Going on from
+    latents, the picture is `original_image`; without it the mask may have any size (resized to the latents', as
+    the base resized it)."""
     inpainting_unet = pipe.unet.config.in_channels == 9
     if s.mask_image is None:
         if inpainting_unet:
             raise ValueError("`mask_image`: this model's UNet is an inpainting UNet (9 input channels); pass "
                              "image= and mask_image=")
         return None
-    if reference is None:
+    if picture is None and not from_latents:
         raise ValueError("`mask_image`: given without `image`; pass the picture to repaint as image=")
     if not inpainting_unet and pipe.unet.config.in_channels != pipe.vae.config.latent_channels:
         raise ValueError(f"`mask_image`: the UNet takes {pipe.unet.config.in_channels} channels; inpainting needs "
                          f"{pipe.vae.config.latent_channels} (any UNet) or 9 (an inpainting UNet)")
-    return masks.load_mask(s.mask_image, reference.size)
+    return masks.load_mask(s.mask_image, picture.size if picture is not None else None,
+                           "original_image" if from_latents else "image")
 
 
 @dataclass
@@ -215,8 +221,9 @@ def _start(pipe, call: Call) -> Start:
     scheduler.set_timesteps(s.num_inference_steps, device=pipe.device)
     if call.image_latents is not None:  # a base's latents: noised to `strength`, or gone on from where it stopped
         if s.denoising_start is not None:
-            return Start(scheduler, latent_ops.timesteps_from(scheduler, s.denoising_start),
-                         call.image_latents.to(pipe.device, pipe.dtype))
+            latents = call.image_latents.to(pipe.device, pipe.dtype)
+            known = inpaint.resume(pipe, call.region, latents, call.generator) if call.region is not None else None
+            return Start(scheduler, latent_ops.timesteps_from(scheduler, s.denoising_start), latents, known)
         timesteps = latent_ops.img2img_timesteps(scheduler, s.num_inference_steps, s.strength)
         return Start(scheduler, timesteps, latent_ops.img2img_start(
             scheduler, call.image_latents.to(pipe.device, pipe.dtype), timesteps[:1], call.generator))

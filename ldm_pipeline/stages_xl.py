@@ -3,6 +3,7 @@
 - `xl_settings` (stage 1): the SDXL settings checked and made plain, refused on a one-tower model;
 - `image_latents` (stage 1): `image=` given as latents, the refiner's side of a hand-off
   (`denoising_start`), checked with `denoising_end`;
+- `inpaint_hand_off` (stage 1): inpainting's hand-off checked, and the picture given back outside the mask;
 - `two_towers` (stage 2): both towers' contexts, each row packed with its added conditions;
 - `at_size` (the hires pass): those contexts with the size ids of the larger size.
 """
@@ -13,6 +14,7 @@ from dataclasses import replace
 
 import torch
 
+from . import images
 from .adapters import textual_inversion
 from .conditioning import sdxl
 from .runtime import checks
@@ -81,8 +83,6 @@ def image_latents(pipe, s: GenerationSettings, batch: int) -> torch.Tensor | Non
                          "(a base's output_type=\"latent\" images)")
     if s.denoising_start is not None and s.denoising_end is not None and s.denoising_start >= s.denoising_end:
         raise ValueError(f"`denoising_start`: {s.denoising_start} is not before `denoising_end` {s.denoising_end}")
-    if s.denoising_end is not None and s.mask_image is not None:
-        raise ValueError("`denoising_end`: inpainting runs the whole schedule; it does not hand off part-way")
     if s.denoising_end is not None and s.hires_fix:
         raise ValueError("`denoising_end`: stops the schedule early for a refiner; it does not go with hires_fix")
     if not is_latents:
@@ -90,9 +90,36 @@ def image_latents(pipe, s: GenerationSettings, batch: int) -> torch.Tensor | Non
     checks.check_tensor("image", given, 4, "latents (batch, channels, h, w)")
     if given.shape[0] not in (1, batch):
         raise ValueError(f"`image`: {given.shape[0]} latents for {batch} images; give one, or one per image")
-    if s.mask_image is not None:
-        raise ValueError("`mask_image`: inpainting starts from a picture, not latents")
+    if s.mask_image is not None and s.denoising_start is None:
+        raise ValueError("`mask_image`: given with latents as `image` but no `denoising_start`; inpainting goes on "
+                         "from latents only as a base's hand-off: pass denoising_start= (the base's denoising_end), "
+                         "or the picture itself as image=")
     return given.expand(batch, -1, -1, -1) if given.shape[0] == 1 else given
+
+
+def inpaint_hand_off(pipe, s: GenerationSettings, from_latents: bool):
+    """An inpainting hand-off checked, on both sides; returns `original_image` as RGB, the picture the latents were
+    drawn from (None when not given; a 9-channel UNet needs it to go on from latents)."""
+    hand_off = from_latents and s.mask_image is not None
+    if s.padding_mask_crop is not None and s.mask_image is not None and (hand_off or s.denoising_end is not None):
+        raise ValueError(f"`padding_mask_crop`: got {s.padding_mask_crop}; an inpainting hand-off (denoising_end, "
+                         "denoising_start) draws the whole picture; expected None")
+    if hand_off and s.masked_content != "original":
+        raise ValueError(f"`masked_content`: got {s.masked_content!r}; going on from latents, the masked area "
+                         "starts from them; expected 'original'")
+    if s.original_image is None:
+        if hand_off and pipe.unet.config.in_channels == 9:
+            raise ValueError("`original_image`: got None; a 9-channel inpainting UNet sees the masked picture at "
+                             "every step, so going on from latents it needs the picture: pass original_image=")
+        return None
+    if not hand_off:
+        raise ValueError("`original_image`: given outside an inpainting hand-off; expected only with latents as "
+                         "image=, mask_image= and denoising_start= (a picture given as image= is itself kept "
+                         "outside the mask)")
+    try:
+        return images.load_image(s.original_image)
+    except (TypeError, ValueError) as error:
+        raise type(error)(str(error).replace("`image`", "`original_image`")) from None
 
 
 def two_towers(pipe, call, prompts: list[str] | None, negatives: list[str] | None,
