@@ -254,7 +254,8 @@ def train_lcm(config: LcmConfig, resume: bool = False, progress: bool = True) ->
     out = save_lora(trained["unet"], None, Path(config.loop.output_dir) / "lcm-lora")
     (out / "training.json").write_text(json.dumps({
         "teacher": config.model or "bundled", "data": config.data, "rank": config.rank, "steps": config.loop.steps,
-        "solver_steps": config.solver_steps, "one_step_weight": config.one_step_weight, "targets": targets,
+        "solver_steps": config.solver_steps, "one_step_weight": config.one_step_weight,
+        "one_step_space": config.one_step_space, "init_lora": config.init_lora, "targets": targets,
         "w": [config.w_min, config.w_max],
         "scheduler": "lcm"}, indent=2))
     return out
