@@ -1,6 +1,7 @@
 """Evaluation: FID's maths and sanity, CLIP score with the bundled CLIP, feature extractors, reports."""
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -298,6 +299,15 @@ def test_ldm_eval_writes_a_reproducible_report(tmp_path, capsys):
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 5  # four kinds and all: computed once, then reused
     only = json.loads(_eval(tmp_path, "c", "--kinds", "three", "seen").read_text())
     assert list(only["sets"]) == ["three", "seen"]
+
+
+def test_ldm_eval_fast_names_the_lora_it_drew_with(tmp_path):
+    report = json.loads(_eval(tmp_path, "f", "--fast", "--kinds", "seen").read_text())
+    assert report["fast"] and Path(report["fast_lora"]).name == "shapes-lcm-lora"
+    assert report["settings"]["scheduler"] == "lcm" and report["settings"]["guidance_scale"] == 1.0
+    assert "with the fast LoRA `" in (tmp_path / "f.md").read_text()
+    plain = json.loads(_eval(tmp_path, "p", "--kinds", "seen").read_text())
+    assert not plain["fast"] and plain["fast_lora"] is None
 
 
 def test_ldm_eval_sweep_writes_a_table_and_a_plot(tmp_path):

@@ -288,6 +288,7 @@ def evaluate(args: argparse.Namespace) -> None:
         pipe.set_scheduler(args.scheduler)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     about = {"model": str(args.model or "bundled"), "prompts": args.prompts, "fast": args.fast is not None,
+             "fast_lora": pipe.fast_mode.source if pipe.fast_mode is not None else None,
              "real": args.real or ("shapes renders" if real else None)}
     if args.sweep:
         axes = {"steps": args.sweep_steps or rep.SWEEP_STEPS, "schedulers": args.sweep_schedulers or rep.SWEEP_SCHEDULERS,

@@ -256,7 +256,8 @@ def markdown(report: dict) -> str:
         rows["all"] = report["all"]
     columns = [c for c in COLUMNS if any(c[0] in scores for scores in rows.values())]
     settings = report["settings"]
-    lines = [f"Model `{report.get('model', '?')}`, {settings['scheduler']}, {settings['num_inference_steps']} steps, "
+    lora = f" with the fast LoRA `{report['fast_lora']}`" if report.get("fast_lora") else ""
+    lines = [f"Model `{report.get('model', '?')}`{lora}, {settings['scheduler']}, {settings['num_inference_steps']} steps, "
              f"guidance {settings['guidance_scale']}"
              + (f", CLIP guidance {settings['clip_guidance_scale']:g}" if settings.get("clip_guidance_scale") else "")
              + f", seeds {report['seeds']}. "
