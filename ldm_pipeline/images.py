@@ -19,37 +19,37 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 ImageInput = PIL.Image.Image | np.ndarray | torch.Tensor | str | os.PathLike
 
 
-def array_to_unit_float(array: np.ndarray) -> np.ndarray:
-    """Scale an integer or float array to float32 in [0, 1]."""
+def array_to_unit_float(array: np.ndarray, name: str = "image") -> np.ndarray:
+    """Scale an integer or float array to float32 in [0, 1]; errors name the argument `name`."""
     if array.dtype == np.uint8:
         return array.astype(np.float32) / 255.0
     if array.dtype == np.uint16:
         return array.astype(np.float32) / 65535.0
     if np.issubdtype(array.dtype, np.floating):
-        _check_finite(array)
+        _check_finite(array, name)
         if array.size and (array.min() < 0.0 or array.max() > 1.0):
             raise ValueError(
-                f"`image`: a float array must hold values in [0, 1], got range "
+                f"`{name}`: a float array must hold values in [0, 1], got range "
                 f"[{array.min():.3g}, {array.max():.3g}]"
             )
         return array.astype(np.float32)
-    raise TypeError(f"`image`: array dtype {array.dtype} is not supported; use uint8, uint16 or float in [0, 1]")
+    raise TypeError(f"`{name}`: array dtype {array.dtype} is not supported; use uint8, uint16 or float in [0, 1]")
 
 
-def _check_finite(array: np.ndarray) -> None:
+def _check_finite(array: np.ndarray, name: str) -> None:
     if not np.isfinite(array).all():
-        raise ValueError(f"`image`: holds {np.count_nonzero(~np.isfinite(array))} NaN or infinite values; expected "
+        raise ValueError(f"`{name}`: holds {np.count_nonzero(~np.isfinite(array))} NaN or infinite values; expected "
                          "finite pixel values")
 
 
-def _unit_float_to_rgb(array: np.ndarray) -> PIL.Image.Image:
+def _unit_float_to_rgb(array: np.ndarray, name: str) -> PIL.Image.Image:
     """(H, W) or (H, W, C) float array in [0, 1], C in 1, 3 or 4 -> RGB PIL image (alpha over white)."""
-    _check_finite(array)
+    _check_finite(array, name)
     if array.ndim == 2:
         array = array[:, :, None]
     if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
         raise ValueError(
-            f"`image`: array of shape {tuple(array.shape)} is not an image; expected (H, W), (H, W, 1), "
+            f"`{name}`: array of shape {tuple(array.shape)} is not an image; expected (H, W), (H, W, 1), "
             "(H, W, 3) or (H, W, 4)"
         )
     if array.shape[2] == 4:
@@ -60,7 +60,7 @@ def _unit_float_to_rgb(array: np.ndarray) -> PIL.Image.Image:
     return PIL.Image.fromarray(np.round(array * 255.0).astype(np.uint8), mode="RGB")
 
 
-def _pil_to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+def _pil_to_rgb(image: PIL.Image.Image, name: str) -> PIL.Image.Image:
     if image.mode == "RGB":
         return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
@@ -69,7 +69,7 @@ def _pil_to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
         top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
         if image.mode == "F":
             top = 1.0 if array.max() <= 1.0 else 255.0
-        return _unit_float_to_rgb(np.clip(array.astype(np.float32) / top, 0.0, 1.0))
+        return _unit_float_to_rgb(np.clip(array.astype(np.float32) / top, 0.0, 1.0), name)
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -79,7 +79,7 @@ def _pil_to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     return image.convert("RGB")
 
 
-def load_image(image: ImageInput) -> PIL.Image.Image:
+def load_image(image: ImageInput, name: str = "image") -> PIL.Image.Image:
     """Turn any supported image input into an RGB PIL image.
 
     Args:
@@ -87,36 +87,37 @@ def load_image(image: ImageInput) -> PIL.Image.Image:
             (H, W, 1|3|4) of uint8, uint16 or float in [0, 1]; a tensor (3, H, W) or
             (1, 3, H, W) in [0, 1]; or a path to an image file. Transparency is composited
             over white.
+        name: the argument the errors name (`image`, `control_image`, ...).
 
     Returns:
         An RGB `PIL.Image.Image`.
     """
     if isinstance(image, PIL.Image.Image):
-        return _pil_to_rgb(image)
+        return _pil_to_rgb(image, name)
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
         if not path.is_file():
-            raise ValueError(f"`image`: no file at {str(path)!r}")
+            raise ValueError(f"`{name}`: no file at {str(path)!r}")
         try:
             with PIL.Image.open(path) as opened:
                 opened.load()
-                return _pil_to_rgb(opened)
+                return _pil_to_rgb(opened, name)
         except (PIL.UnidentifiedImageError, OSError) as error:
-            raise ValueError(f"`image`: {str(path)!r} is not a readable image ({error})") from error
+            raise ValueError(f"`{name}`: {str(path)!r} is not a readable image ({error})") from error
     if isinstance(image, torch.Tensor):
         tensor = image.detach().float().cpu()
         if tensor.ndim == 4 and tensor.shape[0] == 1:
             tensor = tensor[0]
         if tensor.ndim != 3 or tensor.shape[0] not in (1, 3, 4):
             raise ValueError(
-                f"`image`: tensor of shape {tuple(image.shape)} is not an image; expected (C, H, W) or "
+                f"`{name}`: tensor of shape {tuple(image.shape)} is not an image; expected (C, H, W) or "
                 "(1, C, H, W) with C in 1, 3, 4 and values in [0, 1]"
             )
-        return _unit_float_to_rgb(array_to_unit_float(tensor.permute(1, 2, 0).numpy()))
+        return _unit_float_to_rgb(array_to_unit_float(tensor.permute(1, 2, 0).numpy(), name), name)
     if isinstance(image, np.ndarray):
-        return _unit_float_to_rgb(array_to_unit_float(image))
+        return _unit_float_to_rgb(array_to_unit_float(image, name), name)
     raise TypeError(
-        f"`image`: got {type(image).__name__}; expected a PIL image, numpy array, torch tensor or file path"
+        f"`{name}`: got {type(image).__name__}; expected a PIL image, numpy array, torch tensor or file path"
     )
 
 

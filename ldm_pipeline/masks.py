@@ -66,10 +66,7 @@ def _grey(mask: ImageInput) -> PIL.Image.Image:
 
 
 def _from_array(array: np.ndarray) -> PIL.Image.Image:
-    try:
-        unit = array_to_unit_float(array)
-    except (TypeError, ValueError) as error:
-        raise type(error)(str(error).replace("`image`", "`mask_image`")) from None
+    unit = array_to_unit_float(array, "mask_image")
     if unit.ndim == 3 and unit.shape[2] == 1:
         unit = unit[..., 0]
     if unit.ndim not in (2, 3) or (unit.ndim == 3 and unit.shape[2] not in (3, 4)):

@@ -116,10 +116,7 @@ def inpaint_hand_off(pipe, s: GenerationSettings, from_latents: bool):
         raise ValueError("`original_image`: given outside an inpainting hand-off; expected only with latents as "
                          "image=, mask_image= and denoising_start= (a picture given as image= is itself kept "
                          "outside the mask)")
-    try:
-        return images.load_image(s.original_image)
-    except (TypeError, ValueError) as error:
-        raise type(error)(str(error).replace("`image`", "`original_image`")) from None
+    return images.load_image(s.original_image, "original_image")
 
 
 def two_towers(pipe, call, prompts: list[str] | None, negatives: list[str] | None,

@@ -200,7 +200,4 @@ def load_pictures(given) -> list[PIL.Image.Image]:
     if given is None:
         raise ValueError("`control_image`: a ControlNet needs its picture; pass control_image=")
     pictures = given if isinstance(given, (list, tuple)) else [given]
-    try:
-        return [images.load_image(picture) for picture in pictures]
-    except (TypeError, ValueError) as error:
-        raise type(error)(str(error).replace("`image`", "`control_image`")) from None
+    return [images.load_image(picture, "control_image") for picture in pictures]
