@@ -10,7 +10,8 @@ import torch
 from diffusers import DDPMScheduler
 
 from ldm_pipeline import LatentDiffusionPipeline
-from ldm_pipeline.training.lcm import LcmConfig, boundary, lcm_loss, teacher_solve, x0_and_noise
+from ldm_pipeline.training.lcm import (LcmConfig, boundary, edge_weights, lcm_loss, pseudo_huber, teacher_solve,
+                                      x0_and_noise)
 from ldm_pipeline.training.loop import LoopConfig
 from ldm_pipeline.training.plan import read_stage, run_stage
 
@@ -145,6 +146,37 @@ def test_the_one_step_distance_can_be_taken_after_decoding(pipe):
     assert decoded == [False, True]  # the teacher's image without gradient, the student's with
     with pytest.raises(ValueError, match="`one_step_space`: got 'rgb'"):
         LcmConfig(loop=loop, one_step_space="rgb")
+
+
+def test_the_edge_weights_mark_both_sides_of_every_edge_and_nothing_flat():
+    image = torch.zeros(2, 3, 12, 12)
+    image[0, 0, 3:7, 3:7] = 1.0  # a red square: an edge in one channel only
+    image[1, :, 5:, :] = 0.25  # a faint horizontal edge
+    weights = edge_weights(image, 4.0)
+    assert weights.shape == (2, 1, 12, 12)
+    square = weights[0, 0]
+    for rim in (square[2, 3:7], square[3, 3:7], square[6, 3:7], square[7, 3:7], square[3:7, 2], square[3:7, 7]):
+        assert rim.min() >= 5 - 1e-6  # both sides of each edge, in full
+    assert square[4:6, 4:6].eq(1).all() and square[:2].eq(1).all() and square[:, 8:].eq(1).all()
+    assert weights[1, 0, 4:6].min() >= 5 - 1e-6 and weights[1, 0, :4].eq(1).all()  # scaled by each image's peak
+    assert edge_weights(torch.ones(1, 3, 5, 5), 4.0).eq(1).all()
+
+
+def test_the_one_step_distance_weighs_edges_when_asked(pipe):
+    a, b = torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 4)
+    b[..., 0, 0] = 1.0
+    weights = torch.ones(1, 1, 4, 4)
+    weights[..., 0, 0] = 3.0
+    assert torch.isclose(pseudo_huber(a, b, 1e-3, weights), pseudo_huber(a, b, 1e-3) * 16 * 3 / 18, rtol=1e-4)
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    loop = LoopConfig(output_dir="unused", steps=1, batch_size=2)
+    latents, context, uncond = torch.zeros(2, 4, 8, 8), torch.randn(2, 77, 32), torch.zeros(1, 77, 32)
+    losses = [lcm_loss(pipe.unet, scheduler, latents, context, uncond,
+                       LcmConfig(loop=loop, solver_steps=4, one_step_weight=1.0, one_step_edges=edges),
+                       torch.Generator().manual_seed(0)) for edges in (0.0, 0.0, 8.0)]
+    assert losses[0] == losses[1] and losses[2] != losses[0]
+    with pytest.raises(ValueError, match=r"`one_step_edges`: got -1"):
+        LcmConfig(loop=loop, one_step_edges=-1)
 
 
 def test_a_distillation_can_start_from_a_lora_it_wrote(pipe, tmp_path):

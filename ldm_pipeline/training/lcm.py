@@ -17,7 +17,8 @@ the last grid point is taken by the teacher's own DDIM solve along the whole gri
 steps, deterministic) to an image, and the student's single estimate f(noise, T) learns that image. The
 consistency loss alone reaches the one-step estimate only through every grid point, and its errors
 add up there (the bundled model's 1-step shapes came out with soft edges); this term asks for the
-image the 1-step sampler must draw.
+image the 1-step sampler must draw. `one_step_edges` weighs that distance more on the target's edges
+(`edge_weights`), where a small shape is a few pixels of edge on a large flat ground.
 
 The result is a LoRA folder in diffusers' format that `pipe.load_lora_weights` and diffusers read;
 it draws with the `lcm` scheduler in 1 to 8 steps at guidance 1.
@@ -33,8 +34,8 @@ import torch
 from diffusers import DDPMScheduler
 
 from . import data
-from .lora import _adapter_config, check_targets, save_lora
 from .loop import LoopConfig, train
+from .lora import _adapter_config, check_targets, save_lora
 from .unet import denoising_batch, encode_captions, encode_dataset
 
 SIGMA_DATA = 0.5  # the boundary conditions' data scale
@@ -64,6 +65,7 @@ class LcmConfig:
     one_step_weight: float = 0.0  # weight of the one-step term (0: consistency distillation alone)
     one_step_batch: int = 8  # captions per step that train the one-step term
     one_step_space: str = "latent"  # where the one-step distance is taken: "latent" or "pixel" (VAE-decoded)
+    one_step_edges: float = 0.0  # extra weight of the one-step distance on the target's edges (0: uniform)
     init_lora: str | None = None  # start from this LoRA (a folder or .safetensors written by this stage)
     dataset_size: int = 20_000  # shapes scenes encoded once (ignored for a folder)
 
@@ -83,6 +85,9 @@ class LcmConfig:
             raise ValueError(f"`one_step_batch`: got {self.one_step_batch!r}; expected an integer >= 1")
         if self.one_step_space not in ("latent", "pixel"):
             raise ValueError(f"`one_step_space`: got {self.one_step_space!r}; expected 'latent' or 'pixel'")
+        if not isinstance(self.one_step_edges, (int, float)) or isinstance(self.one_step_edges, bool) \
+                or self.one_step_edges < 0:
+            raise ValueError(f"`one_step_edges`: got {self.one_step_edges!r}; expected a number >= 0")
 
 
 def boundary(timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,8 +154,28 @@ def teacher_solve(unet, noise, context, uncond, w, alpha_bars, kind, solver_step
     return x0
 
 
-def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
-    return ((a.float() - b.float()) ** 2 + c ** 2).sqrt().mean() - c
+def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The mean pseudo-Huber distance; with `weights` (broadcast to the inputs), their weighted mean."""
+    distance = ((a.float() - b.float()) ** 2 + c ** 2).sqrt() - c
+    if weights is None:
+        return distance.mean()
+    weights = weights.expand_as(distance)
+    return (distance * weights).sum() / weights.sum()
+
+
+def edge_weights(image: torch.Tensor, strength: float) -> torch.Tensor:
+    """(B, 1, H, W) weights 1 + strength * e, where e in [0, 1] is each image's edge map: at each pixel, the
+    largest per-channel difference to a neighbour (both pixels of a pair get it, so both sides of an edge
+    do), over the image's largest. Flat regions weigh 1."""
+    image = image.float()
+    dx = (image[..., :, 1:] - image[..., :, :-1]).abs().amax(dim=1, keepdim=True)
+    dy = (image[..., 1:, :] - image[..., :-1, :]).abs().amax(dim=1, keepdim=True)
+    edges = torch.zeros_like(image[:, :1])
+    for part, difference in ((edges[..., :, 1:], dx), (edges[..., :, :-1], dx),
+                             (edges[..., 1:, :], dy), (edges[..., :-1, :], dy)):
+        torch.maximum(part, difference, out=part)
+    peak = edges.amax(dim=(1, 2, 3), keepdim=True).clamp(min=1e-6)
+    return 1 + strength * edges / peak
 
 
 def lcm_loss(unet, scheduler: DDPMScheduler, latents, context, uncond, config: LcmConfig,
@@ -184,7 +209,8 @@ def lcm_loss(unet, scheduler: DDPMScheduler, latents, context, uncond, config: L
             with torch.no_grad():
                 image = decode(image)
             one_step = decode(one_step)
-        loss = loss + config.one_step_weight * pseudo_huber(one_step, image, config.huber_c)
+        weights = edge_weights(image, config.one_step_edges) if config.one_step_edges > 0 else None
+        loss = loss + config.one_step_weight * pseudo_huber(one_step, image, config.huber_c, weights)
     return loss
 
 
@@ -255,7 +281,7 @@ def train_lcm(config: LcmConfig, resume: bool = False, progress: bool = True) ->
     (out / "training.json").write_text(json.dumps({
         "teacher": config.model or "bundled", "data": config.data, "rank": config.rank, "steps": config.loop.steps,
         "solver_steps": config.solver_steps, "one_step_weight": config.one_step_weight,
-        "one_step_space": config.one_step_space, "init_lora": config.init_lora, "targets": targets,
-        "w": [config.w_min, config.w_max],
+        "one_step_space": config.one_step_space, "one_step_edges": config.one_step_edges,
+        "init_lora": config.init_lora, "targets": targets, "w": [config.w_min, config.w_max],
         "scheduler": "lcm"}, indent=2))
     return out
