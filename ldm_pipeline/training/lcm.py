@@ -34,6 +34,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from . import data
+from .adversarial import PatchDiscriminator, hinge_losses
 from .loop import LoopConfig, train
 from .lora import _adapter_config, check_targets, save_lora
 from .unet import denoising_batch, encode_captions, encode_dataset
@@ -66,6 +67,7 @@ class LcmConfig:
     one_step_batch: int = 8  # captions per step that train the one-step term
     one_step_space: str = "latent"  # where the one-step distance is taken: "latent" or "pixel" (VAE-decoded)
     one_step_edges: float = 0.0  # extra weight of the one-step distance on the target's edges (0: uniform)
+    adversarial_weight: float = 0.0  # weight of the adversarial term on the one-step images (pixel space)
     init_lora: str | None = None  # start from this LoRA (a folder or .safetensors written by this stage)
     dataset_size: int = 20_000  # shapes scenes encoded once (ignored for a folder)
 
@@ -88,6 +90,14 @@ class LcmConfig:
         if not isinstance(self.one_step_edges, (int, float)) or isinstance(self.one_step_edges, bool) \
                 or self.one_step_edges < 0:
             raise ValueError(f"`one_step_edges`: got {self.one_step_edges!r}; expected a number >= 0")
+        if not isinstance(self.adversarial_weight, (int, float)) or isinstance(self.adversarial_weight, bool) \
+                or self.adversarial_weight < 0:
+            raise ValueError(f"`adversarial_weight`: got {self.adversarial_weight!r}; expected a number >= 0")
+        if self.adversarial_weight > 0 and (self.one_step_weight <= 0 or self.one_step_space != "pixel"):
+            raise ValueError(f"`adversarial_weight`: got {self.adversarial_weight!r} with `one_step_weight` "
+                             f"{self.one_step_weight!r} and `one_step_space` {self.one_step_space!r}; the adversarial "
+                             "term judges the one-step images: expected `one_step_weight` > 0 and "
+                             "`one_step_space` 'pixel'")
 
 
 def boundary(timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,7 +189,7 @@ def edge_weights(image: torch.Tensor, strength: float) -> torch.Tensor:
 
 
 def lcm_loss(unet, scheduler: DDPMScheduler, latents, context, uncond, config: LcmConfig,
-             generator: torch.Generator, decode=None) -> torch.Tensor:
+             generator: torch.Generator, decode=None, discriminator=None, metrics: dict | None = None) -> torch.Tensor:
     """One latent-consistency-distillation loss on (B, C, h, w) latents and their (B, L, D) contexts
     (plus the one-step term when `config.one_step_weight` > 0; `decode`, latents -> pixels, takes its
     distance in pixels)."""
@@ -211,6 +221,11 @@ def lcm_loss(unet, scheduler: DDPMScheduler, latents, context, uncond, config: L
             one_step = decode(one_step)
         weights = edge_weights(image, config.one_step_edges) if config.one_step_edges > 0 else None
         loss = loss + config.one_step_weight * pseudo_huber(one_step, image, config.huber_c, weights)
+        if discriminator is not None and config.adversarial_weight > 0:
+            student, critic = hinge_losses(discriminator, image, one_step)
+            loss = loss + config.adversarial_weight * student + critic
+            if metrics is not None:
+                metrics.update(adversarial=student.item(), critic=critic.item())
     return loss
 
 
@@ -270,18 +285,26 @@ def train_lcm(config: LcmConfig, resume: bool = False, progress: bool = True) ->
 
     decode = decode if config.one_step_space == "pixel" else None
 
+    players = {"unet": unet}
+    if config.adversarial_weight > 0:  # trains beside the LoRA; checkpointed with it, not saved after
+        players["discriminator"] = PatchDiscriminator(channels=vae.config.out_channels)
+
     def loss_fn(models, step, generator, rank, world):
         latents, context = denoising_batch(means, stds, vae.config.scaling_factor, captions, table, None,
                                            config.loop, 0.0, step, generator, rank, world)
-        return lcm_loss(models["unet"], scheduler, latents, context, uncond, config, generator, decode), {}
+        metrics = {}
+        loss = lcm_loss(models["unet"], scheduler, latents, context, uncond, config, generator, decode,
+                        models.get("discriminator"), metrics)
+        return loss, metrics
 
-    trained = train(config.loop, {"unet": unet}, loss_fn, resume=resume, progress=progress, name="lcm",
+    trained = train(config.loop, players, loss_fn, resume=resume, progress=progress, name="lcm",
                     trainable_only=True)
     out = save_lora(trained["unet"], None, Path(config.loop.output_dir) / "lcm-lora")
     (out / "training.json").write_text(json.dumps({
         "teacher": config.model or "bundled", "data": config.data, "rank": config.rank, "steps": config.loop.steps,
         "solver_steps": config.solver_steps, "one_step_weight": config.one_step_weight,
         "one_step_space": config.one_step_space, "one_step_edges": config.one_step_edges,
+        "adversarial_weight": config.adversarial_weight,
         "init_lora": config.init_lora, "targets": targets, "w": [config.w_min, config.w_max],
         "scheduler": "lcm"}, indent=2))
     return out
