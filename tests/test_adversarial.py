@@ -105,3 +105,21 @@ def test_a_distillation_with_the_term_checkpoints_and_resumes_its_discriminator(
     path.write_text(json.dumps(config))
     out = run_stage(path, tmp_path / "run", resume=True, progress=False)
     assert json.loads((out / "training.json").read_text())["adversarial_weight"] == 0.5
+
+
+def test_the_loop_scales_a_models_learning_rate(tmp_path):
+    from ldm_pipeline.training.loop import train
+
+    torch.manual_seed(0)
+    models = {"slow": torch.nn.Linear(4, 1, bias=False), "fast": torch.nn.Linear(4, 1, bias=False)}
+    before = {k: m.weight.detach().clone() for k, m in models.items()}
+    config = LoopConfig(output_dir=str(tmp_path / "run"), steps=1, learning_rate=1e-3, warmup_steps=0,
+                        weight_decay=0.0, checkpoint_every=1)
+
+    def loss_fn(models, step, generator, rank, world):
+        return sum(m(torch.ones(1, 4)).sum() for m in models.values()), {}
+
+    trained = train(config, models, loss_fn, progress=False, lr_scales={"fast": 10.0})
+    moved = {k: (m.weight.detach() - before[k]).abs() for k, m in trained.items()}  # Adam's first step: lr each
+    torch.testing.assert_close(moved["slow"], torch.full((1, 4), 1e-3), rtol=1e-3, atol=1e-7)
+    torch.testing.assert_close(moved["fast"], torch.full((1, 4), 1e-2), rtol=1e-3, atol=1e-6)

@@ -68,6 +68,7 @@ class LcmConfig:
     one_step_space: str = "latent"  # where the one-step distance is taken: "latent" or "pixel" (VAE-decoded)
     one_step_edges: float = 0.0  # extra weight of the one-step distance on the target's edges (0: uniform)
     adversarial_weight: float = 0.0  # weight of the adversarial term on the one-step images (pixel space)
+    discriminator_lr_scale: float = 10.0  # the discriminator's learning rate over the LoRA's
     init_lora: str | None = None  # start from this LoRA (a folder or .safetensors written by this stage)
     dataset_size: int = 20_000  # shapes scenes encoded once (ignored for a folder)
 
@@ -93,6 +94,9 @@ class LcmConfig:
         if not isinstance(self.adversarial_weight, (int, float)) or isinstance(self.adversarial_weight, bool) \
                 or self.adversarial_weight < 0:
             raise ValueError(f"`adversarial_weight`: got {self.adversarial_weight!r}; expected a number >= 0")
+        if not isinstance(self.discriminator_lr_scale, (int, float)) or isinstance(self.discriminator_lr_scale, bool) \
+                or self.discriminator_lr_scale <= 0:
+            raise ValueError(f"`discriminator_lr_scale`: got {self.discriminator_lr_scale!r}; expected a number > 0")
         if self.adversarial_weight > 0 and (self.one_step_weight <= 0 or self.one_step_space != "pixel"):
             raise ValueError(f"`adversarial_weight`: got {self.adversarial_weight!r} with `one_step_weight` "
                              f"{self.one_step_weight!r} and `one_step_space` {self.one_step_space!r}; the adversarial "
@@ -298,13 +302,13 @@ def train_lcm(config: LcmConfig, resume: bool = False, progress: bool = True) ->
         return loss, metrics
 
     trained = train(config.loop, players, loss_fn, resume=resume, progress=progress, name="lcm",
-                    trainable_only=True)
+                    trainable_only=True, lr_scales={"discriminator": config.discriminator_lr_scale})
     out = save_lora(trained["unet"], None, Path(config.loop.output_dir) / "lcm-lora")
     (out / "training.json").write_text(json.dumps({
         "teacher": config.model or "bundled", "data": config.data, "rank": config.rank, "steps": config.loop.steps,
         "solver_steps": config.solver_steps, "one_step_weight": config.one_step_weight,
         "one_step_space": config.one_step_space, "one_step_edges": config.one_step_edges,
-        "adversarial_weight": config.adversarial_weight,
+        "adversarial_weight": config.adversarial_weight, "discriminator_lr_scale": config.discriminator_lr_scale,
         "init_lora": config.init_lora, "targets": targets, "w": [config.w_min, config.w_max],
         "scheduler": "lcm"}, indent=2))
     return out

@@ -184,7 +184,7 @@ def _state(model: torch.nn.Module, trainable_only: bool) -> dict[str, torch.Tens
 
 def train(config: LoopConfig, models: dict[str, torch.nn.Module], loss_fn: LossFn, resume: bool = False,
           ema_model: str | None = None, progress: bool = True, name: str = "train",
-          trainable_only: bool = False) -> dict[str, torch.nn.Module]:
+          trainable_only: bool = False, lr_scales: dict[str, float] | None = None) -> dict[str, torch.nn.Module]:
     """Optimise `models` with AdamW for `config.steps` steps.
 
     Args:
@@ -195,6 +195,8 @@ def train(config: LoopConfig, models: dict[str, torch.nn.Module], loss_fn: LossF
         ema_model: the name of the model to keep an EMA of (with `config.ema_decay`).
         trainable_only: checkpoints keep only the parameters that train (a LoRA's, not the frozen
             base model's); resuming loads them over the base weights.
+        lr_scales: a learning-rate factor by model name (default 1): that model's parameters follow the
+            schedule times the factor (a discriminator that must learn faster than what it judges).
 
     Returns:
         The trained models, unwrapped; the EMA weights are copied into `ema_model` at the end.
@@ -206,9 +208,14 @@ def train(config: LoopConfig, models: dict[str, torch.nn.Module], loss_fn: LossF
     if config.batch_size % accelerator.num_processes:
         raise ValueError(f"`batch_size`: {config.batch_size} does not split over {accelerator.num_processes} "
                          "processes; choose a multiple")
-    parameters = [p for model in models.values() for p in model.parameters() if p.requires_grad]
+    by_scale = {}  # one parameter group per learning-rate factor (one group, as before, without lr_scales)
+    for key, model in models.items():
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        by_scale.setdefault((lr_scales or {}).get(key, 1.0), []).extend(trainable)
+    groups = [{"params": params, "lr_scale": scale} for scale, params in by_scale.items() if params]
+    parameters = [p for group in groups for p in group["params"]]
     # fused: one kernel for all parameters instead of a dozen small ops per tensor (CPU and CUDA)
-    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay, fused=True)
+    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay, fused=True)
     ema = EMA(models[ema_model], config.ema_decay) if ema_model and config.ema_decay else None
     start = 0
     log = output / "log.jsonl"
@@ -253,7 +260,7 @@ def train(config: LoopConfig, models: dict[str, torch.nn.Module], loss_fn: LossF
         torch.manual_seed(step_seed(config.seed, step, rank))  # dropout and other global-RNG draws
         generator = torch.Generator().manual_seed(step_seed(config.seed, step, rank))
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(config, step)
+            group["lr"] = learning_rate(config, step) * group.get("lr_scale", 1.0)
         loss, metrics = loss_fn(wrapped, step, generator, rank, world)
         accelerator.backward(loss)
         if config.grad_clip:
