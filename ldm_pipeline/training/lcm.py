@@ -196,7 +196,9 @@ def lcm_loss(unet, scheduler: DDPMScheduler, latents, context, uncond, config: L
              generator: torch.Generator, decode=None, discriminator=None, metrics: dict | None = None) -> torch.Tensor:
     """One latent-consistency-distillation loss on (B, C, h, w) latents and their (B, L, D) contexts
     (plus the one-step term when `config.one_step_weight` > 0; `decode`, latents -> pixels, takes its
-    distance in pixels)."""
+    distance in pixels). With a `discriminator` and `config.adversarial_weight` > 0, the adversarial term
+    and the discriminator's own hinge loss are added (so the sum is both players' loss) and their values
+    go into `metrics` as "adversarial" and "critic"."""
     batch = latents.shape[0]
     k = scheduler.config.num_train_timesteps // config.solver_steps
     index = torch.randint(0, config.solver_steps, (batch,), generator=generator)
