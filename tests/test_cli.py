@@ -21,6 +21,8 @@ def test_generate_writes_an_image(model, tmp_path, capsys):
         assert image.size == (24, 16)
     report = capsys.readouterr().out
     assert "seeds [5]" in report and "euler" in report and "3 steps" in report
+    assert main(["generate", "a cat", "--model", str(model), "--steps", "1", "--size", "16x16", "--out", str(out)]) == 0
+    assert " 1 step, " in capsys.readouterr().out
 
 
 def test_image_to_image_and_grid(model, tmp_path):

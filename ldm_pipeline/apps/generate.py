@@ -171,5 +171,5 @@ def generate(args: argparse.Namespace) -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         picture.save(args.out)
         print(f"note: {args.out.suffix} files carry no recipe; write a .png to keep one")
-    print(f"wrote {args.out} ({result.width}x{result.height}, seeds {result.seeds}, {result.steps_run} steps, "
+    print(f"wrote {args.out} ({result.width}x{result.height}, seeds {result.seeds}, {result.steps_run} step{'' if result.steps_run == 1 else 's'}, "
           f"{result.scheduler}, guidance {result.guidance_scale})")
