@@ -208,6 +208,8 @@ def test_plumbing_a_model_that_replays_the_real_images_scores_as_the_real_images
     assert "| three | 12 | 100.0 % (75.8-100.0) | 100.0 % (75.8-100.0) |" in table  # 95 % Wilson intervals
     assert "| all | 48 | 100.0 % (92.6-100.0) | 100.0 % (92.6-100.0) |" in table
     assert "FID (real)" in table and "correct (strict)" in table and "95 % intervals" in table
+    one = rep.markdown({**report, "settings": {"scheduler": "lcm", "num_inference_steps": 1, "guidance_scale": 1.0}})
+    assert ", lcm, 1 step, guidance 1.0" in one
 
 
 class MeanColour:

@@ -257,7 +257,9 @@ def markdown(report: dict) -> str:
     columns = [c for c in COLUMNS if any(c[0] in scores for scores in rows.values())]
     settings = report["settings"]
     lora = f" with the fast LoRA `{report['fast_lora']}`" if report.get("fast_lora") else ""
-    lines = [f"Model `{report.get('model', '?')}`{lora}, {settings['scheduler']}, {settings['num_inference_steps']} steps, "
+    steps = settings["num_inference_steps"]
+    steps = f"{steps} step" if steps == 1 else f"{steps} steps"
+    lines = [f"Model `{report.get('model', '?')}`{lora}, {settings['scheduler']}, {steps}, "
              f"guidance {settings['guidance_scale']}"
              + (f", CLIP guidance {settings['clip_guidance_scale']:g}" if settings.get("clip_guidance_scale") else "")
              + f", seeds {report['seeds']}. "
