@@ -13,6 +13,11 @@ import torch
 from .provenance import png, recipes
 
 
+def steps_text(count: int) -> str:
+    """"1 step", "4 steps": a number of denoising steps as the CLI and the reports print it."""
+    return f"{count} step" if count == 1 else f"{count} steps"
+
+
 @dataclass
 class PipelineOutput:
     """What a call returns: the images and everything needed to draw them again."""

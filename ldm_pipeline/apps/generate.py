@@ -9,6 +9,7 @@ import argparse
 from pathlib import Path
 
 from ..loading.folders import is_hub_id
+from ..output import steps_text
 from ..settings import fields_of, meta
 
 
@@ -171,5 +172,5 @@ def generate(args: argparse.Namespace) -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         picture.save(args.out)
         print(f"note: {args.out.suffix} files carry no recipe; write a .png to keep one")
-    print(f"wrote {args.out} ({result.width}x{result.height}, seeds {result.seeds}, {result.steps_run} step{'' if result.steps_run == 1 else 's'}, "
+    print(f"wrote {args.out} ({result.width}x{result.height}, seeds {result.seeds}, {steps_text(result.steps_run)}, "
           f"{result.scheduler}, guidance {result.guidance_scale})")

@@ -17,6 +17,7 @@ import numpy as np
 import PIL.Image
 
 from ..images import load_image
+from ..output import steps_text
 from ..shapes import caption, composed_caption, eval_scenes, render, scene_regions
 from .accuracy import INTERVAL_KEYS, KINDS, intervals, judge_images, scenes_for
 from .clip import Clip
@@ -257,9 +258,8 @@ def markdown(report: dict) -> str:
     columns = [c for c in COLUMNS if any(c[0] in scores for scores in rows.values())]
     settings = report["settings"]
     lora = f" with the fast LoRA `{report['fast_lora']}`" if report.get("fast_lora") else ""
-    steps = settings["num_inference_steps"]
-    steps = f"{steps} step" if steps == 1 else f"{steps} steps"
-    lines = [f"Model `{report.get('model', '?')}`{lora}, {settings['scheduler']}, {steps}, "
+    lines = [f"Model `{report.get('model', '?')}`{lora}, {settings['scheduler']}, "
+             f"{steps_text(settings['num_inference_steps'])}, "
              f"guidance {settings['guidance_scale']}"
              + (f", CLIP guidance {settings['clip_guidance_scale']:g}" if settings.get("clip_guidance_scale") else "")
              + f", seeds {report['seeds']}. "
